@@ -1,0 +1,194 @@
+"""Conversion between PEFT LoRA adapter directories and revreg artifact tensors.
+
+A PEFT directory holds adapter_config.json and adapter_model.safetensors. Only what revreg can
+attach and remove by hooks is accepted; anything that would overwrite base weights is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from revreg.artifacts.artifact import KIND_ROLES, Attachment, BehaviorManifest
+from revreg.artifacts.canonical import strict_loads
+from revreg.artifacts.safetensors_io import MappedFile, write_safetensors
+from revreg.errors import FormatError, InputError
+
+PREFIX = "base_model.model."
+# PEFT key suffix -> (layer, role)
+SUFFIXES = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+}
+# Config options that change what the adapter does beyond y += s * B(A(x)).
+_REFUSED = {
+    "use_dora": "DoRA (use_dora) rescales base weights",
+    "modules_to_save": "modules_to_save replaces whole base modules",
+    "lora_bias": "lora_bias adds a trained bias",
+    "target_parameters": "target_parameters adapts raw parameters, not modules",
+    "layer_replication": "layer_replication changes the module tree",
+    "trainable_token_indices": "trainable_token_indices rewrites embedding rows",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) gates on the input",
+    "use_qalora": "QA-LoRA (use_qalora) pools inputs before the adapter",
+    "use_bdlora": "use_bdlora changes the adapter's structure",
+    "arrow_config": "arrow_config routes between adapters",
+}
+
+
+@dataclass(frozen=True)
+class Imported:
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]]
+    attachments: tuple[Attachment, ...]
+    provenance: dict[str, Any]
+
+
+def _pattern_value(patterns: dict[str, Any], target: str, default: Any) -> Any:
+    # PEFT matches a pattern key against the end of the module path.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", target):
+            return value
+    return default
+
+
+def read_peft(directory: Path) -> Imported:
+    directory = Path(directory)
+    config_path = directory / "adapter_config.json"
+    weights_path = directory / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise InputError(f"{directory} is not a PEFT adapter directory (no adapter_config.json)")
+    if not weights_path.is_file():
+        hint = (
+            " (adapter_model.bin is not supported: save with safe_serialization=True)"
+            if (directory / "adapter_model.bin").exists()
+            else ""
+        )
+        raise InputError(f"{directory} has no adapter_model.safetensors{hint}")
+    config = strict_loads(config_path.read_bytes(), str(config_path))
+    if not isinstance(config, dict):
+        raise FormatError(f"{config_path} is not a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InputError(f"unsupported PEFT adapter type {peft_type!r}: revreg imports LORA adapters")
+    for option, why in _REFUSED.items():
+        if config.get(option):
+            raise InputError(f"unsupported PEFT option {option}: {why}, which cannot be undone by unloading")
+    if config.get("bias", "none") != "none":
+        raise InputError(f"unsupported PEFT option bias={config['bias']!r}: trained biases overwrite base weights")
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{config_path}: r and lora_alpha must be numbers") from exc
+    rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+
+    parts: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    with MappedFile(weights_path) as mapped:
+        for info in mapped.header.tensors:
+            match = next(((s, v) for s, v in SUFFIXES.items() if info.name.endswith(s)), None)
+            if not info.name.startswith(PREFIX) or match is None:
+                raise InputError(f"unsupported tensor {info.name!r} in {weights_path}: expected LoRA A/B weights")
+            suffix, (layer, role) = match
+            target = info.name[len(PREFIX) : -len(suffix)]
+            entry = parts.setdefault(target, {"layer": layer})
+            if entry["layer"] != layer or role in entry:
+                raise FormatError(f"{weights_path}: conflicting LoRA tensors for {target}")
+            entry[role] = f"{target}.{KIND_ROLES['lora'][role]}"
+            tensors[entry[role]] = (info.dtype, info.shape, bytes(mapped.view(info)))
+    attachments = []
+    for target, entry in sorted(parts.items()):
+        if "A" not in entry or "B" not in entry:
+            raise FormatError(f"{weights_path}: {target} has only one of lora_A / lora_B")
+        rank = tensors[entry["A"]][1][0] if tensors[entry["A"]][1] else 0
+        expected_rank = int(_pattern_value(rank_pattern, target, r))
+        if rank != expected_rank:
+            raise FormatError(f"{weights_path}: {target} has rank {rank}, config says {expected_rank}")
+        attachments.append(
+            Attachment(
+                target=target,
+                kind="lora",
+                layer=entry["layer"],
+                rank=rank,
+                alpha=float(_pattern_value(alpha_pattern, target, alpha)),
+                rslora=rslora,
+                tensors={"A": entry["A"], "B": entry["B"]},
+            )
+        )
+    if not attachments:
+        raise InputError(f"{weights_path} holds no LoRA tensors")
+    return Imported(tensors, tuple(attachments), {"source": "peft", "peft_config": config})
+
+
+def peft_config_for(manifest: BehaviorManifest) -> dict[str, Any]:
+    """The adapter_config.json for an artifact: the imported one, or one built from the manifest."""
+    stored = manifest.provenance.get("peft_config")
+    if isinstance(stored, dict):
+        return stored
+    loras = [a for a in manifest.attachments if a.kind == "lora"]
+    first = loras[0]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "use_rslora": first.rslora,
+        "target_modules": sorted(a.target for a in loras),
+        "rank_pattern": {re.escape(a.target): a.rank for a in loras},
+        "alpha_pattern": {re.escape(a.target): a.alpha for a in loras},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "revision": None,
+        "base_model_name_or_path": None,
+        "init_lora_weights": True,
+    }
+
+
+def write_peft(
+    manifest: BehaviorManifest,
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
+    out: Path,
+) -> None:
+    """Write a PEFT adapter directory; `out` appears complete or not at all."""
+    others = sorted({a.kind for a in manifest.attachments if a.kind != "lora"})
+    if others:
+        raise InputError(f"cannot export to PEFT: it has no equivalent of revreg kind {others[0]!r}")
+    if len({a.rslora for a in manifest.attachments}) > 1:
+        raise InputError("cannot export to PEFT: attachments mix rslora and plain scaling")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists and is not an empty directory")
+    peft_tensors = {}
+    for a in manifest.attachments:
+        for role, name in a.tensors.items():
+            key = (
+                f"{PREFIX}{a.target}.lora_{role}.weight"
+                if a.layer == "linear"
+                else f"{PREFIX}{a.target}.lora_embedding_{role}"
+            )
+            peft_tensors[key] = tensors[name]
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output directory {parent} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    try:
+        write_safetensors(staging / "adapter_model.safetensors", peft_tensors, {"format": "pt"})
+        (staging / "adapter_config.json").write_text(
+            json.dumps(peft_config_for(manifest), indent=2, sort_keys=True) + "\n"
+        )
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,248 @@
+"""Strict reading and deterministic writing of safetensors files, as raw bytes (no torch).
+
+Reading validates every offset against the dtype, shape and file size and maps the file so
+tensors are seen without copying; writing orders everything so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from revreg.artifacts.canonical import canonical_json, strict_loads
+from revreg.artifacts.dtypes import ITEMSIZE
+from revreg.errors import FormatError, InputError
+
+# The reference implementation refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100 * 1000 * 1000
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry; `start`/`end` are offsets into the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: tuple[TensorInfo, ...]  # sorted by name
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+    raw: bytes  # the header JSON bytes exactly as stored (padding included)
+
+    def tensor(self, name: str) -> TensorInfo:
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise InputError(f"no tensor named {name!r}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{where}: tensor {name!r} needs exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: tensor {name!r} has a malformed shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise FormatError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r}")
+    info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    expected = _numel(info.shape) * ITEMSIZE[dtype]
+    if info.nbytes != expected:
+        raise FormatError(
+            f"{where}: tensor {name!r} has {info.nbytes} bytes but dtype {dtype} and shape "
+            f"{list(info.shape)} need {expected}"
+        )
+    return info
+
+
+def parse_header(prefix: bytes, file_size: int, where: str) -> Header:
+    """Validate a header given the file's first 8+N bytes and its total size."""
+    if file_size < 8 or len(prefix) < 8:
+        raise FormatError(f"{where}: truncated: {file_size} bytes is too short for safetensors")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: header of {n} bytes is too large (limit {MAX_HEADER_BYTES})")
+    if 8 + n > file_size or len(prefix) < 8 + n:
+        raise FormatError(f"{where}: truncated: header says {n} bytes but the file is shorter")
+    raw = bytes(prefix[8 : 8 + n])
+    if not raw.startswith(b"{"):
+        raise FormatError(f"{where}: header is not a JSON object")
+    doc = strict_loads(raw, f"{where}: header")
+    if not isinstance(doc, dict):
+        raise FormatError(f"{where}: header is not a JSON object")
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    infos = sorted((_parse_entry(k, v, where) for k, v in doc.items()), key=lambda t: t.name)
+    data_len = file_size - 8 - n
+    position = 0
+    for info in sorted(infos, key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            raise FormatError(
+                f"{where}: tensor {info.name!r} starts at {info.start}, expected {position} "
+                "(overlapping or gapped data offsets)"
+            )
+        position = info.end
+    if position > data_len:
+        raise FormatError(f"{where}: truncated: tensors need {position} data bytes, file has {data_len}")
+    if position < data_len:
+        raise FormatError(f"{where}: {data_len - position} trailing bytes after the last tensor")
+    return Header(tuple(infos), dict(metadata), 8 + n, raw)
+
+
+def read_header(path: Path) -> Header:
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            first = fh.read(8)
+            if len(first) == 8:
+                (n,) = struct.unpack("<Q", first)
+                if n <= MAX_HEADER_BYTES:
+                    first += fh.read(n)
+            return parse_header(first, size, str(path))
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+class MappedFile:
+    """A safetensors file mapped read-only; `view(info)` returns zero-copy memoryviews."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.header = read_header(self.path)
+        self._fh: BinaryIO = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        size = os.fstat(self._fh.fileno()).st_size
+        self._mm = mmap.mmap(self._fh.fileno(), size, access=mmap.ACCESS_READ)
+        self._views: list[memoryview] = []
+
+    def view(self, info: TensorInfo, lo: int = 0, hi: int | None = None) -> memoryview:
+        """Bytes [lo, hi) of a tensor's data."""
+        base = self.header.data_start + info.start
+        hi = info.nbytes if hi is None else hi
+        return memoryview(self._mm)[base + lo : base + hi]
+
+    def drop(self, info: TensorInfo, lo: int, hi: int) -> None:
+        """Tell the kernel we are done with these bytes so they leave our resident set."""
+        start = self.header.data_start + info.start + lo
+        first = -(-start // _PAGE) * _PAGE
+        last = (self.header.data_start + info.start + hi) // _PAGE * _PAGE
+        if last > first:
+            self._mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def close(self) -> None:
+        self._mm.close()
+        self._fh.close()
+
+    def __enter__(self) -> MappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def encode_header(
+    entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[str]]:
+    """Canonical header for (name, dtype, shape, nbytes) entries; returns (bytes, data order).
+
+    Keys are sorted, tensors are laid out in name order, and the JSON is padded with spaces
+    to a multiple of 8 bytes, so the same tensors and metadata always give the same bytes.
+    """
+    doc: dict[str, Any] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    position = 0
+    order = sorted(entries, key=lambda e: e[0])
+    for name, dtype, shape, nbytes in order:
+        if name == "__metadata__" or name in doc:
+            raise InputError(f"duplicate or reserved tensor name {name!r}")
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        position += nbytes
+    body = canonical_json(doc)
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body, [e[0] for e in order]
+
+
+def canonical_header(header: Header) -> bytes:
+    """The header bytes revreg's writer would produce for this header's content."""
+    encoded, _ = encode_header(((t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors), header.metadata)
+    return encoded[8:]
+
+
+@contextmanager
+def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Open a temporary file beside `path`; on success fsync and rename it into place.
+
+    On any error the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise InputError(f"output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, tuple[str, tuple[int, ...], memoryview | bytes]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write name -> (dtype, shape, raw bytes) deterministically and atomically."""
+    for name, (dtype, shape, data) in tensors.items():
+        if dtype not in ITEMSIZE:
+            raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if memoryview(data).nbytes != _numel(shape) * ITEMSIZE[dtype]:
+            raise InputError(f"tensor {name!r}: byte length does not match {dtype} {list(shape)}")
+    header, order = encode_header(((n, d, s, memoryview(b).nbytes) for n, (d, s, b) in tensors.items()), metadata)
+    with atomic_output(path) as fh:
+        fh.write(header)
+        for name in order:
+            fh.write(tensors[name][2])

@@ -1,0 +1,192 @@
+"""Where tensors come from for identity hashing: a safetensors file, a sharded checkpoint,
+a Hugging Face model directory, or a live torch module (imported lazily)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from revreg.artifacts.canonical import strict_loads
+from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
+from revreg.artifacts.identity import CHUNK_SIZE, TensorManifest, TensorSource, hash_tensors
+from revreg.artifacts.safetensors_io import MappedFile, TensorInfo
+from revreg.errors import FormatError, InputError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class MappedSource:
+    """A tensor inside a mapped safetensors file, read without copying."""
+
+    file: MappedFile
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def chunk(self, index: int) -> memoryview:
+        lo = index * CHUNK_SIZE
+        return self.file.view(self.info, lo, min(lo + CHUNK_SIZE, self.info.nbytes))
+
+    def done(self, index: int) -> None:
+        lo = index * CHUNK_SIZE
+        self.file.drop(self.info, lo, min(lo + CHUNK_SIZE, self.info.nbytes))
+
+
+def _shard_files(index_path: Path) -> dict[Path, set[str]]:
+    try:
+        doc = strict_loads(index_path.read_bytes(), str(index_path))
+    except OSError as exc:
+        raise InputError(f"cannot read {index_path}: {exc.strerror}") from exc
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise FormatError(f"{index_path}: no weight_map of tensor name -> shard file")
+    files: dict[Path, set[str]] = {}
+    for name, shard in weight_map.items():
+        if Path(shard).name != shard:
+            raise FormatError(f"{index_path}: shard {shard!r} is not a plain file name")
+        files.setdefault(index_path.parent / shard, set()).add(name)
+    return files
+
+
+def resolve_weights(path: Path) -> Path:
+    """The safetensors file or shard index that holds a model's weights."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in ("model.safetensors.index.json", "model.safetensors"):
+            if (path / candidate).is_file():
+                return path / candidate
+        found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InputError(f"{path} holds several safetensors checkpoints: name one of them")
+        raise InputError(
+            f"no safetensors weights in {path}: revreg reads model.safetensors or a shard index "
+            "(save with safe_serialization=True)"
+        )
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    if path.name.endswith(".json") and not path.name.endswith(".index.json"):
+        raise InputError(f"{path} is JSON but not a *.safetensors.index.json shard index")
+    return path
+
+
+@contextmanager
+def open_checkpoint(path: Path) -> Iterator[list[TensorSource]]:
+    """Sources for every tensor of a checkpoint (file, shard index, or model directory)."""
+    weights = resolve_weights(path)
+    with ExitStack() as stack:
+        if weights.name.endswith(".index.json"):
+            sources: list[TensorSource] = []
+            for shard, expected in sorted(_shard_files(weights).items()):
+                if not shard.is_file():
+                    raise InputError(f"{weights}: shard {shard.name} is missing")
+                mapped = stack.enter_context(MappedFile(shard))
+                names = {t.name for t in mapped.header.tensors}
+                if names != expected:
+                    raise FormatError(
+                        f"{shard}: tensors do not match the shard index "
+                        f"({len(expected - names)} missing, {len(names - expected)} unlisted)"
+                    )
+                sources.extend(MappedSource(mapped, t) for t in mapped.header.tensors)
+        else:
+            mapped = stack.enter_context(MappedFile(weights))
+            sources = [MappedSource(mapped, t) for t in mapped.header.tensors]
+        yield sources
+
+
+def identity_of_path(
+    path: Path, algorithm: str = "sha256", progress: Callable[[int], None] | None = None
+) -> TensorManifest:
+    with open_checkpoint(path) as sources:
+        return hash_tensors(sources, algorithm, progress=progress)
+
+
+@dataclass
+class LiveSource:
+    """A live tensor. CPU tensors are read in place; other devices stream chunk by chunk to
+    the host, so hashing a GPU model never holds more than a few chunks in host memory."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    flat: torch.Tensor  # contiguous, uint8, one dimension
+    stream: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
+
+    def chunk(self, index: int) -> Any:
+        piece = self.flat[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE]
+        if self.stream:
+            piece = piece.to("cpu", copy=True)
+        return memoryview(piece.numpy())
+
+    def done(self, index: int) -> None:
+        return None
+
+
+def live_sources(module: torch.nn.Module, stream: bool | None = None) -> list[TensorSource]:
+    """Sources for a module's state_dict, with aliases collapsed.
+
+    Names that share memory (tied weights such as GPT-2's lm_head and wte) are hashed once,
+    under the first name in state_dict order, which is the name checkpoint writers keep.
+    `stream` forces (True) or forbids (False) the chunked device-to-host path; by default it
+    is used for every tensor not on the CPU.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    sources: list[TensorSource] = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        t = tensor.detach()
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
+        if dtype is None:
+            raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash")
+        flat = t.contiguous().reshape(-1).view(torch_uint8())
+        on_device = t.device.type != "cpu"
+        sources.append(LiveSource(name, dtype, tuple(t.shape), flat, on_device if stream is None else stream))
+    return sources
+
+
+def torch_uint8() -> torch.dtype:
+    import torch
+
+    return torch.uint8
+
+
+def identity_of_module(
+    module: torch.nn.Module, algorithm: str = "sha256", stream: bool | None = None
+) -> TensorManifest:
+    return hash_tensors(live_sources(module, stream), algorithm)

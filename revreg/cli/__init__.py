@@ -1,0 +1,1 @@
+"""The `revreg` command line: thin click commands that parse, call the library, and print."""

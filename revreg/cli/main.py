@@ -1,0 +1,57 @@
+"""The `revreg` command group: shared options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from revreg import __version__
+from revreg.errors import RevregError
+
+
+class RevregGroup(click.Group):
+    """Turns a RevregError into one line on stderr and its exit code (traceback with -v)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RevregError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"revreg: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=RevregGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="revreg")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """revreg: reversible model behaviors, signed, registered and certified.
+
+    A behavior (LoRA adapter, activation scaler, steering vector) is one signed safetensors
+    file bound to the identity hash of the base model it was made for.
+
+    Exit codes: 0 success, 1 a check ran and failed, 2 bad usage or bad input.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+
+
+def _register() -> None:
+    from revreg.cli import artifacts_cmds, identity_cmd, keys_cmds
+
+    cli.add_command(identity_cmd.identity)
+    cli.add_command(keys_cmds.keys)
+    cli.add_command(artifacts_cmds.pack)
+    cli.add_command(artifacts_cmds.inspect)
+    cli.add_command(artifacts_cmds.export)
+
+
+_register()
+
+
+def main() -> None:
+    sys.exit(cli.main(prog_name="revreg", standalone_mode=True))

@@ -1,0 +1,49 @@
+"""Option bundles shared by several commands."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from revreg.artifacts.keys import PASSPHRASE_ENV, Keyring
+
+F = Callable[..., Any]
+
+
+def keys_dir_option(f: F) -> F:
+    return click.option(
+        "--keys-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="REVREG_KEYS",
+        default=None,
+        help="Keyring directory (default: $REVREG_KEYS, else ~/.config/revreg/keys).",
+    )(f)
+
+
+def passphrase_env_option(f: F) -> F:
+    return click.option(
+        "--passphrase-env",
+        metavar="VAR",
+        default=None,
+        help=f"Environment variable holding the key passphrase (default: {PASSPHRASE_ENV} when set).",
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(f)
+
+
+def keyring(keys_dir: Path | None) -> Keyring:
+    return Keyring(keys_dir)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

@@ -1,0 +1,38 @@
+"""The exceptions revreg raises: one base class, a few precise kinds, each with its exit code.
+
+The CLI catches `RevregError` once and prints its message as one line.
+"""
+
+from __future__ import annotations
+
+
+class RevregError(Exception):
+    """Base class. `exit_code` 2 means bad input or usage; 1 means a check ran and failed."""
+
+    exit_code = 2
+
+
+class InputError(RevregError):
+    """An input could not be parsed or is not what the command needs."""
+
+
+class FormatError(InputError):
+    """A file is not a well-formed safetensors file or revreg artifact."""
+
+
+class IntegrityError(RevregError):
+    """Bytes do not match the digest that was recorded for them."""
+
+
+class SignatureError(RevregError):
+    """A signature is missing, malformed, by an unknown key, or does not verify."""
+
+
+class KeyringError(RevregError):
+    """A key cannot be found, created, or decrypted."""
+
+
+class CheckFailed(RevregError):
+    """A comparison or verification ran to the end and found a difference."""
+
+    exit_code = 1
