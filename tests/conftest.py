@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from revreg.artifacts.keys import Keyring  # noqa: E402
-from revreg.cli.main import cli  # noqa: E402
+from revreg.artifacts.keys import Keyring
+from revreg.cli.main import cli
 
 CREATED = "2026-01-01T00:00:00Z"
 
@@ -82,7 +82,22 @@ def run(keys_dir: Path) -> RunCli:
 @pytest.fixture
 def artifact(run: RunCli, peft_dir: Path, gpt2_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "demo.safetensors"
-    result = run("pack", "--peft", peft_dir, "--base", gpt2_dir, "--name", "demo", "--version", "1.0.0",
-                 "--key", "alice", "--created", CREATED, "-o", out)
+    result = run(
+        "pack",
+        "--peft",
+        peft_dir,
+        "--base",
+        gpt2_dir,
+        "--name",
+        "demo",
+        "--version",
+        "1.0.0",
+        "--key",
+        "alice",
+        "--created",
+        CREATED,
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     return out

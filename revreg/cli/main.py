@@ -41,13 +41,14 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from revreg.cli import artifacts_cmds, identity_cmd, keys_cmds
+    from revreg.cli import artifacts_cmds, demo_cmd, identity_cmd, keys_cmds
 
     cli.add_command(identity_cmd.identity)
     cli.add_command(keys_cmds.keys)
     cli.add_command(artifacts_cmds.pack)
     cli.add_command(artifacts_cmds.inspect)
     cli.add_command(artifacts_cmds.export)
+    cli.add_command(demo_cmd.demo)
 
 
 _register()

@@ -1,0 +1,172 @@
+"""Behavior artifacts: packing (PEFT and native specs), reproducibility, inspect, PEFT export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from revreg.artifacts.artifact import load_artifact, open_artifact
+from revreg.artifacts.keys import Keyring
+from revreg.artifacts.sources import identity_of_path
+from tests.conftest import CREATED
+
+
+def _pack(run, out: Path, *extra: str | Path, env: dict[str, str] | None = None):
+    return run("pack", "--name", "demo", "--version", "1.0.0", "--key", "alice", "-o", out, *extra, env=env)
+
+
+def test_packed_peft_artifact_verifies_and_binds_the_base(artifact: Path, keys_dir: Path, gpt2_dir: Path):
+    verified = load_artifact(artifact, Keyring(keys_dir).trusted())
+    m = verified.manifest
+    assert m.base == identity_of_path(gpt2_dir).identity
+    assert verified.signer.name == "alice"
+    by_target = {a.target: a for a in m.attachments}
+    assert by_target["transformer.wte"].layer == "embedding"
+    assert by_target["transformer.h.0.attn.c_attn"].layer == "linear"
+    # rank_pattern and alpha_pattern are honoured per module.
+    assert (by_target["transformer.h.1.attn.c_attn"].rank, by_target["transformer.h.1.attn.c_attn"].alpha) == (2, 3.0)
+    assert by_target["transformer.h.1.attn.c_attn"].scaling == 1.5
+    assert by_target["transformer.h.0.attn.c_attn"].scaling == 2.0
+
+
+def test_packing_is_byte_reproducible(run, peft_dir: Path, gpt2_dir: Path, tmp_path: Path):
+    base = identity_of_path(gpt2_dir).identity
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.safetensors"]
+    for out, created in zip(outs, [CREATED, CREATED, "2026-01-02T00:00:00Z"], strict=True):
+        assert _pack(run, out, "--peft", peft_dir, "--base", base, "--created", created).exit_code == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    assert outs[0].read_bytes() != outs[2].read_bytes()
+
+
+def test_source_date_epoch_pins_the_timestamp(run, peft_dir: Path, gpt2_dir: Path, tmp_path: Path):
+    out = tmp_path / "a.safetensors"
+    assert _pack(run, out, "--peft", peft_dir, "--base", gpt2_dir, env={"SOURCE_DATE_EPOCH": "0"}).exit_code == 0
+    assert open_artifact(out).manifest.created == "1970-01-01T00:00:00Z"
+
+
+def test_native_spec_packs_lora_ia3_and_steer(run, tmp_path: Path, keys_dir: Path):
+    torch.manual_seed(0)
+    save_file(
+        {"a": torch.randn(2, 8), "b": torch.randn(4, 2), "s": torch.rand(4) + 0.5, "v": torch.randn(8)},
+        tmp_path / "t.safetensors",
+    )
+    spec = {
+        "attachments": [
+            {"target": "fc1", "kind": "lora", "alpha": 4, "rslora": True, "tensors": {"A": "a", "B": "b"}},
+            {"target": "fc1", "kind": "ia3", "tensors": {"scale": "s"}},
+            {"target": "fc2", "kind": "steer", "tensors": {"vector": "v"}},
+        ],
+        "description": "a test behavior",
+        "license": "Apache-2.0",
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "native.safetensors"
+    result = _pack(
+        run,
+        out,
+        "--tensors",
+        tmp_path / "t.safetensors",
+        "--spec",
+        tmp_path / "spec.json",
+        "--base",
+        "sha256:" + "ab" * 32,
+    )
+    assert result.exit_code == 0, result.output
+    m = load_artifact(out, Keyring(keys_dir).trusted()).manifest
+    kinds = {(a.target, a.kind): a for a in m.attachments}
+    assert set(kinds) == {("fc1", "lora"), ("fc1", "ia3"), ("fc2", "steer")}
+    assert kinds[("fc1", "lora")].scaling == pytest.approx(4 / 2**0.5)
+    assert m.description == "a test behavior" and m.license == "Apache-2.0"
+    assert sorted(load_file(out)) == ["fc1.ia3_scale", "fc1.lora_A", "fc1.lora_B", "fc2.steer_vector"]
+    assert torch.equal(load_file(out)["fc2.steer_vector"], load_file(tmp_path / "t.safetensors")["v"])
+
+
+def test_inspect_shows_manifest_signer_and_verdict(run, artifact: Path):
+    result = run("inspect", artifact)
+    assert result.exit_code == 0, result.output
+    assert "signature    OK" in result.stdout and "alice (sha256:" in result.stdout
+    assert "lora   transformer.wte layer=embedding rank=4 alpha=8 scaling=2" in result.stdout
+    doc = json.loads(run("inspect", artifact, "--json").stdout)
+    assert doc["signature"]["verified"] is True
+    assert doc["manifest"]["name"] == "demo" and doc["digest"].startswith("sha256:")
+
+
+def _peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 42, 7, 3]])).logits
+
+
+def test_peft_export_round_trip_gives_identical_adapter(
+    run, artifact: Path, peft_dir: Path, gpt2_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "exported"
+    result = run("export", artifact, "--format", "peft", "-o", out)
+    assert result.exit_code == 0, result.output
+    original, exported = load_file(peft_dir / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    assert torch.equal(_peft_logits(gpt2_dir, peft_dir), _peft_logits(gpt2_dir, out))
+    # And back again: packing the export gives the very same artifact bytes.
+    again = tmp_path / "again.safetensors"
+    assert _pack(run, again, "--peft", out, "--base", gpt2_dir, "--created", CREATED).exit_code == 0
+    assert again.read_bytes() == artifact.read_bytes()
+
+
+def test_native_lora_exports_to_a_peft_adapter_peft_can_load(run, gpt2_dir: Path, tmp_path: Path):
+    torch.manual_seed(3)
+    save_file({"a": torch.randn(2, 32), "b": torch.randn(96, 2)}, tmp_path / "t.safetensors")
+    spec = {
+        "attachments": [
+            {"target": "transformer.h.0.attn.c_attn", "kind": "lora", "alpha": 2, "tensors": {"A": "a", "B": "b"}}
+        ]
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    art = tmp_path / "n.safetensors"
+    assert (
+        _pack(
+            run, art, "--tensors", tmp_path / "t.safetensors", "--spec", tmp_path / "spec.json", "--base", gpt2_dir
+        ).exit_code
+        == 0
+    )
+    assert run("export", art, "-o", tmp_path / "out").exit_code == 0
+    # The adapter changes the output, so PEFT really loaded and applied it.
+    from transformers import GPT2LMHeadModel
+
+    base = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    with torch.no_grad():
+        plain = base(torch.tensor([[1, 2, 3]])).logits
+    assert not torch.equal(plain, _peft_logits(gpt2_dir, tmp_path / "out")[:, :3])
+
+
+def test_export_refuses_kinds_peft_cannot_express(run, tmp_path: Path):
+    save_file({"v": torch.ones(4)}, tmp_path / "t.safetensors")
+    (tmp_path / "spec.json").write_text(
+        json.dumps({"attachments": [{"target": "h.0", "kind": "steer", "tensors": {"vector": "v"}}]})
+    )
+    art = tmp_path / "s.safetensors"
+    assert (
+        _pack(
+            run,
+            art,
+            "--tensors",
+            tmp_path / "t.safetensors",
+            "--spec",
+            tmp_path / "spec.json",
+            "--base",
+            "sha256:" + "00" * 32,
+        ).exit_code
+        == 0
+    )
+    result = run("export", art, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "no equivalent of revreg kind 'steer'" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
