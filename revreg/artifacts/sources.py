@@ -44,7 +44,9 @@ class MappedSource:
 
     def chunk(self, index: int) -> memoryview:
         lo = index * CHUNK_SIZE
-        return self.file.view(self.info, lo, min(lo + CHUNK_SIZE, self.info.nbytes))
+        hi = min(lo + CHUNK_SIZE, self.info.nbytes)
+        self.file.prefetch(self.info, lo, hi)
+        return self.file.view(self.info, lo, hi)
 
     def done(self, index: int) -> None:
         lo = index * CHUNK_SIZE
