@@ -26,6 +26,13 @@ def _one_line_error(result, fragment: str) -> None:
     assert "Traceback" not in result.output
 
 
+ZERO_BASE = "sha256:" + "0" * 64
+
+
+def _pack(run, out: Path, *args: str | Path, name: str = "x", key: str = "alice", env: dict | None = None):
+    return run("pack", "--base", ZERO_BASE, "--name", name, "--version", "1", "--key", key, "-o", out, *args, env=env)
+
+
 def _raw(path: Path, header: bytes, data: bytes) -> Path:
     path.write_bytes(struct.pack("<Q", len(header)) + header + data)
     return path
@@ -146,24 +153,7 @@ def test_signature_by_unknown_key_is_refused(run, artifact: Path, tmp_path: Path
 def test_wrong_passphrase_is_refused_and_nothing_written(run, peft_dir: Path, tmp_path: Path):
     assert run("keys", "generate", "sealed", "--passphrase-env", "P", env={"P": "right"}).exit_code == 0
     out = tmp_path / "out.safetensors"
-    result = run(
-        "pack",
-        "--peft",
-        peft_dir,
-        "--base",
-        "sha256:" + "0" * 64,
-        "--name",
-        "x",
-        "--version",
-        "1",
-        "--key",
-        "sealed",
-        "--passphrase-env",
-        "P",
-        "-o",
-        out,
-        env={"P": "wrong"},
-    )
+    result = _pack(run, out, "--peft", peft_dir, "--passphrase-env", "P", key="sealed", env={"P": "wrong"})
     _one_line_error(result, "cannot decrypt key 'sealed': wrong passphrase")
     assert not out.exists()
 
@@ -183,63 +173,21 @@ def test_unsupported_peft_config_is_refused(run, peft_dir: Path, tmp_path: Path,
     config = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps(config | change))
     out = tmp_path / "out.safetensors"
-    result = run(
-        "pack",
-        "--peft",
-        bad,
-        "--base",
-        "sha256:" + "0" * 64,
-        "--name",
-        "x",
-        "--version",
-        "1",
-        "--key",
-        "alice",
-        "-o",
-        out,
-    )
+    result = _pack(run, out, "--peft", bad)
     _one_line_error(result, fragment)
     assert not out.exists()
 
 
 def test_failed_pack_leaves_an_existing_output_untouched(run, peft_dir: Path, artifact: Path, tmp_path: Path):
     before = artifact.read_bytes()
-    result = run(
-        "pack",
-        "--peft",
-        peft_dir,
-        "--base",
-        "sha256:" + "0" * 64,
-        "--name",
-        "Bad/Name",
-        "--version",
-        "1",
-        "--key",
-        "alice",
-        "-o",
-        artifact,
-    )
+    result = _pack(run, artifact, "--peft", peft_dir, name="Bad/Name")
     _one_line_error(result, "invalid behavior name 'Bad/Name'")
     assert artifact.read_bytes() == before
     assert sorted(p.name for p in artifact.parent.iterdir() if p.name.startswith(".")) == []
 
 
 def test_pack_needs_one_source(run, tmp_path: Path):
-    result = run(
-        "pack",
-        "--base",
-        "sha256:" + "0" * 64,
-        "--name",
-        "x",
-        "--version",
-        "1",
-        "--key",
-        "alice",
-        "-o",
-        tmp_path / "o.safetensors",
-        "--created",
-        CREATED,
-    )
+    result = _pack(run, tmp_path / "o.safetensors", "--created", CREATED)
     _one_line_error(result, "give either --peft DIR or both --tensors FILE and --spec FILE")
 
 
