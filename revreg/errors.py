@@ -28,6 +28,10 @@ class SignatureError(RevregError):
     """A signature is missing, malformed, by an unknown key, or does not verify."""
 
 
+class UnknownKeyError(SignatureError):
+    """No signature is by a key the verifier trusts; callers add how to trust one."""
+
+
 class KeyringError(RevregError):
     """A key cannot be found, created, or decrypted."""
 

@@ -101,3 +101,73 @@ def artifact(run: RunCli, peft_dir: Path, gpt2_dir: Path, tmp_path: Path) -> Pat
     )
     assert result.exit_code == 0, result.output
     return out
+
+
+# -- registry fixtures -------------------------------------------------------------------------
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    name = f"revreg_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request, tmp_path: Path) -> tuple[str, str | None]:
+    """(location, store) for an embedded SQLite registry and for PostgreSQL + a blob directory."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry"), None
+    return request.getfixturevalue("pg_url"), str(tmp_path / "blobs")
+
+
+@pytest.fixture
+def registry(registry_location, keys_dir: Path):
+    """An initialised registry trusting `alice` as publisher and `vera` as verifier."""
+    from revreg.registry.service import Registry
+
+    ring = Keyring(keys_dir)
+    ring.generate("vera")
+    reg = Registry.init(*registry_location, actor="tester")
+    reg.trust_key(ring.public_pem("alice"), "alice", "publisher")
+    reg.trust_key(ring.public_pem("vera"), "vera", "verifier")
+    yield reg
+    reg.engine.dispose()
+
+
+def make_artifact(
+    out: Path,
+    keys_dir: Path,
+    version: str = "1.0.0",
+    *,
+    name: str = "demo",
+    seed: int = 0,
+    key: str = "alice",
+    size: int = 8,
+) -> Path:
+    """A small signed native artifact (a steering vector of `size` floats) packed by the library."""
+    import numpy as np
+
+    from revreg.artifacts.artifact import Attachment, pack
+
+    data = np.random.default_rng(seed).standard_normal(size).astype("<f4").tobytes()
+    pack(
+        out,
+        {"h.0.steer_vector": ("F32", (size,), data)},
+        (Attachment("h.0", "steer", {"vector": "h.0.steer_vector"}),),
+        name=name,
+        version=version,
+        base="sha256:" + "ab" * 32,
+        signer=Keyring(keys_dir).signer(key),
+        created=CREATED,
+    )
+    return out

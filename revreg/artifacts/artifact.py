@@ -323,8 +323,13 @@ def open_artifact(path: Path) -> Artifact:
     return Artifact(path, header, manifest, envelope)
 
 
-def verify_artifact(artifact: Artifact, trusted: Mapping[str, TrustedKey]) -> VerifiedArtifact:
-    """Check the signature against trusted keys, then every tensor byte against the manifest."""
+def verify_artifact(
+    artifact: Artifact, trusted: Mapping[str, TrustedKey], digest: str | None = None
+) -> VerifiedArtifact:
+    """Check the signature against trusted keys, then every tensor byte against the manifest.
+
+    `digest` is the file's sha256 when the caller has already computed it while copying.
+    """
     verified = verify(artifact.envelope, PAYLOAD_TYPE, trusted)
     with MappedFile(artifact.path) as mapped:
         if mapped.header != artifact.header:
@@ -335,7 +340,7 @@ def verify_artifact(artifact: Artifact, trusted: Mapping[str, TrustedKey]) -> Ve
             f"{artifact.path}: tensor bytes do not match the signed manifest "
             f"(expected {artifact.manifest.tensors_digest}, got {actual})"
         )
-    return VerifiedArtifact(artifact, verified.key, file_digest(artifact.path))
+    return VerifiedArtifact(artifact, verified.key, digest or file_digest(artifact.path))
 
 
 def load_artifact(path: Path, trusted: Mapping[str, TrustedKey]) -> VerifiedArtifact:

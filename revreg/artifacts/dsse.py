@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from revreg.artifacts.canonical import canonical_json, strict_loads
 from revreg.artifacts.keys import PublicKey, Signer, TrustedKey
-from revreg.errors import FormatError, SignatureError
+from revreg.errors import FormatError, SignatureError, UnknownKeyError
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -121,4 +121,4 @@ def verify(envelope: Envelope, payload_type: str, trusted: Mapping[str, TrustedK
     if failures:
         raise SignatureError(f"signature by key {failures[0]!r} does not verify: the signed content was modified")
     ids = ", ".join(s.keyid for s in envelope.signatures)
-    raise SignatureError(f"signed by unknown key {ids}: import the signer's public key with `revreg keys import`")
+    raise UnknownKeyError(f"signed by unknown key {ids}")

@@ -70,14 +70,21 @@ def passphrase_from_env(var: str | None) -> bytes | None:
     return value.encode("utf-8")
 
 
+def load_public_pem(pem: bytes, what: str) -> PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise KeyringError(f"{what} is not a PEM public key") from exc
+    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
+        raise KeyringError(f"{what}: only Ed25519 and ECDSA public keys are supported")
+    return key
+
+
 def _load_public(path: Path) -> PublicKey:
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (ValueError, OSError) as exc:
-        raise KeyringError(f"{path} is not a PEM public key ({exc})") from exc
-    if not isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
-        raise KeyringError(f"{path}: only Ed25519 and ECDSA public keys are supported")
-    return key
+        return load_public_pem(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise KeyringError(f"cannot read {path}: {exc.strerror}") from exc
 
 
 class Keyring:

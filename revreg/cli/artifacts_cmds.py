@@ -11,6 +11,7 @@ import click
 
 from revreg.artifacts.artifact import (
     Artifact,
+    VerifiedArtifact,
     open_artifact,
     read_tensors,
     utc_timestamp,
@@ -31,7 +32,7 @@ from revreg.cli.options import (
     keys_dir_option,
     passphrase_env_option,
 )
-from revreg.errors import InputError, RevregError
+from revreg.errors import InputError, RevregError, UnknownKeyError
 
 
 def _base_identity(base: str) -> str:
@@ -143,6 +144,13 @@ def pack(
     )
 
 
+def _verify_with_keyring(artifact: Artifact, keys_dir: Path | None) -> VerifiedArtifact:
+    try:
+        return verify_artifact(artifact, keyring(keys_dir).trusted())
+    except UnknownKeyError as exc:
+        raise UnknownKeyError(f"{exc}: import the signer's public key with `revreg keys import NAME FILE`") from exc
+
+
 def _report(artifact: Artifact, signer: str | None, digest: str | None, error: str | None) -> dict[str, Any]:
     m = artifact.manifest
     return {
@@ -174,7 +182,7 @@ def inspect(file: Path, as_json: bool, keys_dir: Path | None) -> None:
     """
     artifact = open_artifact(file)
     try:
-        verified = verify_artifact(artifact, keyring(keys_dir).trusted())
+        verified = _verify_with_keyring(artifact, keys_dir)
         signer, digest, error = f"{verified.signer.name} ({verified.signer.keyid})", verified.digest, None
     except RevregError as exc:
         signer, digest, failure = None, None, exc
@@ -223,6 +231,6 @@ def inspect(file: Path, as_json: bool, keys_dir: Path | None) -> None:
 @keys_dir_option
 def export(file: Path, fmt: str, output: Path, keys_dir: Path | None) -> None:
     """Write a verified artifact back out as a PEFT LoRA adapter directory."""
-    verified = verify_artifact(open_artifact(file), keyring(keys_dir).trusted())
+    verified = _verify_with_keyring(open_artifact(file), keys_dir)
     write_peft(verified.manifest, read_tensors(file), output)
     click.echo(f"exported {verified.manifest.name}:{verified.manifest.version} as {fmt} -> {output}")

@@ -41,7 +41,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from revreg.cli import artifacts_cmds, demo_cmd, identity_cmd, keys_cmds
+    from revreg.cli import artifacts_cmds, demo_cmd, identity_cmd, keys_cmds, registry_cmds
 
     cli.add_command(identity_cmd.identity)
     cli.add_command(keys_cmds.keys)
@@ -49,6 +49,23 @@ def _register() -> None:
     cli.add_command(artifacts_cmds.inspect)
     cli.add_command(artifacts_cmds.export)
     cli.add_command(demo_cmd.demo)
+    for command in (
+        registry_cmds.init,
+        registry_cmds.db,
+        registry_cmds.push,
+        registry_cmds.pull,
+        registry_cmds.ls,
+        registry_cmds.show,
+        registry_cmds.tag,
+        registry_cmds.publish,
+        registry_cmds.yank,
+        registry_cmds.base,
+        registry_cmds.audit,
+        registry_cmds.fsck,
+    ):
+        cli.add_command(command)
+    for command in (registry_cmds.keys_trust, registry_cmds.keys_revoke, registry_cmds.keys_trusted):
+        keys_cmds.keys.add_command(command)
 
 
 _register()

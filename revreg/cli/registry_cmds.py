@@ -1,0 +1,351 @@
+"""Registry commands: init, db, push, pull, ls, show, tag, publish, yank, base, audit, fsck."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option
+from revreg.errors import CheckFailed
+
+
+def registry_option(f: F) -> F:
+    return click.option(
+        "--registry",
+        envvar="REVREG_REGISTRY",
+        default=None,
+        metavar="DIR|URL",
+        help="Registry directory or database URL (default: $REVREG_REGISTRY, else ./.revreg).",
+    )(f)
+
+
+def _open(registry: str | None) -> Any:
+    from revreg.registry.service import Registry
+
+    return Registry.open(registry)
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+@click.command()
+@registry_option
+@click.option(
+    "--store",
+    default=None,
+    metavar="DIR",
+    help="Blob store directory (default: DIR/blobs for an embedded registry; required for a database URL).",
+)
+def init(registry: str | None, store: str | None) -> None:
+    """Create a registry (or bring an existing one to the current schema)."""
+    from revreg.registry.service import Registry
+
+    reg = Registry.init(registry, store)
+    click.echo(f"registry ready at {reg.location.describe()} (blobs in {reg.store.describe()})")
+
+
+@click.group()
+def db() -> None:
+    """Show or upgrade the registry database schema."""
+
+
+@db.command()
+@registry_option
+def upgrade(registry: str | None) -> None:
+    """Upgrade the registry database to this revreg's schema."""
+    from revreg.registry import db as regdb
+
+    loc = regdb.resolve(registry)
+    engine = regdb.make_engine(loc)
+    before = regdb.current_revision(engine)
+    regdb.upgrade(engine)
+    click.echo(f"schema {before or 'empty'} -> {regdb.current_revision(engine)} at {loc.describe()}")
+
+
+@db.command()
+@registry_option
+def current(registry: str | None) -> None:
+    """Print the schema revision of the registry database (and the one this revreg needs)."""
+    from revreg.registry import db as regdb
+
+    loc = regdb.resolve(registry)
+    revision = regdb.current_revision(regdb.make_engine(loc))
+    click.echo(f"{revision or 'empty'} (this revreg needs {regdb.HEAD})")
+    if revision != regdb.HEAD:
+        raise CheckFailed(f"schema at {loc.describe()} is not current: run `revreg db upgrade`")
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@registry_option
+def push(files: tuple[Path, ...], registry: str | None) -> None:
+    """Store signed artifacts in the registry.
+
+    The signature must be by a trusted publisher key (`revreg keys trust --role publisher`),
+    and every tensor must match the signed manifest. Pushing the same bytes again does nothing;
+    different bytes under an existing NAME:VERSION is refused.
+    """
+    reg = _open(registry)
+    for path in files:
+        result = reg.push(path)
+        verb = "pushed" if result.created else "already present:"
+        click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+
+
+@click.command()
+@click.argument("ref")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="File (safetensors) or directory (peft) to create.",
+)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "peft"]), default="safetensors", show_default=True)
+@click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are not published.")
+@registry_option
+def pull(ref: str, output: Path, fmt: str, allow_unpublished: bool, registry: str | None) -> None:
+    """Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.
+
+    The digest, signature and (for published versions) certification are checked before
+    anything is written to the output, which appears complete or not at all.
+    """
+    info = _open(registry).pull(ref, output, fmt, allow_unpublished)
+    click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
+
+
+@click.command("ls")
+@click.argument("name", required=False)
+@json_option
+@registry_option
+def ls(name: str | None, as_json: bool, registry: str | None) -> None:
+    """List behavior versions (all, or those of NAME)."""
+    versions = _open(registry).ls(name)
+    if as_json:
+        click.echo(json.dumps([v.to_dict() for v in versions], indent=1))
+        return
+    if not versions:
+        click.echo("no behaviors")
+        return
+    rows = [("VERSION", "STATE", "DIGEST", "SIZE", "SIGNER", "PUSHED", "TAGS")]
+    for v in versions:
+        signer = (v.signer_name or _short(v.signer_keyid)) + (" (REVOKED)" if v.signer_revoked else "")
+        rows.append(
+            (
+                v.ref,
+                v.state,
+                _short(v.digest),
+                human_bytes(v.size),
+                signer,
+                v.pushed_at.strftime("%Y-%m-%d %H:%M"),
+                ",".join(v.tags),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@click.command()
+@click.argument("ref")
+@json_option
+@registry_option
+def show(ref: str, as_json: bool, registry: str | None) -> None:
+    """Show one version: manifest, state, signer, certifications and history."""
+    detail = _open(registry).show(ref)
+    v = detail.info
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    **v.to_dict(),
+                    "manifest": detail.manifest,
+                    "base_registered": detail.base_registered,
+                    "certifications": [
+                        {"verifier": c.verifier_keyid, "passed": c.passed, "at": c.created_at.isoformat()}
+                        for c in detail.certifications
+                    ],
+                    "history": [e.__dict__ for e in detail.history],
+                },
+                indent=1,
+            )
+        )
+        return
+    rows = [
+        ("behavior", v.ref),
+        ("state", v.state + (f" ({v.yank_reason})" if v.yank_reason else "")),
+        ("digest", v.digest),
+        ("size", human_bytes(v.size)),
+        ("base", v.base_identity + ("" if detail.base_registered else " (not registered)")),
+        ("signer", f"{v.signer_name or '?'} {v.signer_keyid}" + (" REVOKED" if v.signer_revoked else "")),
+        ("pushed", f"{v.pushed_at.isoformat()} by {v.pushed_by}"),
+        ("tags", ", ".join(v.tags) or "-"),
+        ("description", detail.manifest.get("description") or "-"),
+    ]
+    for label, value in rows:
+        click.echo(f"{label:<12} {value}")
+    click.echo("attachments")
+    for a in detail.manifest["attachments"]:
+        click.echo(f"  {a['kind']:<6} {a['target']}")
+    click.echo("certifications" + ("" if detail.certifications else "  none"))
+    for c in detail.certifications:
+        click.echo(f"  {'PASS' if c.passed else 'FAIL'}  {c.verifier_keyid}  {c.created_at.isoformat()}")
+    click.echo("history")
+    for e in detail.history:
+        click.echo(f"  #{e.seq} {e.at} {e.action} by {e.actor}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("tag_name", metavar="TAG")
+@registry_option
+def tag(ref: str, tag_name: str, registry: str | None) -> None:
+    """Point TAG (e.g. latest, stable) of a behavior at REF."""
+    info = _open(registry).tag(ref, tag_name)
+    click.echo(f"{info.name}:{tag_name} -> {info.version}")
+
+
+@click.command()
+@click.argument("ref")
+@registry_option
+def publish(ref: str, registry: str | None) -> None:
+    """Publish a certified version (needs a passing certification by a trusted verifier key)."""
+    info = _open(registry).publish(ref)
+    click.echo(f"published {info.ref} {info.digest}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--reason", required=True, help="Why the version is withdrawn (recorded in the audit log).")
+@registry_option
+def yank(ref: str, reason: str, registry: str | None) -> None:
+    """Withdraw a version: it stays recorded but is no longer pulled."""
+    info = _open(registry).yank(ref, reason)
+    click.echo(f"yanked {info.ref}: {reason}")
+
+
+@click.group()
+def base() -> None:
+    """Register and list base models."""
+
+
+@base.command("register")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", default=None, help="A human name for the base (e.g. gpt2-small).")
+@registry_option
+def base_register(path: Path, name: str | None, registry: str | None) -> None:
+    """Record a base model's identity and per-tensor manifest in the registry."""
+    info, created = _open(registry).register_base(path, name)
+    click.echo(
+        f"{'registered' if created else 'already registered:'} {info.identity} ({info.tensor_count} tensors, "
+        f"{human_bytes(info.total_bytes)})"
+    )
+
+
+@base.command("list")
+@json_option
+@registry_option
+def base_list(as_json: bool, registry: str | None) -> None:
+    """List registered base models."""
+    bases = _open(registry).bases()
+    if as_json:
+        click.echo(json.dumps([b.__dict__ for b in bases], indent=1))
+        return
+    for b in bases:
+        click.echo(f"{b.identity}  {b.name or '-'}  {b.tensor_count} tensors  {human_bytes(b.total_bytes)}")
+
+
+@click.group()
+def audit() -> None:
+    """Read and verify the registry's hash-chained audit log."""
+
+
+@audit.command("verify")
+@registry_option
+def audit_verify(registry: str | None) -> None:
+    """Check the audit chain; exit 1 naming the first edited, deleted or reordered row."""
+    verdict = _open(registry).audit_verify()
+    if not verdict.ok:
+        raise CheckFailed(f"audit log broken: {verdict.problem}")
+    click.echo(f"audit log OK: {verdict.rows} rows, chain intact")
+
+
+@audit.command("log")
+@click.option("--subject", default=None, help="Only rows about this subject (e.g. NAME:VERSION).")
+@json_option
+@registry_option
+def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
+    """Print the audit log."""
+    entries = _open(registry).audit_log(subject)
+    if as_json:
+        click.echo(json.dumps([e.__dict__ for e in entries], indent=1))
+        return
+    for e in entries:
+        click.echo(f"#{e.seq} {e.at} {e.actor} {e.action} {e.subject} {json.dumps(e.details, sort_keys=True)}")
+
+
+@click.command()
+@click.option("--prune", is_flag=True, help="Delete orphan blobs and staging files left by interrupted writes.")
+@json_option
+@registry_option
+def fsck(prune: bool, as_json: bool, registry: str | None) -> None:
+    """Check every blob against its digest and every row against its blob (exit 1 on problems)."""
+    report = _open(registry).fsck(prune)
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=1))
+    else:
+        for w in report.warnings:
+            click.echo(f"warning: {w}{' (pruned)' if prune else ''}")
+        for p in report.problems:
+            click.echo(f"PROBLEM: {p}")
+        click.echo(
+            f"checked {report.blobs_checked} blobs and {report.versions_checked} versions: "
+            f"{len(report.problems)} problems, {len(report.warnings)} warnings"
+        )
+    if report.problems:
+        raise CheckFailed(f"fsck found {len(report.problems)} problems: {report.problems[0]}")
+
+
+@click.command("trust")
+@click.argument("key")
+@click.option("--role", type=click.Choice(["publisher", "verifier"]), required=True)
+@click.option("--name", default=None, help="Name to record (default: the keyring name, or the PEM file's stem).")
+@registry_option
+@keys_dir_option
+def keys_trust(key: str, role: str, name: str | None, registry: str | None, keys_dir: Path | None) -> None:
+    """Trust KEY (a keyring name or a PEM public key file) in the registry for ROLE."""
+    path = Path(key)
+    if path.is_file():
+        pem, default_name = path.read_bytes(), path.stem
+    else:
+        pem, default_name = keyring(keys_dir).public_pem(key), key
+    record = _open(registry).trust_key(pem, name or default_name, role)
+    click.echo(f"trusted {record.name} {record.keyid} as {record.role}")
+
+
+@click.command("revoke")
+@click.argument("key")
+@click.option("--reason", required=True, help="Why the key is revoked (recorded in the audit log).")
+@registry_option
+def keys_revoke(key: str, reason: str, registry: str | None) -> None:
+    """Revoke KEY (key id or name) in the registry, in every role; its artifacts are refused."""
+    for record in _open(registry).revoke_key(key, reason):
+        click.echo(f"revoked {record.name} {record.keyid} ({record.role})")
+
+
+@click.command("trusted")
+@json_option
+@registry_option
+def keys_trusted(as_json: bool, registry: str | None) -> None:
+    """List the keys the registry knows, their roles, and revocations."""
+    records = _open(registry).keys()
+    if as_json:
+        click.echo(json.dumps([{**r.__dict__, "added_at": r.added_at.isoformat()} for r in records], indent=1))
+        return
+    for r in records:
+        state = f"REVOKED: {r.revoked_reason}" if r.revoked else "trusted"
+        click.echo(f"{r.name:<20} {r.role:<10} {r.keyid}  {state}")

@@ -1,0 +1,123 @@
+"""Where a registry lives, how to connect to it, and its schema version (Alembic).
+
+A location is a directory (embedded SQLite: DIR/registry.db, blobs in DIR/blobs) or a
+SQLAlchemy URL such as postgresql+psycopg://user@host/db.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from revreg.errors import InputError, RevregError
+
+DEFAULT_LOCATION = ".revreg"
+DB_FILE = "registry.db"
+# The newest migration in revreg/migrations/versions; a test keeps the two equal.
+HEAD = "0001"
+
+
+class SchemaError(RevregError):
+    """The database is missing, not a registry, or at another schema version."""
+
+
+@dataclass(frozen=True)
+class Location:
+    url: str
+    directory: Path | None  # the embedded registry's directory; None for a server database
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    def describe(self) -> str:
+        return str(self.directory) if self.directory else _redact(self.url)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def resolve(location: str | None) -> Location:
+    """--registry, else $REVREG_REGISTRY, else ./.revreg."""
+    raw = location or os.environ.get("REVREG_REGISTRY") or DEFAULT_LOCATION
+    if "://" in raw:
+        if raw.startswith(("http://", "https://")):
+            raise InputError(f"{raw}: remote registries over HTTP are not supported yet; use a directory or a DB URL")
+        if not raw.startswith(("postgresql", "sqlite")):
+            raise InputError(f"unsupported registry URL {raw!r}: use a directory or postgresql+psycopg://…")
+        if raw.startswith("postgresql://"):
+            raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
+        return Location(raw, None)
+    directory = Path(raw).absolute()
+    return Location(f"sqlite:///{directory / DB_FILE}", directory)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's begin() below own transactions instead of pysqlite's implicit ones.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    # Take the write lock at the start, so two writers queue on busy_timeout instead of one
+    # failing when it upgrades a read lock (SQLite's classic "database is locked").
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(location: Location) -> Engine:
+    if location.is_sqlite:
+        engine = create_engine(location.url)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(location.url, pool_pre_ping=True)
+
+
+def current_revision(engine: Engine) -> str | None:
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError as exc:
+        raise SchemaError(f"cannot open the registry database: {exc.__class__.__name__}: {exc.args[0]}") from exc
+
+
+def check_schema(engine: Engine, location: Location) -> None:
+    """Refuse to run on a database that is not at this revreg's schema version."""
+    revision = current_revision(engine)
+    where = location.describe()
+    if revision is None:
+        raise SchemaError(f"no registry at {where}: create one with `revreg init`")
+    if revision != HEAD:
+        raise SchemaError(
+            f"registry schema at {where} is at revision {revision}, this revreg needs {HEAD}: run `revreg db upgrade`"
+        )
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", "revreg:migrations")
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(engine), revision)

@@ -1,0 +1,684 @@
+"""The Registry service: push, pull, publish, yank, tags, keys, bases, audit and fsck.
+
+Every rule lives here, not in the CLI: lifecycle transitions, trust, immutability, and the
+audit row that goes with each change in the same transaction.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from revreg.artifacts.artifact import VERSION_RE, open_artifact, read_tensors, verify_artifact
+from revreg.artifacts.attestation import verify_certification
+from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
+from revreg.artifacts.keys import check_name as check_key_name
+from revreg.artifacts.peft_io import write_peft
+from revreg.errors import InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
+from revreg.registry import audit
+from revreg.registry.db import Location, check_schema, make_engine, resolve, upgrade
+from revreg.registry.models import (
+    ROLES,
+    AuditEntry,
+    BaseModel,
+    Behavior,
+    Blob,
+    Certification,
+    Key,
+    Setting,
+    Tag,
+    Version,
+)
+from revreg.registry.policy import PublishGate, RequirePassingCertification
+from revreg.registry.refs import Ref, parse_ref
+from revreg.registry.store import BlobStore, FileBlobStore, copy_hashing, digest_of, open_store
+
+
+class NotFound(InputError):
+    """No such behavior, version, tag, key or base."""
+
+
+class ConflictError(RevregError):
+    """The change contradicts what the registry already holds (immutability, races)."""
+
+
+class StateError(RevregError):
+    """The lifecycle does not allow this transition."""
+
+
+# state -> states it may move to
+TRANSITIONS: dict[str, set[str]] = {
+    "pending": {"certified", "rejected", "yanked"},
+    "certified": {"certified", "rejected", "published", "yanked"},
+    "rejected": {"certified", "rejected", "yanked"},
+    "published": {"yanked"},
+    "yanked": set(),
+}
+
+
+def default_actor() -> str:
+    if os.environ.get("REVREG_ACTOR"):
+        return os.environ["REVREG_ACTOR"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    digest: str
+    size: int
+    state: str
+    base_identity: str
+    signer_keyid: str
+    signer_name: str | None
+    signer_revoked: bool
+    pushed_at: datetime
+    pushed_by: str
+    tags: tuple[str, ...]
+    yank_reason: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["pushed_at"] = self.pushed_at.isoformat()
+        d["tags"] = list(self.tags)
+        return d
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version: VersionInfo
+    created: bool
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    keyid: str
+    name: str
+    role: str
+    revoked: bool
+    revoked_reason: str | None
+    added_at: datetime
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    identity: str
+    name: str | None
+    tensor_count: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class CertificationInfo:
+    verifier_keyid: str
+    passed: bool
+    created_at: datetime
+    envelope: str
+
+
+@dataclass(frozen=True)
+class VersionDetail:
+    info: VersionInfo
+    manifest: dict[str, Any]
+    certifications: tuple[CertificationInfo, ...]
+    history: tuple[audit.AuditEntryInfo, ...]
+    base_registered: bool
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    blobs_checked: int
+    versions_checked: int
+    problems: tuple[str, ...]  # inconsistencies: exit 1
+    warnings: tuple[str, ...]  # harmless leftovers of interrupted writes
+
+
+def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING on both backends."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(model).values(**values)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=index))
+
+
+class Registry:
+    def __init__(
+        self,
+        engine: Engine,
+        location: Location,
+        store: BlobStore,
+        actor: str | None = None,
+        gate: PublishGate | None = None,
+    ) -> None:
+        self.engine = engine
+        self.location = location
+        self.store = store
+        self.actor = actor or default_actor()
+        self.gate: PublishGate = gate or RequirePassingCertification()
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, location: str | None = None, actor: str | None = None) -> Registry:
+        loc = resolve(location)
+        if loc.directory is not None and not (loc.directory / "registry.db").exists():
+            raise InputError(f"no registry at {loc.directory}: create one with `revreg init`")
+        engine = make_engine(loc)
+        check_schema(engine, loc)
+        with Session(engine) as s:
+            store_url = s.get(Setting, "store")
+        if store_url is None:
+            raise InputError(f"registry at {loc.describe()} has no blob store configured: run `revreg init`")
+        return cls(engine, loc, open_store(store_url.value, loc.directory), actor)
+
+    @classmethod
+    def init(cls, location: str | None = None, store: str | None = None, actor: str | None = None) -> Registry:
+        loc = resolve(location)
+        if loc.directory is not None:
+            loc.directory.mkdir(parents=True, exist_ok=True)
+        elif store is None:
+            raise InputError("a database registry needs --store DIR (or s3://…) for its blobs")
+        # An embedded registry keeps its blobs beside the database, recorded relatively so the
+        # directory can be moved; any other store is recorded absolutely.
+        store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
+        blob_store = open_store(store_url, loc.directory)
+        if isinstance(blob_store, FileBlobStore):
+            blob_store.create()
+        engine = make_engine(loc)
+        upgrade(engine)
+        registry = cls(engine, loc, blob_store, actor)
+        with registry._tx() as s:
+            existing = s.get(Setting, "store")
+            if existing is None:
+                s.add(Setting(key="store", value=store_url))
+                audit.append(s, registry.actor, "registry.init", loc.describe(), {"store": store_url})
+            elif existing.value != store_url and store is not None:
+                raise ConflictError(f"registry already uses the blob store {existing.value}")
+        return registry
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise RevregError(f"registry database error: {exc.orig or exc}") from exc
+
+    # -- keys --------------------------------------------------------------------------------
+    def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
+        if role not in ROLES:
+            raise InputError(f"role must be one of {', '.join(ROLES)}")
+        check_key_name(name)
+        key = load_public_pem(pem, name)
+        keyid = keyid_of(key)
+        text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        with self._tx() as s:
+            row = s.scalars(select(Key).where(Key.keyid == keyid, Key.role == role)).first()
+            if row is not None:
+                if row.revoked_at is not None:
+                    raise ConflictError(f"key {row.name} ({keyid}) was revoked as {role}; revocation is permanent")
+                return self._key_record(row)
+            row = Key(keyid=keyid, name=name, role=role, public_pem=text, added_at=_now(), added_by=self.actor)
+            s.add(row)
+            audit.append(s, self.actor, "key.trust", keyid, {"name": name, "role": role})
+        return self._key_record(row)
+
+    def revoke_key(self, key_ref: str, reason: str) -> list[KeyRecord]:
+        if not reason.strip():
+            raise InputError("a revocation needs a --reason")
+        with self._tx() as s:
+            rows = list(s.scalars(select(Key).where((Key.keyid == key_ref) | (Key.name == key_ref))))
+            if not rows:
+                raise NotFound(f"no registry key with id or name {key_ref!r}")
+            if len({r.keyid for r in rows}) > 1:
+                raise InputError(f"{key_ref!r} names several keys: give the key id")
+            for row in rows:
+                if row.revoked_at is None:
+                    row.revoked_at, row.revoked_reason = _now(), reason
+            audit.append(s, self.actor, "key.revoke", rows[0].keyid, {"name": rows[0].name, "reason": reason})
+        return [self._key_record(r) for r in rows]
+
+    def keys(self) -> list[KeyRecord]:
+        with Session(self.engine) as s:
+            return [self._key_record(r) for r in s.scalars(select(Key).order_by(Key.name, Key.role))]
+
+    @staticmethod
+    def _key_record(row: Key) -> KeyRecord:
+        return KeyRecord(row.keyid, row.name, row.role, row.revoked_at is not None, row.revoked_reason, row.added_at)
+
+    def trusted(self, role: str, session: Session | None = None) -> dict[str, TrustedKey]:
+        """Unrevoked keys of a role, by key id: the trust anchors for that role."""
+
+        def load(s: Session) -> dict[str, TrustedKey]:
+            rows = s.scalars(select(Key).where(Key.role == role, Key.revoked_at.is_(None)))
+            return {r.keyid: TrustedKey(r.name, r.keyid, load_public_pem(r.public_pem.encode(), r.name)) for r in rows}
+
+        if session is not None:
+            return load(session)
+        with Session(self.engine) as s:
+            return load(s)
+
+    def _revoked(self, s: Session, keyids: list[str]) -> Key | None:
+        return s.scalars(select(Key).where(Key.keyid.in_(keyids), Key.revoked_at.is_not(None))).first()
+
+    # -- bases -------------------------------------------------------------------------------
+    def register_base(self, path: Path, name: str | None = None) -> tuple[BaseInfo, bool]:
+        from revreg.artifacts.sources import identity_of_path
+
+        manifest = identity_of_path(path)
+        with self._tx() as s:
+            row = s.scalars(select(BaseModel).where(BaseModel.identity == manifest.identity)).first()
+            if row is not None:
+                return self._base_info(row), False
+            row = BaseModel(
+                identity=manifest.identity,
+                name=name,
+                tensor_count=len(manifest.tensors),
+                total_bytes=manifest.total_bytes,
+                manifest=json.dumps(manifest.to_dict()),
+                registered_at=_now(),
+                registered_by=self.actor,
+            )
+            s.add(row)
+            audit.append(s, self.actor, "base.register", manifest.identity, {"name": name})
+        return self._base_info(row), True
+
+    def bases(self) -> list[BaseInfo]:
+        with Session(self.engine) as s:
+            return [self._base_info(r) for r in s.scalars(select(BaseModel).order_by(BaseModel.registered_at))]
+
+    @staticmethod
+    def _base_info(row: BaseModel) -> BaseInfo:
+        return BaseInfo(row.identity, row.name, row.tensor_count, row.total_bytes)
+
+    # -- push --------------------------------------------------------------------------------
+    def push(self, path: Path) -> PushResult:
+        """Store an artifact after checking format, signer trust, signature and every tensor.
+
+        The bytes are streamed into the store's staging area first and all checks run on that
+        copy, so what is stored is exactly what was checked.
+        """
+        path = Path(path)
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+        with source, self.store.stage(source) as staged:
+            artifact = open_artifact(staged.path)
+            m = artifact.manifest
+            with Session(self.engine) as s:
+                revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
+                if revoked is not None:
+                    raise SignatureError(
+                        f"{path} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
+                    )
+                publishers = self.trusted("publisher", s)
+            try:
+                verified = verify_artifact(artifact, publishers, digest=staged.digest)
+            except UnknownKeyError as exc:
+                raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
+            existing = self._existing(m.name, m.version, staged.digest)
+            if existing is not None:
+                return PushResult(existing, False)
+            self.store.commit(staged)
+            try:
+                with self._tx() as s:
+                    _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
+                    _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
+                    behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
+                    s.add(
+                        Version(
+                            behavior_id=behavior.id,
+                            version=m.version,
+                            digest=staged.digest,
+                            size=staged.size,
+                            base_identity=m.base,
+                            signer_keyid=verified.signer.keyid,
+                            manifest=m.to_bytes().decode("utf-8"),
+                            state="pending",
+                            pushed_at=_now(),
+                            pushed_by=self.actor,
+                        )
+                    )
+                    s.flush()
+                    audit.append(
+                        s,
+                        self.actor,
+                        "version.push",
+                        f"{m.name}:{m.version}",
+                        {"digest": staged.digest, "signer": verified.signer.keyid, "base": m.base},
+                    )
+            except SAIntegrityError as exc:
+                existing = self._existing(m.name, m.version, staged.digest)
+                if existing is not None:
+                    return PushResult(existing, False)
+                raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
+        return PushResult(self.resolve(Ref(m.name, m.version)), True)
+
+    def _existing(self, name: str, version: str, digest: str) -> VersionInfo | None:
+        """The version if it exists with these bytes; ConflictError if with other bytes."""
+        try:
+            info = self.resolve(Ref(name, version), tags=False)
+        except NotFound:
+            return None
+        if info.digest != digest:
+            raise ConflictError(
+                f"{name}:{version} already exists with digest {info.digest}; versions are immutable, push a new version"
+            )
+        return info
+
+    # -- reading -----------------------------------------------------------------------------
+    def _info(self, s: Session, v: Version) -> VersionInfo:
+        key = s.scalars(select(Key).where(Key.keyid == v.signer_keyid)).first()
+        revoked = s.scalars(select(Key.id).where(Key.keyid == v.signer_keyid, Key.revoked_at.is_not(None))).first()
+        tags = tuple(sorted(s.scalars(select(Tag.tag).where(Tag.version_id == v.id))))
+        return VersionInfo(
+            v.behavior.name,
+            v.version,
+            v.digest,
+            v.size,
+            v.state,
+            v.base_identity,
+            v.signer_keyid,
+            key.name if key else None,
+            revoked is not None,
+            v.pushed_at,
+            v.pushed_by,
+            tags,
+            v.yank_reason,
+        )
+
+    def _find(self, s: Session, ref: Ref, tags: bool = True) -> Version:
+        behavior = s.scalars(select(Behavior).where(Behavior.name == ref.name)).first()
+        if behavior is None:
+            raise NotFound(f"no behavior named {ref.name!r}")
+        q = select(Version).where(Version.behavior_id == behavior.id)
+        if ref.digest:
+            v = s.scalars(q.where(Version.digest == ref.digest)).first()
+        elif ref.selector:
+            v = s.scalars(q.where(Version.version == ref.selector)).first()
+            if v is None and tags:
+                tag = s.scalars(select(Tag).where(Tag.behavior_id == behavior.id, Tag.tag == ref.selector)).first()
+                v = s.get(Version, tag.version_id) if tag else None
+        else:
+            tag = s.scalars(select(Tag).where(Tag.behavior_id == behavior.id, Tag.tag == "latest")).first()
+            v = (
+                s.get(Version, tag.version_id)
+                if tag
+                else s.scalars(
+                    q.where(Version.state == "published").order_by(Version.pushed_at.desc(), Version.id.desc())
+                ).first()
+            )
+            if v is None:
+                raise NotFound(f"{ref.name} has no published version and no 'latest' tag: name a version")
+        if v is None:
+            raise NotFound(f"no version {ref} (see `revreg ls {ref.name}`)")
+        return v
+
+    def resolve(self, ref: Ref | str, tags: bool = True) -> VersionInfo:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        with Session(self.engine) as s:
+            return self._info(s, self._find(s, ref, tags))
+
+    def ls(self, name: str | None = None) -> list[VersionInfo]:
+        with Session(self.engine) as s:
+            keys = {k.keyid: k for k in s.scalars(select(Key))}
+            revoked = {k.keyid for k in keys.values() if k.revoked_at is not None}
+            tags: dict[int, list[str]] = {}
+            for t in s.scalars(select(Tag)):
+                tags.setdefault(t.version_id, []).append(t.tag)
+            q = select(Version, Behavior.name).join(Behavior).order_by(Behavior.name, Version.pushed_at, Version.id)
+            if name is not None:
+                q = q.where(Behavior.name == name)
+            out = [
+                VersionInfo(
+                    bname,
+                    v.version,
+                    v.digest,
+                    v.size,
+                    v.state,
+                    v.base_identity,
+                    v.signer_keyid,
+                    keys[v.signer_keyid].name if v.signer_keyid in keys else None,
+                    v.signer_keyid in revoked,
+                    v.pushed_at,
+                    v.pushed_by,
+                    tuple(sorted(tags.get(v.id, []))),
+                    v.yank_reason,
+                )
+                for v, bname in s.execute(q)
+            ]
+        if name is not None and not out:
+            raise NotFound(f"no behavior named {name!r}")
+        return out
+
+    def show(self, ref: Ref | str) -> VersionDetail:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        with Session(self.engine) as s:
+            v = self._find(s, ref)
+            info = self._info(s, v)
+            certs = tuple(
+                CertificationInfo(c.verifier_keyid, c.passed, c.created_at, c.envelope)
+                for c in s.scalars(
+                    select(Certification).where(Certification.version_id == v.id).order_by(Certification.id)
+                )
+            )
+            history = tuple(
+                audit.info(e)
+                for e in s.scalars(select(AuditEntry).where(AuditEntry.subject == info.ref).order_by(AuditEntry.seq))
+            )
+            base = s.scalars(select(BaseModel.id).where(BaseModel.identity == v.base_identity)).first()
+            return VersionDetail(info, json.loads(v.manifest), certs, history, base is not None)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _transition(self, s: Session, v: Version, to: str) -> None:
+        if to not in TRANSITIONS[v.state]:
+            raise StateError(f"{v.behavior.name}:{v.version} is {v.state}; it cannot become {to}")
+        v.state = to
+
+    def record_certification(self, ref: Ref | str, envelope: bytes | str) -> VersionInfo:
+        """Store a verifier's signed certification and move the version to certified/rejected."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
+        with self._tx() as s:
+            v = self._find(s, ref)
+            cert = verify_certification(text, self.trusted("verifier", s))
+            if cert.subject_digest != v.digest:
+                raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
+            s.add(
+                Certification(
+                    version_id=v.id,
+                    verifier_keyid=cert.verifier.keyid,
+                    passed=cert.passed,
+                    envelope=text,
+                    created_at=_now(),
+                )
+            )
+            if v.state != "published":
+                self._transition(s, v, "certified" if cert.passed else "rejected")
+            audit.append(
+                s,
+                self.actor,
+                "version.certify",
+                f"{v.behavior.name}:{v.version}",
+                {"verdict": cert.verdict, "verifier": cert.verifier.keyid, "state": v.state},
+            )
+            return self._info(s, v)
+
+    def _gate(self, s: Session, v: Version) -> None:
+        envelopes = list(s.scalars(select(Certification.envelope).where(Certification.version_id == v.id)))
+        self.gate.verify(f"{v.behavior.name}:{v.version}", v.digest, envelopes, self.trusted("verifier", s))
+
+    def publish(self, ref: Ref | str) -> VersionInfo:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        with self._tx() as s:
+            v = self._find(s, ref)
+            if v.state in ("pending", "rejected"):
+                raise StateError(
+                    f"{v.behavior.name}:{v.version} is {v.state}; only a certified version can be published "
+                    "(run `revreg certify`)"
+                )
+            if "published" not in TRANSITIONS[v.state]:
+                self._transition(s, v, "published")
+            if self._revoked(s, [v.signer_keyid]) is not None:
+                raise SignatureError(f"{v.behavior.name}:{v.version} is signed by a revoked key")
+            self._gate(s, v)
+            self._transition(s, v, "published")
+            audit.append(s, self.actor, "version.publish", f"{v.behavior.name}:{v.version}", {"digest": v.digest})
+            return self._info(s, v)
+
+    def yank(self, ref: Ref | str, reason: str) -> VersionInfo:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if not reason.strip():
+            raise InputError("yank needs a --reason")
+        with self._tx() as s:
+            v = self._find(s, ref)
+            self._transition(s, v, "yanked")
+            v.yank_reason = reason
+            audit.append(s, self.actor, "version.yank", f"{v.behavior.name}:{v.version}", {"reason": reason})
+            return self._info(s, v)
+
+    def tag(self, ref: Ref | str, tag: str) -> VersionInfo:
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if not VERSION_RE.match(tag):
+            raise InputError(f"invalid tag {tag!r}: use letters, digits, '.', '_', '+' or '-'")
+        with self._tx() as s:
+            v = self._find(s, ref)
+            if s.scalars(
+                select(Version.id).where(Version.behavior_id == v.behavior_id, Version.version == tag)
+            ).first():
+                raise InputError(f"{tag!r} is a version of {v.behavior.name}; a tag cannot shadow it")
+            if v.state == "yanked":
+                raise StateError(f"{v.behavior.name}:{v.version} is yanked; it cannot be tagged")
+            row = s.scalars(select(Tag).where(Tag.behavior_id == v.behavior_id, Tag.tag == tag)).first()
+            previous = None
+            if row is None:
+                s.add(Tag(behavior_id=v.behavior_id, tag=tag, version_id=v.id, updated_at=_now()))
+            else:
+                previous = s.get(Version, row.version_id).version
+                row.version_id, row.updated_at = v.id, _now()
+            s.flush()
+            audit.append(
+                s, self.actor, "tag.set", f"{v.behavior.name}:{tag}", {"version": v.version, "previous": previous}
+            )
+            return self._info(s, v)
+
+    # -- pull --------------------------------------------------------------------------------
+    def pull(
+        self, ref: Ref | str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
+    ) -> VersionInfo:
+        """Copy a version out, checking digest, signature and certification before anything
+        reaches `dest`; `dest` appears complete or not at all."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        dest = Path(dest)
+        with Session(self.engine) as s:
+            v = self._find(s, ref)
+            info = self._info(s, v)
+            if info.state != "published" and not allow_unpublished:
+                raise StateError(
+                    f"{info.ref} is {info.state}, not published (pass --allow-unpublished to pull it anyway)"
+                )
+            if info.signer_revoked:
+                raise SignatureError(f"{info.ref} is signed by revoked key {info.signer_name} ({info.signer_keyid})")
+            if info.state == "published":
+                self._gate(s, v)
+            publishers = self.trusted("publisher", s)
+        parent = dest.parent if str(dest.parent) else Path(".")
+        if not parent.is_dir():
+            raise InputError(f"output directory {parent} does not exist")
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as sink, self.store.open(info.digest) as source:
+                digest, _ = copy_hashing(source, sink)
+                sink.flush()
+                os.fsync(sink.fileno())
+            if digest != info.digest:
+                raise IntegrityError(
+                    f"stored blob for {info.ref} is corrupt: expected {info.digest}, read {digest} (run `revreg fsck`)"
+                )
+            verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
+            if fmt == "peft":
+                write_peft(verified.manifest, read_tensors(tmp), dest)
+            elif fmt == "safetensors":
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            else:
+                raise InputError(f"unknown format {fmt!r}: use safetensors or peft")
+        finally:
+            tmp.unlink(missing_ok=True)
+        return info
+
+    # -- integrity ---------------------------------------------------------------------------
+    def audit_log(self, subject: str | None = None) -> list[audit.AuditEntryInfo]:
+        with Session(self.engine) as s:
+            q = select(AuditEntry).order_by(AuditEntry.seq)
+            if subject:
+                q = q.where(AuditEntry.subject == subject)
+            return [audit.info(e) for e in s.scalars(q)]
+
+    def audit_verify(self) -> audit.ChainVerdict:
+        with Session(self.engine) as s:
+            return audit.verify(s)
+
+    def fsck(self, prune: bool = False) -> FsckReport:
+        problems: list[str] = []
+        warnings: list[str] = []
+        with Session(self.engine) as s:
+            rows = {b.digest: b.size for b in s.scalars(select(Blob))}
+            versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
+        on_disk = set(self.store.digests())
+        checked = 0
+        for digest in sorted(on_disk):
+            with self.store.open(digest) as fh:
+                actual, size = digest_of(fh)
+            checked += 1
+            if actual != digest:
+                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
+            elif digest in rows and rows[digest] != size:
+                problems.append(f"blob {digest} has {size} bytes, its row says {rows[digest]}")
+            elif digest not in rows:
+                warnings.append(f"blob {digest} has no row (left by an interrupted push)")
+                if prune and isinstance(self.store, FileBlobStore):
+                    self.store.path(digest).unlink()
+        for digest in sorted(rows.keys() - on_disk):
+            problems.append(f"blob row {digest} has no file in the store")
+        for v, name in versions:
+            if v.digest not in rows:
+                problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
+        if isinstance(self.store, FileBlobStore):
+            for partial in sorted((self.store.root / "tmp").glob("*.partial")):
+                warnings.append(f"staging file {partial.name} left by an interrupted write")
+                if prune:
+                    partial.unlink(missing_ok=True)
+        return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))

@@ -1,0 +1,234 @@
+"""The registry service on SQLite and PostgreSQL: push, pull, lifecycle, trust, tags, audit, fsck."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from revreg.artifacts.attestation import sign_certification
+from revreg.artifacts.keys import Keyring
+from revreg.errors import IntegrityError, SignatureError
+from revreg.registry.policy import GateError
+from revreg.registry.service import ConflictError, NotFound, Registry, StateError
+from tests.conftest import make_artifact
+
+
+def certify(reg: Registry, keys_dir: Path, ref: str, verdict: str = "PASS", key: str = "vera") -> None:
+    info = reg.resolve(ref)
+    envelope = sign_certification(info.ref, info.digest, {"verdict": verdict}, Keyring(keys_dir).signer(key))
+    reg.record_certification(ref, envelope)
+
+
+def test_push_then_pull_returns_the_same_bytes(registry: Registry, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    result = registry.push(art)
+    assert result.created and result.version.state == "pending" and result.version.signer_name == "alice"
+    out = tmp_path / "out.safetensors"
+    registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert out.read_bytes() == art.read_bytes()
+
+
+def test_same_bytes_again_is_a_no_op(registry: Registry, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    registry.push(art)
+    rows = len(registry.audit_log())
+    again = registry.push(art)
+    assert not again.created and len(registry.audit_log()) == rows
+
+
+def test_different_bytes_under_an_existing_version_is_a_conflict(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir, seed=1))
+    with pytest.raises(ConflictError, match="demo:1.0.0 already exists with digest sha256:"):
+        registry.push(make_artifact(tmp_path / "b.safetensors", keys_dir, seed=2))
+    assert len(registry.ls()) == 1
+
+
+def test_push_refuses_an_untrusted_signer_and_stores_nothing(registry: Registry, keys_dir: Path, tmp_path: Path):
+    Keyring(keys_dir).generate("mallory")
+    art = make_artifact(tmp_path / "m.safetensors", keys_dir, key="mallory")
+    with pytest.raises(SignatureError, match="unknown key .*: trust the signer with"):
+        registry.push(art)
+    assert registry.ls() == [] and list(registry.store.digests()) == []
+
+
+def test_a_verifier_key_cannot_publish_artifacts(registry: Registry, keys_dir: Path, tmp_path: Path):
+    with pytest.raises(SignatureError, match="unknown key"):
+        registry.push(make_artifact(tmp_path / "v.safetensors", keys_dir, key="vera"))
+
+
+def test_revoked_signer_is_refused_at_push_and_pull(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    registry.revoke_key("alice", "laptop stolen")
+    with pytest.raises(SignatureError, match="signed by revoked key alice .*: laptop stolen"):
+        registry.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "2.0.0"))
+    assert registry.ls()[0].signer_revoked
+    with pytest.raises(SignatureError, match="revoked key alice"):
+        registry.pull("demo:1.0.0", tmp_path / "out.safetensors", allow_unpublished=True)
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(ConflictError, match="revocation is permanent"):
+        registry.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
+
+
+def test_lifecycle_publish_needs_a_passing_certification(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    with pytest.raises(StateError, match="demo:1.0.0 is pending; only a certified version can be published"):
+        registry.publish("demo:1.0.0")
+    with pytest.raises(StateError, match="is pending, not published"):
+        registry.pull("demo:1.0.0", tmp_path / "o.safetensors")
+    certify(registry, keys_dir, "demo:1.0.0", "FAIL")
+    assert registry.resolve("demo:1.0.0").state == "rejected"
+    with pytest.raises(StateError, match="rejected"):
+        registry.publish("demo:1.0.0")
+    certify(registry, keys_dir, "demo:1.0.0", "PASS")
+    assert registry.publish("demo:1.0.0").state == "published"
+    registry.pull("demo", tmp_path / "o.safetensors")
+    assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
+    assert registry.yank("demo:1.0.0", "bad outputs").state == "yanked"
+    with pytest.raises(StateError, match="yanked; it cannot become published"):
+        registry.publish("demo:1.0.0")
+    with pytest.raises(StateError, match="is yanked, not published"):
+        registry.pull("demo:1.0.0", tmp_path / "p.safetensors")
+
+
+def test_certification_must_come_from_a_verifier_key_about_this_digest(
+    registry: Registry, keys_dir: Path, tmp_path: Path
+):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    info = registry.resolve("demo:1.0.0")
+    by_publisher = sign_certification(info.ref, info.digest, {"verdict": "PASS"}, Keyring(keys_dir).signer("alice"))
+    with pytest.raises(SignatureError, match="unknown key"):
+        registry.record_certification("demo:1.0.0", by_publisher)
+    other = sign_certification(info.ref, "sha256:" + "0" * 64, {"verdict": "PASS"}, Keyring(keys_dir).signer("vera"))
+    with pytest.raises(IntegrityError, match="about sha256:0000"):
+        registry.record_certification("demo:1.0.0", other)
+    assert registry.resolve("demo:1.0.0").state == "pending"
+
+
+def test_revoking_the_verifier_withdraws_its_certifications(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    certify(registry, keys_dir, "demo:1.0.0")
+    registry.publish("demo:1.0.0")
+    registry.revoke_key("vera", "compromised")
+    with pytest.raises(GateError, match="no passing certification by a trusted verifier key"):
+        registry.pull("demo:1.0.0", tmp_path / "o.safetensors")
+
+
+def test_tags_resolve_and_move(registry: Registry, keys_dir: Path, tmp_path: Path):
+    for v in ("1.0.0", "1.1.0"):
+        registry.push(make_artifact(tmp_path / f"{v}.safetensors", keys_dir, v, seed=hash(v) % 100))
+    registry.tag("demo:1.0.0", "stable")
+    assert registry.resolve("demo:stable").version == "1.0.0"
+    registry.tag("demo:1.1.0", "stable")
+    assert registry.resolve("demo:stable").version == "1.1.0"
+    assert registry.audit_log("demo:stable")[-1].details == {"version": "1.1.0", "previous": "1.0.0"}
+    with pytest.raises(Exception, match="is a version of demo; a tag cannot shadow it"):
+        registry.tag("demo:1.1.0", "1.0.0")
+    digest = registry.resolve("demo:1.0.0").digest
+    assert registry.resolve(f"demo@{digest}").version == "1.0.0"
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "x\x00y", "UPPER", "name\n", "demo:bad/ver"])
+def test_names_with_separators_or_control_characters_are_refused(registry: Registry, bad: str):
+    with pytest.raises(Exception, match="invalid|control characters"):
+        registry.resolve(bad)
+
+
+def test_unknown_name_and_version_are_named(registry: Registry, keys_dir: Path, tmp_path: Path):
+    with pytest.raises(NotFound, match="no behavior named 'nope'"):
+        registry.resolve("nope:1")
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    with pytest.raises(NotFound, match="no version demo:9.9"):
+        registry.resolve("demo:9.9")
+
+
+def test_pull_detects_a_tampered_blob_and_writes_nothing(registry: Registry, keys_dir: Path, tmp_path: Path):
+    info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    blob = registry.store.path(info.digest)
+    data = bytearray(blob.read_bytes())
+    data[-2] ^= 0x10
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(IntegrityError, match="stored blob for demo:1.0.0 is corrupt"):
+        registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    report = registry.fsck()
+    assert len(report.problems) == 1 and f"blob {info.digest} is corrupt" in report.problems[0]
+
+
+def test_fsck_finds_missing_blobs_and_prunes_orphans(registry: Registry, keys_dir: Path, tmp_path: Path):
+    info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    assert registry.fsck().problems == ()
+    orphan = make_artifact(tmp_path / "o.safetensors", keys_dir, seed=5)
+    with open(orphan, "rb") as src, registry.store.stage(src) as staged:
+        registry.store.commit(staged)
+    report = registry.fsck()
+    assert report.problems == () and any("has no row" in w for w in report.warnings)
+    registry.fsck(prune=True)
+    assert registry.fsck().warnings == ()
+    registry.store.path(info.digest).unlink()
+    assert any(f"blob row {info.digest} has no file" in p for p in registry.fsck().problems)
+
+
+def test_pull_as_peft_writes_an_adapter_directory(registry: Registry, run, artifact: Path, tmp_path: Path):
+    registry.push(artifact)
+    registry.pull("demo:1.0.0", tmp_path / "adapter", fmt="peft", allow_unpublished=True)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+
+
+def _sql(reg: Registry, statement: str) -> None:
+    with reg.engine.begin() as conn:
+        conn.execute(text(statement))
+
+
+def _history(registry: Registry, keys_dir: Path, tmp_path: Path) -> None:
+    for v in ("1", "2", "3"):
+        registry.push(make_artifact(tmp_path / f"{v}.safetensors", keys_dir, v, seed=int(v)))
+    assert registry.audit_verify().ok
+
+
+def test_audit_verify_names_an_edited_row(registry: Registry, keys_dir: Path, tmp_path: Path):
+    _history(registry, keys_dir, tmp_path)
+    _sql(registry, "UPDATE audit_log SET actor = 'someone-else' WHERE seq = 4")
+    verdict = registry.audit_verify()
+    assert not verdict.ok and verdict.problem.startswith("row 4 (version.push demo:1) was edited")
+
+
+def test_audit_verify_names_a_deleted_row(registry: Registry, keys_dir: Path, tmp_path: Path):
+    _history(registry, keys_dir, tmp_path)
+    _sql(registry, "DELETE FROM audit_log WHERE seq = 5")
+    assert registry.audit_verify().problem == "row 5 is missing (deleted); the next row is 6"
+
+
+def test_audit_verify_names_reordered_rows(registry: Registry, keys_dir: Path, tmp_path: Path):
+    _history(registry, keys_dir, tmp_path)
+    _sql(registry, "UPDATE audit_log SET seq = 100 WHERE seq = 5")
+    _sql(registry, "UPDATE audit_log SET seq = 5 WHERE seq = 6")
+    _sql(registry, "UPDATE audit_log SET seq = 6 WHERE seq = 100")
+    assert registry.audit_verify().problem == "row 5 does not follow row 4 (reordered or replaced)"
+
+
+def test_audit_verify_notices_rows_deleted_from_the_end(registry: Registry, keys_dir: Path, tmp_path: Path):
+    _history(registry, keys_dir, tmp_path)
+    _sql(registry, "DELETE FROM audit_log WHERE seq = (SELECT max(seq) FROM audit_log)")
+    assert "rows deleted from the end" in registry.audit_verify().problem
+
+
+def test_register_base_records_identity_and_manifest(registry: Registry, gpt2_dir: Path):
+    info, created = registry.register_base(gpt2_dir, "tiny-gpt2")
+    again, created_again = registry.register_base(gpt2_dir / "model.safetensors")
+    assert created and not created_again and again.identity == info.identity
+    assert registry.bases()[0].name == "tiny-gpt2"
+
+
+def test_embedded_registry_uses_wal_and_foreign_keys(tmp_path: Path):
+    reg = Registry.init(str(tmp_path / "r"))
+    with reg.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
