@@ -250,7 +250,7 @@ def base_register(path: Path, name: str | None, registry: str | None) -> None:
 @json_option
 @registry_option
 def base_list(as_json: bool, registry: str | None) -> None:
-    """List registered base models."""
+    """List registered base models with their identities and sizes."""
     bases = _open(registry).bases()
     if as_json:
         click.echo(json.dumps([b.__dict__ for b in bases], indent=1))
@@ -279,7 +279,7 @@ def audit_verify(registry: str | None) -> None:
 @json_option
 @registry_option
 def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
-    """Print the audit log."""
+    """Print the audit log, oldest first (optionally only the rows about one subject)."""
     entries = _open(registry).audit_log(subject)
     if as_json:
         click.echo(json.dumps([e.__dict__ for e in entries], indent=1))
