@@ -12,10 +12,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from measure import timed
 
 REVREG = str(Path(sys.executable).parent / "revreg")
 
@@ -41,19 +41,10 @@ def make_checkpoint(path: Path, gib: float) -> None:
                 left -= len(piece)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd} failed")
-    return elapsed, usage.ru_maxrss * 1024
-
-
 def best(cmd: list[str], repeat: int) -> tuple[float, int]:
     runs = [timed(cmd) for _ in range(repeat)]
+    if any(r[2] != 0 for r in runs):
+        raise SystemExit(f"{cmd} failed")
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
 

@@ -457,26 +457,40 @@ class Registry:
             tags: dict[int, list[str]] = {}
             for t in s.scalars(select(Tag)):
                 tags.setdefault(t.version_id, []).append(t.tag)
-            q = select(Version, Behavior.name).join(Behavior).order_by(Behavior.name, Version.pushed_at, Version.id)
+            # Columns, not ORM rows: `ls` must stay fast over many versions (no manifests).
+            cols = (
+                Version.id,
+                Behavior.name,
+                Version.version,
+                Version.digest,
+                Version.size,
+                Version.state,
+                Version.base_identity,
+                Version.signer_keyid,
+                Version.pushed_at,
+                Version.pushed_by,
+                Version.yank_reason,
+            )
+            q = select(*cols).join(Behavior).order_by(Behavior.name, Version.pushed_at, Version.id)
             if name is not None:
                 q = q.where(Behavior.name == name)
             out = [
                 VersionInfo(
-                    bname,
-                    v.version,
-                    v.digest,
-                    v.size,
-                    v.state,
-                    v.base_identity,
-                    v.signer_keyid,
-                    keys[v.signer_keyid].name if v.signer_keyid in keys else None,
-                    v.signer_keyid in revoked,
-                    v.pushed_at,
-                    v.pushed_by,
-                    tuple(sorted(tags.get(v.id, []))),
-                    v.yank_reason,
+                    r.name,
+                    r.version,
+                    r.digest,
+                    r.size,
+                    r.state,
+                    r.base_identity,
+                    r.signer_keyid,
+                    keys[r.signer_keyid].name if r.signer_keyid in keys else None,
+                    r.signer_keyid in revoked,
+                    r.pushed_at,
+                    r.pushed_by,
+                    tuple(sorted(tags.get(r.id, []))),
+                    r.yank_reason,
                 )
-                for v, bname in s.execute(q)
+                for r in s.execute(q)
             ]
         if name is not None and not out:
             raise NotFound(f"no behavior named {name!r}")
@@ -619,8 +633,8 @@ class Registry:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as sink, self.store.open(info.digest) as source:
-                digest, _ = copy_hashing(source, sink)
+            with os.fdopen(fd, "wb", buffering=0) as sink, self.store.open(info.digest) as source:
+                digest, _ = copy_hashing(source, sink, durable=True)
                 sink.flush()
                 os.fsync(sink.fileno())
             if digest != info.digest:

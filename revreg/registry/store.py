@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -15,7 +17,9 @@ from typing import BinaryIO
 
 from revreg.errors import InputError, IntegrityError
 
-BLOCK = 1 << 20
+BLOCK = 4 << 20
+PIPELINE_BLOCKS = 4
+FLUSH_EVERY = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -50,16 +54,57 @@ class BlobStore(ABC):
     def describe(self) -> str: ...
 
 
-def copy_hashing(source: BinaryIO, sink: BinaryIO) -> tuple[str, int]:
-    """Copy in blocks, hashing on the way; memory stays at one block whatever the size."""
+def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tuple[str, int]:
+    """Copy in blocks, hashing on the way; memory stays at a few blocks whatever the size.
+
+    Hashing runs on a second thread while this one reads and writes (hashlib releases the
+    GIL). With `durable`, a third thread flushes written data to disk every FLUSH_EVERY bytes,
+    so the final fsync waits for the last stretch only instead of the whole file.
+    """
     h = hashlib.sha256()
-    size = 0
-    buf = bytearray(BLOCK)
-    view = memoryview(buf)
-    while n := source.readinto(buf):  # type: ignore[attr-defined]
-        h.update(view[:n])
-        sink.write(view[:n])
-        size += n
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(PIPELINE_BLOCKS):
+        free.put(bytearray(BLOCK))
+    full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    flushes: queue.Queue[int | None] = queue.Queue()
+
+    def hasher() -> None:
+        while (item := full.get()) is not None:
+            buf, n = item
+            h.update(memoryview(buf)[:n])
+            free.put(buf)
+
+    def flusher() -> None:
+        fd = sink.fileno()
+        while flushes.get() is not None:
+            os.fdatasync(fd)
+
+    threads = [threading.Thread(target=hasher, daemon=True)]
+    if durable:
+        threads.append(threading.Thread(target=flusher, daemon=True))
+    for t in threads:
+        t.start()
+    size = since_flush = 0
+    try:
+        while True:
+            buf = free.get()
+            n = source.readinto(buf)  # type: ignore[attr-defined]
+            if not n:
+                free.put(buf)
+                break
+            sink.write(memoryview(buf)[:n])
+            full.put((buf, n))
+            size += n
+            since_flush += n
+            if durable and since_flush >= FLUSH_EVERY:
+                sink.flush()
+                flushes.put(size)
+                since_flush = 0
+    finally:
+        full.put(None)
+        flushes.put(None)
+        for t in threads:
+            t.join()
     return "sha256:" + h.hexdigest(), size
 
 
@@ -107,8 +152,8 @@ class FileBlobStore(BlobStore):
     def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.partial"
         try:
-            with open(tmp, "xb") as sink:
-                digest, size = copy_hashing(source, sink)
+            with open(tmp, "xb", buffering=0) as sink:
+                digest, size = copy_hashing(source, sink, durable=True)
                 sink.flush()
                 os.fsync(sink.fileno())
             yield StagedBlob(tmp, digest, size)

@@ -1,0 +1,258 @@
+"""Registry benchmarks (issue 3), as ratios against anchors measured in the same run.
+
+- push and pull of a ~1 GiB artifact against `cp` of the same file; peak RSS of each;
+- `revreg ls` over 10,000 versions against `python -c pass` (and a check that torch stays out);
+- 8 concurrent pushers on SQLite and on PostgreSQL: errors other than clean conflicts, throughput.
+
+    python benchmarks/bench_registry.py [--gib 1] [--versions 10000] [--pushers 8] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from measure import timed
+
+from revreg.artifacts.artifact import Attachment, pack, utc_timestamp
+from revreg.artifacts.keys import Keyring
+
+BIN = Path(sys.executable).parent
+REVREG = str(BIN / "revreg")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def artifact(path: Path, keys: Path, name: str, version: str, mib: int, seed: int = 0) -> Path:
+    """A signed artifact of `mib` MiB of F32 steering vectors, 64 MiB per tensor."""
+    rng = np.random.default_rng(seed)
+    per = 16 << 20  # floats per tensor
+    count = max(1, mib // 64)
+    block = rng.standard_normal(min(per, mib << 18)).astype("<f4").tobytes()
+    tensors = {f"h.{i}.steer_vector": ("F32", (len(block) // 4,), block) for i in range(count)}
+    atts = tuple(Attachment(f"h.{i}", "steer", {"vector": f"h.{i}.steer_vector"}) for i in range(count))
+    pack(
+        path,
+        tensors,
+        atts,
+        name=name,
+        version=version,
+        base="sha256:" + "ab" * 32,
+        signer=Keyring(keys).signer("bench"),
+        created=utc_timestamp(),
+    )
+    return path
+
+
+def setup_registry(location: str, store: str | None, keys: Path, env: dict[str, str]) -> None:
+    cmd = [REVREG, "init", "--registry", location] + (["--store", store] if store else [])
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    subprocess.run(
+        [REVREG, "keys", "trust", "bench", "--role", "publisher", "--registry", location],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+
+
+def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
+    size = art.stat().st_size
+    timed(["cat", str(art)])
+    cps, durable, pushes, pulls = [], [], [], []
+    for i in range(repeat):
+        reg = out / f"reg-push-{i}"
+        shutil.rmtree(reg, ignore_errors=True)
+        setup_registry(str(reg), None, keys, env)
+        dst = out / "cp-copy.safetensors"
+        dst.unlink(missing_ok=True)
+        cps.append(timed(["cp", str(art), str(dst)])[:2])
+        dst.unlink()
+        # The durable anchor: the same copy made to survive a crash, as push and pull do.
+        durable.append(timed(["dd", f"if={art}", f"of={dst}", "bs=4M", "conv=fsync", "status=none"])[0])
+        pushes.append(timed([REVREG, "push", str(art), "--registry", str(reg)], env))
+        pulled = out / "pulled.safetensors"
+        pulled.unlink(missing_ok=True)
+        pulls.append(
+            timed([REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)], env)
+        )
+        assert pushes[-1][2] == 0 and pulls[-1][2] == 0
+        shutil.rmtree(reg)
+    cp_s = min(c[0] for c in cps)
+    push_s = min(p[0] for p in pushes)
+    pull_s = min(p[0] for p in pulls)
+    return {
+        "artifact_bytes": size,
+        "cp_s": round(cp_s, 3),
+        "push_s": round(push_s, 3),
+        "pull_s": round(pull_s, 3),
+        "durable_copy_s": round(min(durable), 3),
+        "push_speed_vs_durable_copy": round(min(durable) / push_s, 2),
+        "pull_speed_vs_durable_copy": round(min(durable) / pull_s, 2),
+        "push_speed_vs_cp": round(cp_s / push_s, 2),
+        "pull_speed_vs_cp": round(cp_s / pull_s, 2),
+        "push_peak_rss_mib": round(max(p[1] for p in pushes) / 2**20),
+        "pull_peak_rss_mib": round(max(p[1] for p in pulls) / 2**20),
+        "cp_peak_rss_mib": round(max(c[1] for c in cps) / 2**20),
+    }
+
+
+def bench_ls(out: Path, keys: Path, env: dict[str, str], versions: int, repeat: int) -> dict:
+    from sqlalchemy import insert, select
+
+    from revreg.registry.models import Behavior, Version
+    from revreg.registry.service import Registry
+
+    reg_dir = out / "reg-ls"
+    shutil.rmtree(reg_dir, ignore_errors=True)
+    setup_registry(str(reg_dir), None, keys, env)
+    subprocess.run(
+        [REVREG, "push", str(artifact(out / "seed.safetensors", keys, "seed", "1.0.0", 1)), "--registry", str(reg_dir)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    reg = Registry.open(str(reg_dir))
+    with reg.engine.begin() as conn:
+        template = conn.execute(select(Version)).mappings().one()
+        now = datetime.now(UTC)
+        rows = []
+        for b in range(versions // 100):
+            bid = conn.execute(insert(Behavior).values(name=f"behavior-{b:04d}", created_at=now)).inserted_primary_key[
+                0
+            ]
+            rows += [
+                {
+                    **{k: v for k, v in template.items() if k != "id"},
+                    "behavior_id": bid,
+                    "version": f"1.0.{i}",
+                    "pushed_at": now,
+                }
+                for i in range(100)
+            ]
+        conn.execute(insert(Version), rows)
+    reg.engine.dispose()
+    baseline = min(timed([sys.executable, "-c", "pass"])[0] for _ in range(repeat))
+    ls_runs = [timed([REVREG, "ls", "--registry", str(reg_dir)], env) for _ in range(repeat)]
+    assert all(r[2] == 0 for r in ls_runs)
+    ls_json = min(timed([REVREG, "ls", "--json", "--registry", str(reg_dir)], env)[0] for _ in range(repeat))
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom revreg.cli.main import cli\ntry:\n cli.main(['ls', '--registry', "
+            f"{str(reg_dir)!r}])\nexcept SystemExit:\n pass\nprint('torch' in sys.modules, file=sys.stderr)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return {
+        "versions": versions + 1,
+        "python_pass_s": round(baseline, 3),
+        "ls_s": round(min(r[0] for r in ls_runs), 3),
+        "ls_json_s": round(ls_json, 3),
+        "ls_vs_python_pass": round(min(r[0] for r in ls_runs) / baseline, 1),
+        "torch_imported": probe.stderr.strip().splitlines()[-1] == "True",
+    }
+
+
+def bench_concurrency(out: Path, keys: Path, env: dict[str, str], pushers: int, backend: str) -> dict:
+    import psycopg
+
+    store = None
+    db_name = None
+    if backend == "sqlite":
+        location = str(out / "reg-conc-sqlite")
+        shutil.rmtree(location, ignore_errors=True)
+    else:
+        db_name = f"revreg_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{db_name}"')
+        location = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db_name}"
+        store = str(out / "reg-conc-pg-blobs")
+        shutil.rmtree(store, ignore_errors=True)
+    setup_registry(location, store, keys, env)
+    per_pusher = 5
+    work = []
+    for p in range(pushers):
+        for i in range(per_pusher):
+            # Every pusher also races the others on one shared version with its own bytes.
+            work.append(
+                (p, artifact(out / f"c-{p}-{i}.safetensors", keys, f"conc-{p}", f"1.0.{i}", 1, seed=p * 100 + i))
+            )
+        work.append((p, artifact(out / f"c-{p}-shared.safetensors", keys, "shared", "1.0.0", 1, seed=p)))
+    by_pusher = {p: [str(a) for q, a in work if q == p] for p in range(pushers)}
+
+    def run_pusher(p: int) -> list[tuple[int, str]]:
+        results = []
+        for path in by_pusher[p]:
+            proc = subprocess.run(
+                [REVREG, "push", path, "--registry", location], env=env, capture_output=True, text=True
+            )
+            results.append((proc.returncode, proc.stderr.strip()))
+        return results
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(pushers) as pool:
+        results = [r for rs in pool.map(run_pusher, range(pushers)) for r in rs]
+    elapsed = time.perf_counter() - start
+    conflicts = [e for c, e in results if c != 0 and "already exists with digest" in e]
+    errors = [e for c, e in results if c != 0 and "already exists with digest" not in e]
+    fsck = subprocess.run([REVREG, "fsck", "--registry", location], env=env, capture_output=True, text=True)
+    audit = subprocess.run([REVREG, "audit", "verify", "--registry", location], env=env, capture_output=True, text=True)
+    if db_name:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{db_name}" WITH (FORCE)')
+    return {
+        "pushers": pushers,
+        "pushes": len(results),
+        "succeeded": sum(1 for c, _ in results if c == 0),
+        "clean_conflicts": len(conflicts),
+        "other_errors": errors[:3],
+        "pushes_per_s": round(len(results) / elapsed, 1),
+        "fsck_ok": fsck.returncode == 0,
+        "audit_ok": audit.returncode == 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--versions", type=int, default=10000)
+    parser.add_argument("--pushers", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--only", choices=["pushpull", "ls", "concurrency"], default=None)
+    args = parser.parse_args()
+    out = args.out.absolute()
+    out.mkdir(exist_ok=True)
+    keys = out / "keys"
+    if not (keys / "bench.key").exists():
+        Keyring(keys).generate("bench")
+    env = {**os.environ, "REVREG_KEYS": str(keys)}
+    results: dict[str, object] = {}
+    if args.only in (None, "pushpull"):
+        results["push_pull"] = bench_push_pull(out, keys, env, args.gib, args.repeat)
+        print(json.dumps(results["push_pull"], indent=1), flush=True)
+    if args.only in (None, "ls"):
+        results["ls"] = bench_ls(out, keys, env, args.versions, args.repeat)
+        print(json.dumps(results["ls"], indent=1), flush=True)
+    if args.only in (None, "concurrency"):
+        for backend in ("sqlite", "postgresql"):
+            results[f"concurrency_{backend}"] = bench_concurrency(out, keys, env, args.pushers, backend)
+            print(backend, json.dumps(results[f"concurrency_{backend}"], indent=1), flush=True)
+    (out / "registry.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
