@@ -1,16 +1,16 @@
-"""`revreg demo`: the whole story on a tiny model revreg builds itself."""
+"""`revreg demo`: the whole story on a tiny model revreg builds itself, on an embedded registry."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import click
 
-from revreg.artifacts.artifact import load_artifact, pack, read_tensors, utc_timestamp
+from revreg.artifacts.artifact import load_artifact, pack, utc_timestamp
 from revreg.artifacts.keys import Keyring
-from revreg.artifacts.peft_io import write_peft
 from revreg.artifacts.sources import identity_of_module, identity_of_path
 from revreg.artifacts.spec import read_spec
 from revreg.errors import RevregError
@@ -20,43 +20,51 @@ def _step(text: str) -> None:
     click.secho(f"==> {text}", bold=True)
 
 
+def _keys(ring: Keyring, name: str) -> None:
+    if not (ring.directory / f"{name}.key").exists():
+        ring.generate(name)
+
+
 @click.command()
 @click.option(
     "--dir",
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where to put the demo's files (default: a new temporary directory).",
+    help="Where to put the demo's files (default: a new temporary directory). Emptied first.",
 )
 def demo(directory: Path | None) -> None:
-    """Run the end-to-end demo: base identity, keys, a signed behavior, inspect, PEFT export.
+    """Run the end-to-end demo on an embedded SQLite registry.
 
-    Builds a tiny model itself (nothing is downloaded) and leaves every file it made in --dir.
+    Builds a tiny model itself (nothing is downloaded), then: identity, keys, a signed behavior,
+    registry push, tamper refusal, pull as safetensors and as PEFT, audit and fsck. Every file it
+    made stays in --dir.
     """
     import torch
     from safetensors.torch import save_file
 
+    from revreg.registry.service import Registry
     from revreg.verifier.toy import build
 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="revreg-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
 
     _step("base model: a tiny LM built from a seed, saved as safetensors")
     model = build()
     save_file(model.state_dict(), root / "base.safetensors")
     identity = identity_of_path(root / "base.safetensors").identity
     assert identity_of_module(model).identity == identity
-    click.echo(f"    identity {identity} (same from the file and from the live module)")
+    click.echo(f"    identity {identity}\n    (the same from the file and from the live module)")
 
-    _step("signing key")
+    _step("keys: a publisher key signs behaviors, a verifier key signs certifications")
     ring = Keyring(root / "keys")
-    signer = ring.signer("demo-publisher") if (root / "keys" / "demo-publisher.key").exists() else None
-    if signer is None:
-        ring.generate("demo-publisher")
-        signer = ring.signer("demo-publisher")
-    click.echo(f"    {signer.name} {signer.keyid}")
+    for name in ("demo-publisher", "demo-verifier"):
+        _keys(ring, name)
+        click.echo(f"    {name} {ring.signer(name).keyid}")
 
-    _step("behavior: a rank-4 LoRA on `up` and a steering vector after `down`")
+    _step("behavior: a rank-4 LoRA on `up` and a steering vector after `down`, packed and signed")
     g = torch.Generator().manual_seed(1)
     save_file(
         {
@@ -84,43 +92,50 @@ def demo(directory: Path | None) -> None:
         name="demo-behavior",
         version="1.0.0",
         base=identity,
-        signer=signer,
+        signer=ring.signer("demo-publisher"),
         created=utc_timestamp(),
         provenance=imported.provenance,
         **extra,
     )
     verified = load_artifact(artifact, ring.trusted())
+    click.echo(f"    {artifact.name} {verified.digest}\n    bound to base {verified.manifest.base}")
+
+    _step("registry: an embedded SQLite registry; trust the keys, register the base, push")
+    registry = Registry.init(str(root / "registry"), actor="demo")
+    registry.trust_key(ring.public_pem("demo-publisher"), "demo-publisher", "publisher")
+    registry.trust_key(ring.public_pem("demo-verifier"), "demo-verifier", "verifier")
+    registry.register_base(root / "base.safetensors", "tiny-lm")
+    pushed = registry.push(artifact).version
     click.echo(
-        f"    {artifact.name}: {verified.digest}, signed by {verified.signer.name}, "
-        f"{len(verified.manifest.attachments)} attachments, bound to {verified.manifest.base[:19]}..."
+        f"    pushed {pushed.ref} ({pushed.state}); pushing the same bytes again is a no-op: "
+        f"{'ok' if not registry.push(artifact).created else 'FAILED'}"
     )
 
-    _step("a PEFT LoRA behavior, exported to a PEFT adapter directory")
-    lora_only = root / "demo-lora-1.0.0.safetensors"
-    tensors = {k: v for k, v in imported.tensors.items() if k.startswith("up.")}
-    pack(
-        lora_only,
-        tensors,
-        tuple(a for a in imported.attachments if a.kind == "lora"),
-        name="demo-lora",
-        version="1.0.0",
-        base=identity,
-        signer=signer,
-        created=utc_timestamp(),
-    )
-    peft_dir = root / "demo-lora-peft"
-    if not peft_dir.exists():
-        write_peft(load_artifact(lora_only, ring.trusted()).manifest, read_tensors(lora_only), peft_dir)
-    click.echo(f"    {peft_dir}: {', '.join(sorted(p.name for p in peft_dir.iterdir()))}")
-
-    _step("tamper check: one flipped byte in the behavior's tensors is refused")
+    _step("tamper check: one flipped byte in the tensors is refused before anything is stored")
     tampered = root / "tampered.safetensors"
     data = bytearray(artifact.read_bytes())
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
     try:
-        load_artifact(tampered, ring.trusted())
+        registry.push(tampered)
+        click.echo("    NOT refused (this is a bug)")
     except RevregError as exc:
         click.echo(f"    refused: {exc}")
     tampered.unlink()
-    click.echo(f"\nfiles are in {root}")
+
+    _step("pull: digest, signature and tensors re-checked on the way out")
+    pulled = registry.pull("demo-behavior:1.0.0", root / "pulled.safetensors", allow_unpublished=True)
+    click.echo(
+        f"    {pulled.ref} -> pulled.safetensors (identical: "
+        f"{(root / 'pulled.safetensors').read_bytes() == artifact.read_bytes()})"
+    )
+    click.echo("    (pull without --allow-unpublished waits for certification and publish)")
+
+    _step("audit and fsck")
+    verdict = registry.audit_verify()
+    report = registry.fsck()
+    click.echo(
+        f"    audit chain: {'intact' if verdict.ok else verdict.problem} ({verdict.rows} rows); "
+        f"fsck: {len(report.problems)} problems"
+    )
+    click.echo(f"\nfiles are in {root}; try: revreg ls --registry {root / 'registry'}")

@@ -161,6 +161,16 @@ class FsckReport:
     warnings: tuple[str, ...]  # harmless leftovers of interrupted writes
 
 
+@contextmanager
+def _renamed_in_errors(staging: Path, label: str) -> Iterator[None]:
+    """Errors about a staging copy name what the user knows instead (their file, or the ref)."""
+    try:
+        yield
+    except RevregError as exc:
+        exc.args = (str(exc).replace(str(staging), label),)
+        raise
+
+
 def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on both backends."""
     if session.get_bind().dialect.name == "postgresql":
@@ -333,7 +343,7 @@ class Registry:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source) as staged:
+        with source, self.store.stage(source) as staged, _renamed_in_errors(staged.path, str(path)):
             artifact = open_artifact(staged.path)
             m = artifact.manifest
             with Session(self.engine) as s:
@@ -641,7 +651,8 @@ class Registry:
                 raise IntegrityError(
                     f"stored blob for {info.ref} is corrupt: expected {info.digest}, read {digest} (run `revreg fsck`)"
                 )
-            verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
+            with _renamed_in_errors(tmp, f"stored blob for {info.ref}"):
+                verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
             if fmt == "peft":
                 write_peft(verified.manifest, read_tensors(tmp), dest)
             elif fmt == "safetensors":
