@@ -3,7 +3,7 @@ a Hugging Face model directory, or a live torch module (imported lazily)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,36 +150,41 @@ class LiveSource:
         return None
 
 
-def live_sources(module: torch.nn.Module, stream: bool | None = None) -> list[TensorSource]:
-    """Sources for a module's state_dict, with aliases collapsed.
+def tensor_sources(
+    named: Iterable[tuple[str, torch.Tensor]], stream: bool | None = None
+) -> tuple[list[TensorSource], dict[str, str]]:
+    """Sources for named live tensors, each distinct memory hashed once.
 
-    Names that share memory (tied weights such as GPT-2's lm_head and wte) are hashed once,
-    under the first name in state_dict order, which is the name checkpoint writers keep.
+    Returns the sources and the aliases (a later name -> the first name for the same memory).
     `stream` forces (True) or forbids (False) the chunked device-to-host path; by default it
     is used for every tensor not on the CPU.
     """
-    seen: set[tuple[Any, ...]] = set()
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
     sources: list[TensorSource] = []
-    for name, tensor in module.state_dict(keep_vars=True).items():
+    for name, tensor in named:
         t = tensor.detach()
-        key = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-        )
-        if t.numel() and key in seen:
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
             continue
-        seen.add(key)
+        first[key] = name
         dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
         if dtype is None:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash")
         flat = t.contiguous().reshape(-1).view(torch_uint8())
         on_device = t.device.type != "cpu"
         sources.append(LiveSource(name, dtype, tuple(t.shape), flat, on_device if stream is None else stream))
-    return sources
+    return sources, aliases
+
+
+def live_sources(module: torch.nn.Module, stream: bool | None = None) -> list[TensorSource]:
+    """Sources for a module's state_dict, with aliases collapsed.
+
+    Names that share memory (tied weights such as GPT-2's lm_head and wte) are hashed once,
+    under the first name in state_dict order, which is the name checkpoint writers keep.
+    """
+    return tensor_sources(module.state_dict(keep_vars=True).items(), stream)[0]
 
 
 def torch_uint8() -> torch.dtype:

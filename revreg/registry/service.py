@@ -40,13 +40,14 @@ from revreg.registry.models import (
     Blob,
     Certification,
     Key,
+    ProbeSet,
     Setting,
     Tag,
     Version,
 )
 from revreg.registry.policy import PublishGate, RequirePassingCertification
 from revreg.registry.refs import Ref, parse_ref
-from revreg.registry.store import BlobStore, FileBlobStore, copy_hashing, digest_of, open_store
+from revreg.registry.store import BlobStore, FileBlobStore, check_digest, copy_hashing, digest_of, open_store
 
 
 class NotFound(InputError):
@@ -142,6 +143,14 @@ class CertificationInfo:
     passed: bool
     created_at: datetime
     envelope: str
+
+
+@dataclass(frozen=True)
+class ProbeSetInfo:
+    name: str
+    digest: str
+    count: int
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -663,6 +672,77 @@ class Registry:
         finally:
             tmp.unlink(missing_ok=True)
         return info
+
+    # -- probe sets --------------------------------------------------------------------------
+    def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
+        """Store a probe set (content-addressed; the same bytes again change nothing)."""
+        from revreg.artifacts.probes import read_probes
+
+        path = Path(path)
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+        with source, self.store.stage(source) as staged, _renamed_in_errors(staged.path, str(path)):
+            manifest = read_probes(staged.path).manifest
+            with Session(self.engine) as s:
+                row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).first()
+                if row is not None:
+                    return self._probe_info(row), False
+            self.store.commit(staged)
+            with self._tx() as s:
+                _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
+                _insert(
+                    s,
+                    ProbeSet,
+                    {
+                        "name": manifest.name,
+                        "digest": staged.digest,
+                        "manifest": json.dumps(manifest.to_dict()),
+                        "created_at": _now(),
+                    },
+                    ["digest"],
+                )
+                row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).one()
+                audit.append(
+                    s,
+                    self.actor,
+                    "probes.push",
+                    f"probes:{manifest.name}",
+                    {"digest": staged.digest, "count": manifest.count},
+                )
+                return self._probe_info(row), True
+
+    def probe_sets(self) -> list[ProbeSetInfo]:
+        with Session(self.engine) as s:
+            return [self._probe_info(r) for r in s.scalars(select(ProbeSet).order_by(ProbeSet.name, ProbeSet.id))]
+
+    def fetch_probes(self, ref: str, directory: Path) -> Path:
+        """Copy a probe set (NAME for the newest, NAME@sha256:..., or sha256:...) into `directory`,
+        checking its digest on the way."""
+        name, _, digest = ref.partition("@") if "@" in ref else (ref, "", "")
+        if ref.startswith("sha256:"):
+            name, digest = "", ref
+        with Session(self.engine) as s:
+            q = select(ProbeSet)
+            if digest:
+                q = q.where(ProbeSet.digest == check_digest(digest))
+            if name:
+                q = q.where(ProbeSet.name == name)
+            row = s.scalars(q.order_by(ProbeSet.created_at.desc(), ProbeSet.id.desc())).first()
+        if row is None:
+            raise NotFound(f"no probe set {ref!r} in the registry (push one with `revreg probes push`)")
+        out = Path(directory) / f"{row.name}.probes.safetensors"
+        with self.store.open(row.digest) as source, open(out, "wb") as sink:
+            actual, _ = copy_hashing(source, sink)
+        if actual != row.digest:
+            out.unlink()
+            raise IntegrityError(f"stored probe set {row.name} is corrupt (run `revreg fsck`)")
+        return out
+
+    @staticmethod
+    def _probe_info(row: ProbeSet) -> ProbeSetInfo:
+        return ProbeSetInfo(row.name, row.digest, json.loads(row.manifest)["count"], row.created_at)
 
     # -- integrity ---------------------------------------------------------------------------
     def audit_log(self, subject: str | None = None) -> list[audit.AuditEntryInfo]:

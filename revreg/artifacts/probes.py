@@ -1,0 +1,188 @@
+"""Probe sets: content-addressed safetensors files of model inputs plus a manifest saying how
+to call the model with them, which output to compare, and how to measure divergence."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from revreg.artifacts.artifact import file_digest
+from revreg.artifacts.canonical import canonical_json, strict_loads
+from revreg.artifacts.safetensors_io import canonical_header, read_header, write_safetensors
+from revreg.errors import FormatError, InputError
+
+SCHEMA = "revreg.probes/v1"
+MANIFEST_KEY = "revreg.probes"
+OUTPUTS = ("logits", "last_hidden_state", "output")
+DIVERGENCES = ("kl", "mse")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+INPUT_DTYPES = {"I64", "I32", "F32", "F16", "BF16", "F64", "BOOL", "U8"}
+
+
+@dataclass(frozen=True)
+class ProbeManifest:
+    name: str
+    inputs: tuple[str, ...]  # tensor names, passed to the model as keyword arguments
+    output: str  # which output to compare: logits, last_hidden_state, or the output itself
+    divergence: str  # kl (softmax over the last dimension) or mse
+    mask: str | None  # an input whose zeros mark positions to ignore (attention_mask)
+    batch_size: int
+    count: int
+    prompts: tuple[str, ...] = ()
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "inputs": list(self.inputs),
+            "output": self.output,
+            "divergence": self.divergence,
+            "mask": self.mask,
+            "batch_size": self.batch_size,
+            "count": self.count,
+            "prompts": list(self.prompts),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> ProbeManifest:
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise FormatError(f"probe set manifest is not a {SCHEMA} document")
+        try:
+            m = cls(
+                doc["name"],
+                tuple(doc["inputs"]),
+                doc["output"],
+                doc["divergence"],
+                doc["mask"],
+                int(doc["batch_size"]),
+                int(doc["count"]),
+                tuple(doc["prompts"]),
+                dict(doc["source"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"malformed probe set manifest ({exc!r})") from exc
+        m.check()
+        return m
+
+    def check(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise InputError(f"invalid probe set name {self.name!r}: lowercase letters, digits, '.', '_', '-'")
+        if self.output not in OUTPUTS:
+            raise InputError(f"probe output must be one of {', '.join(OUTPUTS)}, not {self.output!r}")
+        if self.divergence not in DIVERGENCES:
+            raise InputError(f"divergence must be one of {', '.join(DIVERGENCES)}, not {self.divergence!r}")
+        if self.batch_size < 1 or self.count < 1:
+            raise InputError("a probe set needs at least one probe and a batch size of at least 1")
+        if self.mask is not None and self.mask not in self.inputs:
+            raise InputError(f"mask {self.mask!r} is not one of the inputs")
+
+
+@dataclass(frozen=True)
+class ProbeFile:
+    path: Path
+    manifest: ProbeManifest
+    digest: str  # sha256 of the file: what certifications name
+
+
+def write_probes(out: Path, tensors: Mapping[str, tuple[str, tuple[int, ...], bytes]], manifest: ProbeManifest) -> None:
+    manifest.check()
+    _check_tensors(manifest, {n: (d, s) for n, (d, s, _) in tensors.items()})
+    write_safetensors(out, dict(tensors), {MANIFEST_KEY: canonical_json(manifest.to_dict()).decode("utf-8")})
+
+
+def _check_tensors(manifest: ProbeManifest, shapes: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    if set(shapes) != set(manifest.inputs):
+        raise InputError(f"probe tensors {sorted(shapes)} differ from the manifest's inputs {list(manifest.inputs)}")
+    for name, (dtype, shape) in shapes.items():
+        if dtype not in INPUT_DTYPES or not shape:
+            raise InputError(f"probe input {name!r} must be a tensor with a batch dimension ({dtype} {list(shape)})")
+        if shape[0] != manifest.count:
+            raise InputError(f"probe input {name!r} has {shape[0]} rows, the manifest says {manifest.count}")
+
+
+def read_probes(path: Path) -> ProbeFile:
+    path = Path(path)
+    header = read_header(path)
+    if canonical_header(header) != header.raw or set(header.metadata) != {MANIFEST_KEY}:
+        raise FormatError(f"{path} is not a revreg probe set (create one with `revreg probes create`)")
+    manifest = ProbeManifest.from_dict(strict_loads(header.metadata[MANIFEST_KEY], f"{path}: probe manifest"))
+    try:
+        _check_tensors(manifest, {t.name: (t.dtype, t.shape) for t in header.tensors})
+    except InputError as exc:
+        raise FormatError(f"{path}: {exc}") from exc
+    return ProbeFile(path, manifest, file_digest(path))
+
+
+def from_prompts(
+    prompts: list[str],
+    tokenizer_dir: Path,
+    name: str,
+    max_length: int,
+    batch_size: int,
+    output: str = "logits",
+    divergence: str = "kl",
+) -> tuple[dict[str, tuple[str, tuple[int, ...], bytes]], ProbeManifest]:
+    """Tokenize prompts with a local tokenizer (never downloaded), right-padded to one length."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise InputError("creating probes from prompts needs transformers: pip install 'revreg[hf]'") from exc
+    import numpy as np
+
+    if not prompts:
+        raise InputError("no prompts: the file has no non-empty lines")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    tensors = {
+        k: ("I64", tuple(v.shape), np.ascontiguousarray(v, dtype="<i8").tobytes())
+        for k, v in encoded.items()
+        if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    manifest = ProbeManifest(
+        name,
+        tuple(sorted(tensors)),
+        output,
+        divergence,
+        "attention_mask",
+        batch_size,
+        len(prompts),
+        tuple(prompts),
+        {"tokenizer": Path(tokenizer_dir).name, "max_length": max_length},
+    )
+    return tensors, manifest
+
+
+def from_tensors(
+    path: Path, name: str, batch_size: int, output: str = "output", divergence: str = "kl", mask: str | None = None
+) -> tuple[dict[str, tuple[str, tuple[int, ...], bytes]], ProbeManifest]:
+    """Raw input tensors from a safetensors file; each becomes a keyword argument of the model."""
+    from revreg.artifacts.artifact import read_tensors
+
+    tensors = read_tensors(Path(path))
+    if not tensors:
+        raise InputError(f"{path} holds no tensors")
+    counts = {shape[0] if shape else 0 for _, shape, _ in tensors.values()}
+    if len(counts) != 1:
+        raise InputError(f"{path}: every input needs the same number of rows (first dimension)")
+    manifest = ProbeManifest(
+        name,
+        tuple(sorted(tensors)),
+        output,
+        divergence,
+        mask,
+        batch_size,
+        counts.pop(),
+        (),
+        {"tensors": Path(path).name},
+    )
+    return tensors, manifest

@@ -1,0 +1,289 @@
+"""`revreg probes`, `revreg verify` and `revreg certify`: run the verifier protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
+from revreg.artifacts.probes import DIVERGENCES, OUTPUTS, from_prompts, from_tensors, read_probes, write_probes
+from revreg.cli.options import F, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.cli.registry_cmds import _open, registry_option
+from revreg.errors import CheckFailed, InputError
+
+
+@click.group()
+def probes() -> None:
+    """Create, store and list probe sets (the inputs a certification runs)."""
+
+
+@probes.command("create")
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A text file with one prompt per line (needs --tokenizer).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A local tokenizer directory (never downloaded).",
+)
+@click.option(
+    "--inputs",
+    "inputs_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Or: a safetensors file of input tensors, each passed as a keyword argument.",
+)
+@click.option("--name", required=True, help="Probe set name.")
+@click.option(
+    "--output",
+    "output_name",
+    type=click.Choice(OUTPUTS),
+    default=None,
+    help="Which model output to compare (default: logits for prompts, output for tensors).",
+)
+@click.option(
+    "--divergence",
+    type=click.Choice(DIVERGENCES),
+    default="kl",
+    show_default=True,
+    help="kl: softmax KL/JS over the last dimension (logits); mse: for embeddings.",
+)
+@click.option("--mask", default=None, help="With --inputs: an input whose zeros mark ignored positions.")
+@click.option("--max-length", type=int, default=32, show_default=True, help="Token length (prompts are padded).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Probes per forward pass.")
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def probes_create(
+    prompts_file: Path | None,
+    tokenizer: Path | None,
+    inputs_file: Path | None,
+    name: str,
+    output_name: str | None,
+    divergence: str,
+    mask: str | None,
+    max_length: int,
+    batch_size: int,
+    out: Path,
+) -> None:
+    """Build a probe set from prompts and a local tokenizer, or from raw input tensors."""
+    if bool(prompts_file) == bool(inputs_file) or (prompts_file and not tokenizer):
+        raise InputError("give either --prompts FILE with --tokenizer DIR, or --inputs FILE")
+    if prompts_file:
+        assert tokenizer is not None
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        tensors, manifest = from_prompts(
+            prompts, tokenizer, name, max_length, batch_size, output_name or "logits", divergence
+        )
+    else:
+        assert inputs_file is not None
+        tensors, manifest = from_tensors(inputs_file, name, batch_size, output_name or "output", divergence, mask)
+    write_probes(out, tensors, manifest)
+    click.echo(f"probe set {manifest.name}: {manifest.count} probes -> {out} ({read_probes(out).digest})")
+
+
+@probes.command("push")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@registry_option
+def probes_push(file: Path, registry: str | None) -> None:
+    """Store a probe set in the registry (content-addressed)."""
+    info, created = _open(registry).push_probes(file)
+    click.echo(f"{'pushed' if created else 'already present:'} probes {info.name} {info.digest} ({info.count} probes)")
+
+
+@probes.command("list")
+@json_option
+@registry_option
+def probes_list(as_json: bool, registry: str | None) -> None:
+    """List the probe sets in the registry."""
+    sets = _open(registry).probe_sets()
+    if as_json:
+        click.echo(json.dumps([{**p.__dict__, "created_at": p.created_at.isoformat()} for p in sets], indent=1))
+        return
+    for p in sets:
+        click.echo(f"{p.name:<24} {p.digest}  {p.count} probes")
+
+
+def verifier_options(f: F) -> F:
+    options = [
+        click.option(
+            "--base",
+            "base",
+            type=click.Path(exists=True, path_type=Path),
+            required=True,
+            help="The base model: a Hugging Face directory, or a weights file with --factory.",
+        ),
+        click.option(
+            "--factory",
+            default=None,
+            metavar="MODULE:FUNCTION",
+            help="Python factory that builds the model for a weights file.",
+        ),
+        click.option(
+            "--probes",
+            "probes_ref",
+            required=True,
+            help="A probe set file, or a probe set name (or NAME@sha256:...) in the registry.",
+        ),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--cycles", type=int, default=3, show_default=True, help="Attach-run-unload cycles."),
+        click.option(
+            "--baseline",
+            "baselines",
+            multiple=True,
+            metavar="merge|noise:SIGMA",
+            help="Also run a weight-mutation baseline for comparison (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@dataclass
+class _Inputs:
+    behavior_path: Path
+    probes_path: Path
+    trusted: dict[str, Any]
+    registry: Any
+
+
+@contextmanager
+def _inputs(
+    ref: str, probes_ref: str, registry: str | None, keys_dir: Path | None, need_registry: bool
+) -> Iterator[_Inputs]:
+    """Files for the behavior and probes: local files as given, registry items pulled to a temp dir."""
+    with tempfile.TemporaryDirectory(prefix="revreg-verify-") as tmp:
+        reg = None
+        local = Path(ref)
+        if local.is_file() and not need_registry:
+            behavior_path, trusted = local, keyring(keys_dir).trusted()
+        else:
+            reg = _open(registry)
+            behavior_path = Path(tmp) / "behavior.safetensors"
+            reg.pull(ref, behavior_path, allow_unpublished=True)
+            trusted = reg.trusted("publisher")
+        if Path(probes_ref).is_file():
+            probes_path = Path(probes_ref)
+        else:
+            reg = reg or _open(registry)
+            probes_path = reg.fetch_probes(probes_ref, Path(tmp))
+        yield _Inputs(behavior_path, probes_path, trusted, reg)
+
+
+def _run(inputs: _Inputs, base: Path, factory: str | None, device: str, cycles: int, baselines: tuple[str, ...]) -> Any:
+    from revreg.verifier.engine import load_behavior
+    from revreg.verifier.environment import make_deterministic
+    from revreg.verifier.loading import load_base
+    from revreg.verifier.protocol import verify
+    from revreg.verifier.runner import load_probes
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+    make_deterministic(device)
+    behavior = load_behavior(inputs.behavior_path, inputs.trusted, device)
+    model = load_base(base, factory, device)
+    return verify(
+        model, behavior, load_probes(inputs.probes_path, device), cycles=cycles, device=device, baselines=baselines
+    )
+
+
+def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
+    from revreg.verifier.protocol import summary_rows
+
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), **(extra or {})}, indent=1))
+        return
+    for label, value in summary_rows(result):
+        click.echo(f"{label:<22} {value}")
+    for label, value in (extra or {}).items():
+        click.echo(f"{label:<22} {value}")
+
+
+@click.command()
+@click.argument("behavior")
+@verifier_options
+@json_option
+@registry_option
+@keys_dir_option
+def verify(
+    behavior: str,
+    base: Path,
+    factory: str | None,
+    probes_ref: str,
+    device: str,
+    cycles: int,
+    baselines: tuple[str, ...],
+    as_json: bool,
+    registry: str | None,
+    keys_dir: Path | None,
+) -> None:
+    """Run the verifier protocol on BEHAVIOR (a file or NAME:VERSION); record nothing.
+
+    Loads the base, checks it is the behavior's base, runs the probes twice (determinism),
+    then CYCLES times attaches, runs, unloads and fingerprints the full model state.
+    Exit 0 on PASS, 1 on FAIL or INCONCLUSIVE.
+    """
+    with _inputs(behavior, probes_ref, registry, keys_dir, need_registry=False) as inputs:
+        result = _run(inputs, base, factory, device, cycles, baselines)
+    _print(result, as_json)
+    if not result.passed:
+        raise CheckFailed(f"verification {result.verdict}: {'; '.join(result.reasons)}")
+
+
+@click.command()
+@click.argument("ref")
+@verifier_options
+@click.option("--key", "key_name", required=True, help="The verifier's signing key (keyring name).")
+@passphrase_env_option
+@json_option
+@registry_option
+@keys_dir_option
+def certify(
+    ref: str,
+    base: Path,
+    factory: str | None,
+    probes_ref: str,
+    device: str,
+    cycles: int,
+    baselines: tuple[str, ...],
+    key_name: str,
+    passphrase_env: str | None,
+    as_json: bool,
+    registry: str | None,
+    keys_dir: Path | None,
+) -> None:
+    """Verify REF from the registry, sign the result, and record it as a certification.
+
+    The result is an in-toto Statement about the artifact digest in a DSSE envelope signed by
+    --key, which the registry must trust as a verifier. PASS moves the version to certified,
+    anything else to rejected. Exit 0 on PASS, 1 otherwise.
+    """
+    from revreg.artifacts.attestation import sign_certification
+
+    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    with _inputs(ref, probes_ref, registry, keys_dir, need_registry=True) as inputs:
+        info = inputs.registry.resolve(ref)
+        if signer.keyid not in inputs.registry.trusted("verifier"):
+            raise InputError(
+                f"key {key_name} is not a trusted verifier in this registry: "
+                f"`revreg keys trust {key_name} --role verifier`"
+            )
+        result = _run(inputs, base, factory, device, cycles, baselines)
+        envelope = sign_certification(info.ref, info.digest, result.to_dict(), signer)
+        recorded = inputs.registry.record_certification(ref, envelope)
+    _print(result, as_json, {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name})"})
+    if not result.passed:
+        raise CheckFailed(f"certification {result.verdict}: {'; '.join(result.reasons)}")

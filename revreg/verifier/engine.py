@@ -1,0 +1,97 @@
+"""Attach and unload behaviors through forward hooks.
+
+Attaching never writes a model tensor: the behavior's tensors live in the returned handle
+(not registered on any module), and one forward hook per attachment point applies them.
+Unloading removes every hook and drops every tensor the handle holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from revreg.artifacts.artifact import BehaviorManifest, VerifiedArtifact, load_artifact
+from revreg.artifacts.identity import hash_tensors
+from revreg.artifacts.keys import TrustedKey
+from revreg.artifacts.sources import tensor_sources
+from revreg.errors import InputError, IntegrityError
+from revreg.verifier.kinds import KINDS
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """A verified artifact and its tensors, proven to be the signed ones."""
+
+    manifest: BehaviorManifest
+    tensors: dict[str, torch.Tensor]
+    digest: str  # the artifact file's sha256
+    signer: TrustedKey | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def load_behavior(path: Path, trusted: Mapping[str, TrustedKey], device: str = "cpu") -> Behavior:
+    """Verify an artifact, load its tensors, and hash the loaded tensors against the signed digest,
+    so what runs is exactly what was signed even if the file changes after verification."""
+    from safetensors.torch import load_file
+
+    verified: VerifiedArtifact = load_artifact(Path(path), trusted)
+    tensors = load_file(str(path), device="cpu")
+    loaded = hash_tensors(tensor_sources(tensors.items())[0]).identity
+    if loaded != verified.manifest.tensors_digest:
+        raise IntegrityError(f"{path} changed after verification: loaded tensors hash to {loaded}")
+    return Behavior(verified.manifest, {k: v.to(device) for k, v in tensors.items()}, verified.digest, verified.signer)
+
+
+@dataclass
+class Attached:
+    """A behavior attached to a model; `unload()` takes it off again."""
+
+    model: nn.Module
+    handles: list[RemovableHandle] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def unload(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.tensors.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+
+class Engine(Protocol):
+    """What the protocol needs from an attach/unload implementation."""
+
+    def attach(self, model: nn.Module, behavior: Behavior) -> Attached: ...
+
+
+class HookEngine:
+    """The reversible engine: one forward hook per attachment point."""
+
+    def attach(self, model: nn.Module, behavior: Behavior) -> Attached:
+        modules = dict(model.named_modules())
+        attached = Attached(model)
+        try:
+            for att in behavior.manifest.attachments:
+                module = modules.get(att.target)
+                if module is None:
+                    raise InputError(f"attachment target {att.target!r} is not a module of this model")
+                tensors = {role: behavior.tensors[name] for role, name in att.tensors.items()}
+                attached.tensors.update({name: behavior.tensors[name] for name in att.tensors.values()})
+                hook = KINDS[att.kind](module, att, tensors)
+                attached.handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            attached.unload()
+            raise
+        return attached

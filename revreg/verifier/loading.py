@@ -1,0 +1,70 @@
+"""Loading base models for verification: a Hugging Face directory (offline, transformers) or a
+Python factory `package.module:function` plus a safetensors weights file."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from revreg.artifacts.sources import identity_of_module, identity_of_path
+from revreg.errors import InputError
+
+
+def load_hf(directory: Path) -> nn.Module:
+    """The architecture named in config.json, from local files only."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise InputError("loading a Hugging Face model directory needs transformers: pip install 'revreg[hf]'") from exc
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{directory} has no config.json: pass a weights file with --factory instead")
+    architectures = json.loads(config_path.read_text()).get("architectures") or []
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load {directory} with transformers ({cls.__name__}): {exc}") from exc
+    return model.eval()
+
+
+def load_factory(spec: str, weights: Path) -> nn.Module:
+    """Build a model with `module:function`, then load `weights` into it."""
+    from safetensors.torch import load_file
+
+    module_name, sep, function = spec.partition(":")
+    if not sep or not module_name or not function:
+        raise InputError(f"--factory {spec!r} must look like package.module:function")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot import factory {spec}: {exc}") from exc
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"factory {spec} returned a {type(model).__name__}, not a torch module")
+    state = load_file(str(weights))
+    with torch.no_grad():
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise InputError(f"{weights} has tensors the model built by {spec} lacks: {', '.join(unexpected[:5])}")
+    file_manifest, module_manifest = identity_of_path(weights), identity_of_module(model)
+    if file_manifest.identity != module_manifest.identity:
+        raise InputError(
+            f"the model built by {spec} does not hold the weights of {weights} "
+            f"({file_manifest.diff(module_manifest).describe()})"
+        )
+    return model.eval()
+
+
+def load_base(base: Path, factory: str | None = None, device: str = "cpu") -> nn.Module:
+    base = Path(base)
+    if not base.exists():
+        raise InputError(f"base model {base} does not exist")
+    model = load_factory(factory, base) if factory else load_hf(base)
+    return model.to(device)
