@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from revreg.artifacts.artifact import load_artifact, pack, utc_timestamp
+from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Keyring
+from revreg.artifacts.probes import from_tensors, write_probes
 from revreg.artifacts.sources import identity_of_module, identity_of_path
 from revreg.artifacts.spec import read_spec
 from revreg.errors import RevregError
@@ -37,13 +39,17 @@ def demo(directory: Path | None) -> None:
     """Run the end-to-end demo on an embedded SQLite registry.
 
     Builds a tiny model itself (nothing is downloaded), then: identity, keys, a signed behavior,
-    registry push, tamper refusal, pull as safetensors and as PEFT, audit and fsck. Every file it
-    made stays in --dir.
+    registry push, tamper refusal, probes, certification (PASS, RF = 1) beside the merge
+    baseline, publish, pull, audit and fsck. Every file it made stays in --dir.
     """
     import torch
     from safetensors.torch import save_file
 
     from revreg.registry.service import Registry
+    from revreg.verifier.engine import load_behavior
+    from revreg.verifier.environment import make_deterministic
+    from revreg.verifier.protocol import summary_rows, verify
+    from revreg.verifier.runner import load_probes
     from revreg.verifier.toy import build
 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="revreg-demo-"))
@@ -123,13 +129,38 @@ def demo(directory: Path | None) -> None:
         click.echo(f"    refused: {exc}")
     tampered.unlink()
 
-    _step("pull: digest, signature and tensors re-checked on the way out")
-    pulled = registry.pull("demo-behavior:1.0.0", root / "pulled.safetensors", allow_unpublished=True)
+    _step("probes: 16 token sequences, content-addressed and stored in the registry")
+    save_file({"input_ids": torch.randint(0, 64, (16, 12), generator=g)}, root / "probe-inputs.safetensors")
+    tensors, probe_manifest = from_tensors(root / "probe-inputs.safetensors", "demo-probes", batch_size=4)
+    write_probes(root / "demo-probes.safetensors", tensors, probe_manifest)
+    probe_info, _ = registry.push_probes(root / "demo-probes.safetensors")
+    click.echo(f"    {probe_info.name} {probe_info.digest}")
+
+    _step("certify: load base, attach, run, unload, fingerprint; 3 cycles; merge baseline alongside")
+    make_deterministic("cpu")
+    behavior = load_behavior(artifact, registry.trusted("publisher"))
+    result = verify(build(), behavior, load_probes(root / "demo-probes.safetensors"), cycles=3, baselines=["merge"])
+    for label, value in summary_rows(result):
+        click.echo(f"    {label:<20} {value}")
+    envelope = sign_certification(pushed.ref, pushed.digest, result.to_dict(), ring.signer("demo-verifier"))
+    (root / "certification.dsse.json").write_bytes(envelope)
+    state = registry.record_certification(pushed.ref, envelope).state
+    click.echo(f"    certification signed by demo-verifier and recorded: {pushed.ref} is {state}")
+    merge = result.baselines[0]
     click.echo(
-        f"    {pulled.ref} -> pulled.safetensors (identical: "
+        f"    merge baseline: after W += dW, W -= dW the weights are bitwise restored: "
+        f"{merge['weights_bitwise_after_subtract']} ({merge['weight_elements_changed']} elements differ, "
+        f"max |dW| {merge['max_abs_weight_error']:.2g}); outputs off by up to {merge['max_abs_reset']:.2g}"
+    )
+
+    _step("publish and pull: digest, signature and certification re-checked on the way out")
+    registry.publish(pushed.ref)
+    registry.tag(pushed.ref, "latest")
+    pulled = registry.pull("demo-behavior", root / "pulled.safetensors")
+    click.echo(
+        f"    {pulled.ref} ({pulled.state}) -> pulled.safetensors (identical: "
         f"{(root / 'pulled.safetensors').read_bytes() == artifact.read_bytes()})"
     )
-    click.echo("    (pull without --allow-unpublished waits for certification and publish)")
 
     _step("audit and fsck")
     verdict = registry.audit_verify()

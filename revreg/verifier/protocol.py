@@ -23,6 +23,10 @@ INERT_FLOOR = 1e-8  # below this divergence a behavior is treated as having no e
 LEAKAGE_THRESHOLD = 1e-6  # the paper's "exact" threshold for per-probe divergence after reset
 
 
+# The divergence recorded for a run that raised: infinitely far from the base.
+FAILED_RUN = Divergence(float("inf"), float("inf"), (), float("inf"), False)
+
+
 class BaseMismatch(InputError):
     """The model is not the base the behavior is bound to."""
 
@@ -226,13 +230,17 @@ def verify(
             c = _timed(ct, "unload", c)
         after = fingerprint(model)
         c = _timed(ct, "fingerprint", c)
-        reset_out = run(model, probes)
+        try:
+            reset_out: list[torch.Tensor] | None = run(model, probes)
+            broken = None
+        except Exception as exc:  # a model broken by unload is a finding, not a crash of the verifier
+            reset_out, broken = None, f"{type(exc).__name__}: {exc}"
         c = _timed(ct, "run_reset", c)
         if first_adapted is None:
             first_adapted = adapted
             result.adapted = compare(base_out, adapted, probes.masks, kind)
-        reset = compare(base_out, reset_out, probes.masks, kind)
-        diff = before.diff(after)
+        reset = compare(base_out, reset_out, probes.masks, kind) if reset_out is not None else FAILED_RUN
+        diff = before.diff(after) + ([f"the model no longer runs the probes ({broken})"] if broken else [])
         result.cycles.append(
             CycleResult(
                 index=index,
@@ -249,6 +257,8 @@ def verify(
             worst_reset = reset
         for k, v in ct.items():
             timings[k] = round(timings.get(k, 0.0) + v, 6)
+        if diff or not reset.bitwise_equal:
+            break  # the model is no longer the base: later cycles would measure a different model
     result.reset = worst_reset
     assert result.adapted is not None and worst_reset is not None
     result.inert = result.adapted.bitwise_equal or result.adapted.mean < inert_floor

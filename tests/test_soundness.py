@@ -1,0 +1,249 @@
+"""The verifier must not pass what it should fail: each planted fault gives FAIL naming it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from revreg.verifier.engine import Attached, Behavior, HookEngine
+from revreg.verifier.protocol import BaseMismatch, verify
+from revreg.verifier.toy import build
+from tests.conftest import tiny_gpt2
+from tests.verifier_helpers import make_behavior, make_probes, small_cnn
+
+
+class Planted(HookEngine):
+    """The real engine plus one fault, applied at attach (`on_attach`) or unload (`on_unload`)."""
+
+    def __init__(self, on_attach=None, on_unload=None) -> None:
+        self.on_attach, self.on_unload = on_attach, on_unload
+
+    def attach(self, model: nn.Module, behavior: Behavior) -> Attached:
+        attached = super().attach(model, behavior)
+        if self.on_attach:
+            self.on_attach(model)
+        real_unload = attached.unload
+
+        def unload() -> None:
+            real_unload()
+            if self.on_unload:
+                self.on_unload(model)
+
+        attached.unload = unload  # type: ignore[method-assign]
+        return attached
+
+
+def _toy_setup(tmp: Path, keys_dir: Path):
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    behavior = make_behavior(
+        tmp,
+        keys_dir,
+        model,
+        [
+            ("up", "lora", {"A": torch.randn(4, 32, generator=g) * 0.3, "B": torch.randn(64, 4, generator=g) * 0.3}),
+            ("down", "steer", {"vector": torch.randn(32, generator=g) * 0.1}),
+        ],
+    )
+    probes = make_probes(tmp, {"input_ids": torch.randint(0, 64, (8, 10), generator=g)})
+    return model, behavior, probes
+
+
+def _gpt2_setup(tmp: Path, keys_dir: Path):
+    model = tiny_gpt2()
+    g = torch.Generator().manual_seed(2)
+    behavior = make_behavior(
+        tmp,
+        keys_dir,
+        model,
+        [
+            (
+                "transformer.h.0.attn.c_attn",
+                "lora",
+                {"A": torch.randn(2, 32, generator=g), "B": torch.randn(96, 2, generator=g)},
+            ),
+            ("transformer.h.1.mlp", "ia3", {"scale": torch.rand(32, generator=g) + 0.5}),
+        ],
+        name="g",
+    )
+    probes = make_probes(tmp, {"input_ids": torch.randint(0, 97, (6, 8), generator=g)}, output="logits", name="gp")
+    return model, behavior, probes
+
+
+SETUPS = {"toy": _toy_setup, "gpt2": _gpt2_setup}
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_clean_behavior_passes_with_rf_1(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    result = verify(model, behavior, probes, cycles=3)
+    assert result.verdict == "PASS", result.reasons
+    assert result.rf == 1.0 and result.reset.max_abs == 0.0 and result.adapted.max_abs > 0
+    assert all(c.identity_restored and c.state_restored and c.outputs_bitwise for c in result.cycles)
+
+
+def _first_weight(model: nn.Module) -> tuple[str, torch.Tensor]:
+    return next((n, p) for n, p in model.named_parameters() if p.dim() == 2)
+
+
+def _write_into_weight(state: dict):
+    def on_attach(model):
+        name, w = _first_weight(model)
+        state["name"] = name
+        state["delta"] = torch.full_like(w, 0.1)
+        with torch.no_grad():
+            w.add_(state["delta"])
+
+    def on_unload(model):
+        with torch.no_grad():
+            _first_weight(model)[1].sub_(state["delta"])
+
+    return on_attach, on_unload
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_kind_that_writes_into_a_base_weight_fails(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    state: dict = {}
+    on_attach, on_unload = _write_into_weight(state)
+    result = verify(model, behavior, probes, engine=Planted(on_attach, on_unload))
+    assert result.verdict == "FAIL"
+    assert any(
+        "base identity not restored" in r and f"tensor {state['name']}: bytes changed" in r for r in result.reasons
+    ), result.reasons
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_hook_left_behind_after_unload_fails(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    target = behavior.manifest.attachments[0].target
+    engine = Planted(on_unload=lambda m: dict(m.named_modules())[target].register_forward_hook(lambda *a: None))
+    result = verify(model, behavior, probes, engine=engine)
+    assert result.verdict == "FAIL"
+    assert any(f"module {target}: hooks _forward_hooks: 0 -> 1" in r for r in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_flipped_requires_grad_fails(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    name, _ = _first_weight(model)
+    result = verify(
+        model, behavior, probes, engine=Planted(on_unload=lambda m: _first_weight(m)[1].requires_grad_(False))
+    )
+    assert result.verdict == "FAIL"
+    assert any(f"tensor {name}: requires_grad True -> False" in r for r in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_changed_dtype_fails(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    name, _ = next((n, p) for n, p in model.named_parameters() if p.dim() == 1)
+
+    def to_double(m):
+        p = dict(m.named_parameters())[name]
+        p.data = p.data.double()
+
+    result = verify(model, behavior, probes, engine=Planted(on_unload=to_double))
+    assert result.verdict == "FAIL"
+    assert any(f"tensor {name}: dtype torch.float32 -> torch.float64" in r for r in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_replaced_submodule_fails_even_with_equal_weights(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    target = behavior.manifest.attachments[0].target
+    parent_name, _, child = target.rpartition(".")
+
+    def replace(m):
+        parent = dict(m.named_modules())[parent_name]
+        setattr(parent, child, copy.deepcopy(getattr(parent, child)))
+
+    result = verify(model, behavior, probes, engine=Planted(on_unload=replace))
+    assert result.verdict == "FAIL"
+    assert any(f"module {target}: object (replaced)" in r for r in result.reasons), result.reasons
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_behavior_bound_to_another_base_is_refused_before_running(family: str, tmp_path: Path, keys_dir: Path):
+    model, _, probes = SETUPS[family](tmp_path, keys_dir)
+    other = make_behavior(
+        tmp_path,
+        keys_dir,
+        model,
+        [(_first_weight(model)[0].rsplit(".", 1)[0], "ia3", {"scale": torch.ones(_first_weight(model)[1].shape[0])})],
+        base="sha256:" + "cd" * 32,
+        name="other",
+    )
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(BaseMismatch, match=r"bound to base sha256:cdcd.*but the model is sha256:.*refusing to run"):
+        verify(model, other, probes)
+    handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", SETUPS)
+def test_inert_behavior_cannot_be_certified(family: str, tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = SETUPS[family](tmp_path, keys_dir)
+    att = next(a for a in behavior.manifest.attachments if a.kind == "lora")
+    shape_b = behavior.tensors[att.tensors["B"]].shape
+    inert = make_behavior(
+        tmp_path,
+        keys_dir,
+        model,
+        [(att.target, "lora", {"A": behavior.tensors[att.tensors["A"]], "B": torch.zeros(shape_b)})],
+        name="inert",
+    )
+    result = verify(model, inert, probes)
+    assert result.verdict == "FAIL" and result.inert and result.rf is None
+    assert any(r.startswith("inert: the behavior does not change the probe outputs") for r in result.reasons)
+
+
+def _cnn_setup(tmp: Path, keys_dir: Path):
+    model = small_cnn()
+    g = torch.Generator().manual_seed(3)
+    behavior = make_behavior(
+        tmp, keys_dir, model, [("head", "steer", {"vector": torch.randn(10, generator=g)})], name="cnn"
+    )
+    probes = make_probes(tmp, {"x": torch.randn(8, 1, 8, 8, generator=g)}, name="cnnp")
+    return model, behavior, probes
+
+
+def test_batchnorm_running_stats_changed_during_attach_fail(tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+    assert verify(model, behavior, probes).verdict == "PASS"
+
+    def train_step(m):
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(4, 1, 8, 8))
+        m.eval()
+
+    result = verify(model, behavior, probes, engine=Planted(on_attach=train_step))
+    assert result.verdict == "FAIL"
+    assert any("tensor bn.running_mean: bytes changed" in r for r in result.reasons), result.reasons
+    assert any("bn.num_batches_tracked" in r for r in result.reasons)
+
+
+def test_changed_non_persistent_buffer_fails_though_identity_holds(tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+
+    def bump(m):
+        m.scale.mul_(1.5)
+
+    result = verify(model, behavior, probes, engine=Planted(on_unload=bump))
+    assert result.verdict == "FAIL"
+    cycle = result.cycles[0]
+    assert cycle.identity_restored and not cycle.state_restored
+    assert "tensor scale: bytes changed" in cycle.state_diff
+
+
+def test_training_flag_left_on_fails(tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+    result = verify(model, behavior, probes, engine=Planted(on_unload=lambda m: m.bn.train()))
+    assert result.verdict == "FAIL"
+    assert any("module bn: training flag False -> True" in r for r in result.reasons), result.reasons
