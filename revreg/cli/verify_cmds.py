@@ -193,10 +193,9 @@ def _run(inputs: _Inputs, base: Path, factory: str | None, device: str, cycles: 
             raise InputError(f"--device {device}: CUDA is not available on this machine")
     make_deterministic(device)
     behavior = load_behavior(inputs.behavior_path, inputs.trusted, device)
-    model = load_base(base, factory, device)
-    return verify(
-        model, behavior, load_probes(inputs.probes_path, device), cycles=cycles, device=device, baselines=baselines
-    )
+    model, weights = load_base(base, factory, device)
+    probes = load_probes(inputs.probes_path, device)
+    return verify(model, behavior, probes, cycles=cycles, device=device, baselines=baselines, weights=weights)
 
 
 def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:

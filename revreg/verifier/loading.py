@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from revreg.artifacts.sources import identity_of_module, identity_of_path
+from revreg.artifacts.identity import TensorManifest
+from revreg.artifacts.sources import identity_of_path
 from revreg.errors import InputError
 
 
@@ -53,18 +54,15 @@ def load_factory(spec: str, weights: Path) -> nn.Module:
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise InputError(f"{weights} has tensors the model built by {spec} lacks: {', '.join(unexpected[:5])}")
-    file_manifest, module_manifest = identity_of_path(weights), identity_of_module(model)
-    if file_manifest.identity != module_manifest.identity:
-        raise InputError(
-            f"the model built by {spec} does not hold the weights of {weights} "
-            f"({file_manifest.diff(module_manifest).describe()})"
-        )
+    # Whether the model holds exactly these weights is checked by the protocol against the
+    # file's manifest (protocol.check_base), for factories and Hugging Face models alike.
     return model.eval()
 
 
-def load_base(base: Path, factory: str | None = None, device: str = "cpu") -> nn.Module:
+def load_base(base: Path, factory: str | None = None, device: str = "cpu") -> tuple[nn.Module, TensorManifest]:
+    """The model, and the manifest of the weights it was loaded from (what identity is about)."""
     base = Path(base)
     if not base.exists():
         raise InputError(f"base model {base} does not exist")
     model = load_factory(factory, base) if factory else load_hf(base)
-    return model.to(device)
+    return model.to(device), identity_of_path(base)

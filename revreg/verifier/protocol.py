@@ -123,27 +123,43 @@ class VerificationResult:
 
 
 def check_base(
-    model: nn.Module, behavior: Behavior, before: Fingerprint, base_manifest: TensorManifest | None = None
+    model: nn.Module, behavior: Behavior, before: Fingerprint, weights: TensorManifest | None = None
 ) -> None:
-    """Refuse, before anything runs, a model that is not the behavior's base."""
+    """Refuse, before anything runs, a model that is not the behavior's base.
+
+    With `weights` (the manifest of the files the model was loaded from), the files must be the
+    behavior's base and the live model must hold every one of their tensors bit for bit, by
+    name, as a parameter or a buffer (persistent or not: checkpoints written by older library
+    versions keep buffers such as BERT's position_ids that newer ones no longer save), with no
+    state of its own beyond them. Without it, the live model's own identity must match.
+    """
     expected = behavior.manifest.base
-    if expected.startswith("sha256:"):
+    label = f"{behavior.manifest.name}:{behavior.manifest.version}"
+    if weights is None:
         actual = before.identity
-    else:  # a blake3-bound behavior: hash the state again with that algorithm
-        from revreg.artifacts.sources import identity_of_module
+        if not expected.startswith("sha256:"):
+            from revreg.artifacts.sources import identity_of_module
 
-        actual = identity_of_module(model, expected.split(":", 1)[0]).identity
-    if actual == expected:
+            actual = identity_of_module(model, expected.split(":", 1)[0]).identity
+        if actual != expected:
+            raise BaseMismatch(f"{label} is bound to base {expected}, but the model is {actual}; refusing to run")
         return
-    detail = ""
-    if base_manifest is not None and base_manifest.identity == expected:
-        from revreg.artifacts.sources import identity_of_module
-
-        detail = f" ({base_manifest.diff(identity_of_module(model, base_manifest.algorithm)).describe()})"
-    raise BaseMismatch(
-        f"{behavior.manifest.name}:{behavior.manifest.version} is bound to base {expected}, "
-        f"but the model is {actual}{detail}; refusing to run"
-    )
+    if weights.identity != expected:
+        raise BaseMismatch(
+            f"{label} is bound to base {expected}, but the weights are {weights.identity}; refusing to run"
+        )
+    if weights.algorithm != "sha256":
+        raise InputError("verifying against blake3-bound bases is not supported yet; pack with a sha256 identity")
+    leaves = {t.name: t.digest for t in weights.tensors}
+    differ = sorted(n for n, d in leaves.items() if before.tensors.get(n) != d)
+    extra = sorted(n for n in before.identity_names if n not in leaves)
+    if differ or extra:
+        parts = ([f"{len(differ)} not held as in the files: {', '.join(differ[:5])}"] if differ else []) + (
+            [f"{len(extra)} not in the files: {', '.join(extra[:5])}"] if extra else []
+        )
+        raise BaseMismatch(
+            f"the loaded model does not hold exactly the base weights ({'; '.join(parts)}); refusing to run"
+        )
 
 
 def _timed(timings: dict[str, float], key: str, start: float) -> float:
@@ -162,7 +178,7 @@ def verify(
     engine: Engine | None = None,
     baselines: Sequence[str] = (),
     inert_floor: float = INERT_FLOOR,
-    base_manifest: TensorManifest | None = None,
+    weights: TensorManifest | None = None,
 ) -> VerificationResult:
     if cycles < 1:
         raise InputError("--cycles must be at least 1")
@@ -172,7 +188,7 @@ def verify(
     t = time.perf_counter()
     before = fingerprint(model)
     t = _timed(timings, "fingerprint", t)
-    check_base(model, behavior, before, base_manifest)
+    check_base(model, behavior, before, weights)
     m = behavior.manifest
     result = VerificationResult(
         verdict="PASS",
