@@ -171,3 +171,70 @@ def make_artifact(
         created=CREATED,
     )
     return out
+
+
+@pytest.fixture
+def toy(tmp_path: Path, run) -> dict[str, Path]:
+    """A toy base model file, a signed behavior for it, and a probe set, made through the CLI."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from revreg.verifier.toy import build
+
+    save_file(build().state_dict(), tmp_path / "base.safetensors")
+    g = torch.Generator().manual_seed(1)
+    save_file(
+        {"a": torch.randn(4, 32, generator=g), "b": torch.randn(64, 4, generator=g), "v": torch.randn(32, generator=g)},
+        tmp_path / "t.safetensors",
+    )
+    (tmp_path / "spec.json").write_text(
+        json.dumps(
+            {
+                "attachments": [
+                    {"target": "up", "kind": "lora", "alpha": 4, "tensors": {"A": "a", "B": "b"}},
+                    {"target": "down", "kind": "steer", "tensors": {"vector": "v"}},
+                ]
+            }
+        )
+    )
+    art = tmp_path / "toy-behavior.safetensors"
+    assert (
+        run(
+            "pack",
+            "--tensors",
+            tmp_path / "t.safetensors",
+            "--spec",
+            tmp_path / "spec.json",
+            "--base",
+            tmp_path / "base.safetensors",
+            "--name",
+            "toy",
+            "--version",
+            "1.0.0",
+            "--key",
+            "alice",
+            "--created",
+            CREATED,
+            "-o",
+            art,
+        ).exit_code
+        == 0
+    )
+    save_file({"input_ids": torch.randint(0, 64, (10, 12), generator=g)}, tmp_path / "in.safetensors")
+    probes = tmp_path / "toy.probes.safetensors"
+    result = run(
+        "probes",
+        "create",
+        "--inputs",
+        tmp_path / "in.safetensors",
+        "--name",
+        "toy-probes",
+        "--batch-size",
+        "4",
+        "-o",
+        probes,
+    )
+    assert result.exit_code == 0, result.output
+    return {"base": tmp_path / "base.safetensors", "artifact": art, "probes": probes}

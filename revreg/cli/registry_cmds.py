@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option
-from revreg.errors import CheckFailed
+from revreg.errors import CheckFailed, InputError
 
 
 def registry_option(f: F) -> F:
@@ -341,10 +341,51 @@ def keys_revoke(key: str, reason: str, registry: str | None) -> None:
 @registry_option
 def keys_trusted(as_json: bool, registry: str | None) -> None:
     """List the keys the registry knows, their roles, and revocations."""
-    records = _open(registry).keys()
+    records = _open(registry).key_records()
     if as_json:
         click.echo(json.dumps([{**r.__dict__, "added_at": r.added_at.isoformat()} for r in records], indent=1))
         return
     for r in records:
         state = f"REVOKED: {r.revoked_reason}" if r.revoked else "trusted"
         click.echo(f"{r.name:<20} {r.role:<10} {r.keyid}  {state}")
+
+
+@audit.command("report")
+@click.option("--behavior", default=None, help="Only this behavior (default: the whole registry).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Report file: .html (self-contained), .md or .json.",
+)
+@click.option(
+    "--generated-at",
+    default=None,
+    metavar="ISO8601",
+    help="Pin the generation time (the same registry state then gives the same bytes).",
+)
+@registry_option
+def audit_report(behavior: str | None, output: Path, generated_at: str | None, registry: str | None) -> None:
+    """Write an audit report: versions, lifecycles, certifications with RF and divergence
+    charts, keys and revocations, and the audit-log chain verdict (exit 1 if it is broken)."""
+    from datetime import UTC, datetime
+
+    from revreg.artifacts.safetensors_io import atomic_output
+    from revreg.audit.collect import collect
+    from revreg.audit.render import render
+
+    formats = {".html": "html", ".htm": "html", ".md": "md", ".json": "json"}
+    fmt = formats.get(output.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{output}: the report format follows the extension: .html, .md or .json")
+    when = generated_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    report = collect(_open(registry), behavior, when)
+    with atomic_output(output) as fh:
+        fh.write(render(report, fmt).encode("utf-8"))
+    chain = report["audit_chain"]
+    click.echo(
+        f"wrote {output}: {report['summary']['versions']} versions, audit log {'intact' if chain['ok'] else 'BROKEN'}"
+    )
+    if not chain["ok"]:
+        raise CheckFailed(f"audit log broken: {chain['problem']} (the report says so)")

@@ -287,7 +287,7 @@ class Registry:
             audit.append(s, self.actor, "key.revoke", rows[0].keyid, {"name": rows[0].name, "reason": reason})
         return [self._key_record(r) for r in rows]
 
-    def keys(self) -> list[KeyRecord]:
+    def key_records(self) -> list[KeyRecord]:
         with Session(self.engine) as s:
             return [self._key_record(r) for r in s.scalars(select(Key).order_by(Key.name, Key.role))]
 
@@ -295,12 +295,20 @@ class Registry:
     def _key_record(row: Key) -> KeyRecord:
         return KeyRecord(row.keyid, row.name, row.role, row.revoked_at is not None, row.revoked_reason, row.added_at)
 
-    def trusted(self, role: str, session: Session | None = None) -> dict[str, TrustedKey]:
-        """Unrevoked keys of a role, by key id: the trust anchors for that role."""
+    def trusted(
+        self, role: str, session: Session | None = None, include_revoked: bool = False
+    ) -> dict[str, TrustedKey]:
+        """Keys of a role, by key id: the trust anchors for that role (unrevoked ones by default;
+        `include_revoked` is for reading old evidence, whose revocation the caller then reports)."""
 
         def load(s: Session) -> dict[str, TrustedKey]:
-            rows = s.scalars(select(Key).where(Key.role == role, Key.revoked_at.is_(None)))
-            return {r.keyid: TrustedKey(r.name, r.keyid, load_public_pem(r.public_pem.encode(), r.name)) for r in rows}
+            q = select(Key).where(Key.role == role)
+            if not include_revoked:
+                q = q.where(Key.revoked_at.is_(None))
+            return {
+                r.keyid: TrustedKey(r.name, r.keyid, load_public_pem(r.public_pem.encode(), r.name))
+                for r in s.scalars(q)
+            }
 
         if session is not None:
             return load(session)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from revreg.artifacts.artifact import utc_timestamp
 from revreg.artifacts.identity import TensorManifest
 from revreg.errors import InputError
 from revreg.verifier.engine import Behavior, Engine, HookEngine
@@ -60,6 +61,7 @@ class VerificationResult:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    finished_at: str = ""  # UTC, when the protocol ended: the certification's time
 
     @property
     def passed(self) -> bool:
@@ -119,6 +121,7 @@ class VerificationResult:
             "baselines": self.baselines,
             "timings": self.timings,
             "environment": self.environment,
+            "finished_at": self.finished_at,
         }
 
 
@@ -229,6 +232,7 @@ def verify(
         )
         result.determinism["reason"] = f"two runs of the base differ by up to {repeat.max_abs:.3g}; {hint}"
         result.verdict, result.reasons = "INCONCLUSIVE", [f"base model is not bitwise repeatable: {hint}"]
+        result.finished_at = utc_timestamp()
         return result
 
     first_adapted: list[torch.Tensor] | None = None
@@ -310,6 +314,7 @@ def verify(
             result.baselines.append(run_baseline(model, behavior, probes, spec, base_out, before))
         _timed(timings, "baselines", b)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 6)
+    result.finished_at = utc_timestamp()
     return result
 
 

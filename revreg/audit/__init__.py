@@ -1,0 +1,1 @@
+"""Audit reports: what was approved, by whom, on what evidence, as HTML, Markdown or JSON."""

@@ -1,0 +1,281 @@
+"""The audit report as HTML (one self-contained, printable file), Markdown or JSON."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any
+
+from revreg.audit.charts import bars
+
+CSS = """
+body{font:14px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#1a202c;margin:24px auto;
+max-width:1040px;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #cbd5e0}
+h3{font-size:15px;margin:18px 0 6px}.meta{color:#4a5568}
+table{border-collapse:collapse;width:100%;margin:6px 0 12px}th,td{border:1px solid #e2e8f0;padding:4px 6px;
+text-align:left;vertical-align:top}th{background:#f7fafc}code{font-size:12px;word-break:break-all}
+.ok{color:#276749;font-weight:600}.bad{color:#c53030;font-weight:600}.state{font-weight:600}
+.chart{display:block;margin:8px 0;max-width:100%;height:auto}.chart-title{font-size:12px;font-weight:600}
+.tick{font-size:10px;fill:#4a5568}.grid{stroke:#edf2f7}.threshold{stroke:#c53030;stroke-dasharray:4 3}
+.version{page-break-inside:avoid}
+@media print{body{margin:0;max-width:none}h2{page-break-after:avoid}}
+"""
+
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x == 1.0:
+            return "1 (exact)"
+        return f"1 - {1 - x:.2g}" if 0.99 < x < 1 else f"{x:.3g}"
+    return str(x)
+
+
+def _flag(ok: Any) -> str:
+    return '<span class="ok">yes</span>' if ok is True else '<span class="bad">no</span>' if ok is False else "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cert_html(c: dict[str, Any]) -> str:
+    if not c.get("verified"):
+        return f'<p class="bad">Certification that does not verify: {escape(c.get("error", ""))}</p>'
+    env = c.get("environment") or {}
+    b = c.get("bitwise") or {}
+    verdict_class = "ok" if c["verdict"] == "PASS" else "bad"
+    rows = [
+        [
+            "verdict",
+            f'<span class="{verdict_class}">{escape(c["verdict"])}</span>'
+            + "".join(f"<br>{escape(r)}" for r in c.get("reasons", [])),
+        ],
+        ["verifier key", f"{escape(c['verifier']['name'])} <code>{escape(c['verifier']['keyid'])}</code>"],
+        ["certified", escape(str(c.get("finished_at") or c["recorded_at"]))],
+        ["RF", _num(c.get("rf"))],
+        ["KL / JS adapted", f"{_num(c.get('kl_adapted'))} / {_num(c.get('js_adapted'))}"],
+        ["KL / JS after reset", f"{_num(c.get('kl_reset'))} / {_num(c.get('js_reset'))}"],
+        [
+            "bitwise restored",
+            f"identity {_flag(b.get('identity'))}, state {_flag(b.get('state'))}, outputs {_flag(b.get('outputs'))}",
+        ],
+        ["cycles, device", f"{c.get('cycles')} on {escape(str(c.get('device')))}"],
+        [
+            "probe set",
+            f"{escape(str((c.get('probes') or {}).get('name')))} "
+            f"<code>{escape(str((c.get('probes') or {}).get('digest')))}</code>",
+        ],
+        ["environment", escape(", ".join(f"{k} {v}" for k, v in sorted(env.items())))],
+    ]
+    out = _table(["", ""], rows)
+    leakage = (c.get("leakage") or {}).get("per_probe") or []
+    series: dict[str, list[float | None]] = {"reversible (hooks)": list(leakage)}
+    for bl in c.get("baselines") or []:
+        series[f"{bl['baseline']} (mutation)"] = list(bl.get("leakage_per_probe") or [])
+    if leakage:
+        out += bars(
+            "Per-probe leakage after reset (JS or MSE, log scale; outlined = exactly 0)",
+            [str(i) for i in range(len(leakage))],
+            series,
+            (c.get("leakage") or {}).get("threshold"),
+        )
+    if c.get("baselines"):
+        cats = ["KL after reset", "max |delta| after reset"]
+        comparison: dict[str, list[float | None]] = {"reversible (hooks)": [c.get("kl_reset"), c.get("max_abs_reset")]}
+        for bl in c["baselines"]:
+            comparison[f"{bl['baseline']} (mutation)"] = [bl.get("kl_reset"), bl.get("max_abs_reset")]
+        out += bars("Reversible versus mutation baseline: divergence after reset (log scale)", cats, comparison)
+        out += _table(
+            [
+                "baseline",
+                "RF",
+                "KL after reset",
+                "max |delta| after reset",
+                "weights bitwise after W-=dW",
+                "weight elements changed",
+            ],
+            [
+                [
+                    escape(bl["baseline"]),
+                    _num(bl.get("rf")),
+                    _num(bl.get("kl_reset")),
+                    _num(bl.get("max_abs_reset")),
+                    _flag(bl.get("weights_bitwise_after_subtract")),
+                    _num(bl.get("weight_elements_changed")),
+                ]
+                for bl in c["baselines"]
+            ],
+        )
+    return out
+
+
+def html(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    chain = report["audit_chain"]
+    chain_html = (
+        f'<span class="ok">intact</span> ({chain["rows"]} rows)'
+        if chain["ok"]
+        else f'<span class="bad">BROKEN</span>: {escape(chain["problem"] or "")}'
+    )
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>revreg audit report</title>'
+        f"<style>{CSS}</style></head><body>",
+        "<h1>revreg audit report</h1>",
+        f'<p class="meta">Registry {escape(report["registry"])} · scope: {escape(report["scope"])} · '
+        f"generated {escape(report['generated_at'])}</p>",
+        "<h2>Summary</h2>",
+        _table(
+            ["behaviors", "versions", "states", "certifications", "bases", "probe sets", "keys", "audit log"],
+            [
+                [
+                    str(s["behaviors"]),
+                    str(s["versions"]),
+                    escape(", ".join(f"{k} {v}" for k, v in s["states"].items()) or "-"),
+                    str(s["certifications"]),
+                    str(s["bases"]),
+                    str(s["probe_sets"]),
+                    str(s["keys"]),
+                    chain_html,
+                ]
+            ],
+        ),
+    ]
+    for b in report["behaviors"]:
+        parts.append(f"<h2>Behavior {escape(b['name'])}</h2>")
+        for v in b["versions"]:
+            signer = escape(str(v["signer"]["name"])) + (
+                ' <span class="bad">REVOKED</span>' if v["signer"]["revoked"] else ""
+            )
+            parts.append(
+                f'<div class="version"><h3>{escape(b["name"])}:{escape(v["version"])} — '
+                f'<span class="state">{escape(v["state"])}</span></h3>'
+            )
+            parts.append(
+                _table(
+                    ["", ""],
+                    [
+                        ["digest", f"<code>{escape(v['digest'])}</code>"],
+                        ["signer", f"{signer} <code>{escape(v['signer']['keyid'])}</code>"],
+                        [
+                            "base identity",
+                            f"<code>{escape(v['base']['identity'])}</code>"
+                            + ("" if v["base"]["registered"] else " (not registered)"),
+                        ],
+                        ["pushed", f"{escape(v['pushed_at'])} by {escape(v['pushed_by'])}"],
+                        ["tags", escape(", ".join(v["tags"]) or "-")],
+                        ["attachments", escape(", ".join(v["attachments"]))],
+                    ]
+                    + ([["yank reason", escape(v["yank_reason"])]] if v["yank_reason"] else []),
+                )
+            )
+            parts.append("<p><b>Lifecycle</b></p>")
+            parts.append(
+                _table(
+                    ["#", "time", "action", "actor", "details"],
+                    [
+                        [
+                            str(e["seq"]),
+                            escape(e["at"]),
+                            escape(e["action"]),
+                            escape(e["actor"]),
+                            f"<code>{escape(json.dumps(e['details'], sort_keys=True))}</code>",
+                        ]
+                        for e in v["timeline"]
+                    ],
+                )
+            )
+            if not v["certifications"]:
+                parts.append('<p class="bad">No certification.</p>')
+            for i, c in enumerate(v["certifications"], 1):
+                parts.append(f"<p><b>Certification {i}</b></p>{_cert_html(c)}")
+            parts.append("</div>")
+    parts.append("<h2>Keys</h2>")
+    parts.append(
+        _table(
+            ["name", "role", "key id", "trust", "added"],
+            [
+                [
+                    escape(k["name"]),
+                    escape(k["role"]),
+                    f"<code>{escape(k['keyid'])}</code>",
+                    (
+                        f'<span class="bad">revoked: {escape(k["revoked_reason"] or "")}</span>'
+                        if k["revoked"]
+                        else '<span class="ok">trusted</span>'
+                    ),
+                    escape(k["added_at"]),
+                ]
+                for k in report["keys"]
+            ],
+        )
+    )
+    parts.append(f"<h2>Audit log</h2><p>Hash chain: {chain_html}</p></body></html>\n")
+    return "".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, chain = report["summary"], report["audit_chain"]
+    lines = [
+        "# revreg audit report",
+        "",
+        f"Registry `{report['registry']}`, scope: {report['scope']}, generated {report['generated_at']}.",
+        "",
+        f"- behaviors {s['behaviors']}, versions {s['versions']} "
+        f"({', '.join(f'{k} {v}' for k, v in s['states'].items()) or '-'}), certifications {s['certifications']}",
+        f"- audit log: {'intact' if chain['ok'] else 'BROKEN: ' + (chain['problem'] or '')} ({chain['rows']} rows)",
+        "",
+    ]
+    for b in report["behaviors"]:
+        lines += [f"## {b['name']}", ""]
+        for v in b["versions"]:
+            lines += [
+                f"### {b['name']}:{v['version']} ({v['state']})",
+                "",
+                f"- digest `{v['digest']}`",
+                f"- signer {v['signer']['name']} `{v['signer']['keyid']}`"
+                + (" **REVOKED**" if v["signer"]["revoked"] else ""),
+                f"- base `{v['base']['identity']}`",
+                "",
+                "| # | time | action | actor |",
+                "| --- | --- | --- | --- |",
+            ]
+            lines += [f"| {e['seq']} | {e['at']} | {e['action']} | {e['actor']} |" for e in v["timeline"]]
+            lines.append("")
+            for c in v["certifications"]:
+                if not c.get("verified"):
+                    lines += [f"- certification that does not verify: {c.get('error')}", ""]
+                    continue
+                b_ = c.get("bitwise") or {}
+                lines += [
+                    f"- certification **{c['verdict']}** by {c['verifier']['name']} on {c.get('device')}, "
+                    f"{c.get('cycles')} cycles: RF {_num(c.get('rf'))}, KL adapted {_num(c.get('kl_adapted'))}, "
+                    f"KL after reset {_num(c.get('kl_reset'))}, bitwise identity {b_.get('identity')} "
+                    f"state {b_.get('state')} outputs {b_.get('outputs')}"
+                ]
+                for bl in c.get("baselines") or []:
+                    lines.append(
+                        f"  - baseline {bl['baseline']}: RF {_num(bl.get('rf'))}, KL after reset "
+                        f"{_num(bl.get('kl_reset'))}, weights bitwise after subtraction "
+                        f"{bl.get('weights_bitwise_after_subtract')}"
+                    )
+            lines.append("")
+    lines += ["## Keys", "", "| name | role | key id | state |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| {k['name']} | {k['role']} | `{k['keyid']}` | "
+        f"{'revoked: ' + (k['revoked_reason'] or '') if k['revoked'] else 'trusted'} |"
+        for k in report["keys"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    if fmt == "html":
+        return html(report)
+    if fmt == "md":
+        return markdown(report)
+    return json.dumps(report, indent=1, sort_keys=True) + "\n"

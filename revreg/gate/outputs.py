@@ -1,0 +1,56 @@
+"""Gate results for CI systems: JUnit XML, GitHub Actions annotations and step summary."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from revreg.gate.evaluate import GateReport
+
+
+def junit_xml(report: GateReport) -> bytes:
+    """One test case per rule; Jenkins, GitLab and GitHub test reporters read this format."""
+    failures = sum(not r.passed for r in report.results)
+    suite = ET.Element(
+        "testsuite",
+        name=f"revreg gate {report.ref}",
+        tests=str(len(report.results)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+    )
+    for r in report.results:
+        case = ET.SubElement(suite, "testcase", classname=f"revreg.gate.{report.ref}", name=r.rule)
+        if r.passed:
+            ET.SubElement(case, "system-out").text = r.message
+        else:
+            ET.SubElement(case, "failure", message=r.message, type="PolicyViolation").text = r.message
+    suites = ET.Element("testsuites", name="revreg", tests=str(len(report.results)), failures=str(failures))
+    suites.append(suite)
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
+def _escape(text: str) -> str:
+    # GitHub workflow commands: %, CR and LF must be escaped in the message.
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def github_annotations(report: GateReport) -> list[str]:
+    lines = []
+    for r in report.results:
+        level = "notice" if r.passed else "error"
+        lines.append(f"::{level} title=revreg gate {_escape(report.ref)}: {r.rule}::{_escape(r.message)}")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def step_summary(report: GateReport) -> str:
+    verdict = "passed" if report.passed else "FAILED"
+    rows = "\n".join(f"| {'✅' if r.passed else '❌'} | `{r.rule}` | {_cell(r.message)} |" for r in report.results)
+    return (
+        f"### revreg gate {verdict}: `{report.ref}`\n\n`{report.digest}`\n\n"
+        f"| | rule | detail |\n| --- | --- | --- |\n{rows}\n"
+    )
