@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,7 +47,15 @@ from revreg.registry.models import (
 )
 from revreg.registry.policy import PublishGate, RequirePassingCertification
 from revreg.registry.refs import Ref, parse_ref
-from revreg.registry.store import BlobStore, FileBlobStore, check_digest, copy_hashing, digest_of, open_store
+from revreg.registry.store import (
+    BlobStore,
+    FileBlobStore,
+    StagedBlob,
+    check_digest,
+    copy_hashing,
+    digest_of,
+    open_store,
+)
 
 
 class NotFound(InputError):
@@ -360,14 +368,22 @@ class Registry:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source) as staged, _renamed_in_errors(staged.path, str(path)):
+        with source, self.store.stage(source) as staged:
+            return self.push_staged(staged, str(path))
+
+    def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
+        """Check and store an artifact already streamed into the store's staging area (the
+        server's uploads arrive this way). `authorize(name)` may refuse before anything is stored."""
+        with _renamed_in_errors(staged.path, label):
             artifact = open_artifact(staged.path)
             m = artifact.manifest
+            if authorize is not None:
+                authorize(m.name)
             with Session(self.engine) as s:
                 revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
                 if revoked is not None:
                     raise SignatureError(
-                        f"{path} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
+                        f"{label} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
                     )
                 publishers = self.trusted("publisher", s)
             try:
@@ -684,14 +700,19 @@ class Registry:
     # -- probe sets --------------------------------------------------------------------------
     def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
         """Store a probe set (content-addressed; the same bytes again change nothing)."""
-        from revreg.artifacts.probes import read_probes
 
         path = Path(path)
         try:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source) as staged, _renamed_in_errors(staged.path, str(path)):
+        with source, self.store.stage(source) as staged:
+            return self.push_probes_staged(staged, str(path))
+
+    def push_probes_staged(self, staged: StagedBlob, label: str) -> tuple[ProbeSetInfo, bool]:
+        from revreg.artifacts.probes import read_probes
+
+        with _renamed_in_errors(staged.path, label):
             manifest = read_probes(staged.path).manifest
             with Session(self.engine) as s:
                 row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).first()

@@ -160,6 +160,10 @@ class FileBlobStore(BlobStore):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def staging_path(self) -> Path:
+        """A fresh name in the staging area, for writers that stream by themselves (uploads)."""
+        return self.root / "tmp" / f"{uuid.uuid4().hex}.partial"
+
     def commit(self, staged: StagedBlob) -> None:
         final = self.path(staged.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
