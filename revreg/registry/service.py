@@ -11,12 +11,12 @@ import json
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import Engine, select
@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from revreg.artifacts.artifact import VERSION_RE, open_artifact, read_tensors, verify_artifact
 from revreg.artifacts.attestation import verify_certification
+from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
 from revreg.artifacts.peft_io import write_peft
@@ -188,6 +189,43 @@ def _renamed_in_errors(staging: Path, label: str) -> Iterator[None]:
         raise
 
 
+def deliver(
+    info: VersionInfo,
+    publishers: Mapping[str, TrustedKey],
+    dest: Path,
+    fmt: str,
+    fill: Callable[[BinaryIO], str],
+    source: str,
+) -> None:
+    """Write a version to `dest` only after its bytes are checked: `fill` streams them into a
+    staging file beside `dest` and returns their digest; then digest, signature and every
+    tensor are checked and the file renamed (or exported as PEFT). Shared by local and remote pulls."""
+    dest = Path(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output directory {parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "r+b", buffering=0) as sink:
+            digest = fill(sink)
+            os.fsync(sink.fileno())
+        if digest != info.digest:
+            raise IntegrityError(
+                f"{source} for {info.ref} is corrupt: expected {info.digest}, read {digest}"
+                + (" (run `revreg fsck`)" if source == "stored blob" else "")
+            )
+        with _renamed_in_errors(tmp, f"{source} for {info.ref}"):
+            verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
+        if fmt == "peft":
+            write_peft(verified.manifest, read_tensors(tmp), dest)
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on both backends."""
     if session.get_bind().dialect.name == "postgresql":
@@ -330,7 +368,10 @@ class Registry:
     def register_base(self, path: Path, name: str | None = None) -> tuple[BaseInfo, bool]:
         from revreg.artifacts.sources import identity_of_path
 
-        manifest = identity_of_path(path)
+        return self.register_manifest(identity_of_path(path), name)
+
+    def register_manifest(self, manifest: TensorManifest, name: str | None = None) -> tuple[BaseInfo, bool]:
+        """Record a base from its per-tensor manifest (computed where the weights are)."""
         with self._tx() as s:
             row = s.scalars(select(BaseModel).where(BaseModel.identity == manifest.identity)).first()
             if row is not None:
@@ -651,13 +692,9 @@ class Registry:
             return self._info(s, v)
 
     # -- pull --------------------------------------------------------------------------------
-    def pull(
-        self, ref: Ref | str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
-    ) -> VersionInfo:
-        """Copy a version out, checking digest, signature and certification before anything
-        reaches `dest`; `dest` appears complete or not at all."""
+    def check_pull(self, ref: Ref | str, allow_unpublished: bool = False) -> VersionInfo:
+        """Everything a version must satisfy before its bytes may leave the registry."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        dest = Path(dest)
         with Session(self.engine) as s:
             v = self._find(s, ref)
             info = self._info(s, v)
@@ -669,32 +706,24 @@ class Registry:
                 raise SignatureError(f"{info.ref} is signed by revoked key {info.signer_name} ({info.signer_keyid})")
             if info.state == "published":
                 self._gate(s, v)
-            publishers = self.trusted("publisher", s)
-        parent = dest.parent if str(dest.parent) else Path(".")
-        if not parent.is_dir():
-            raise InputError(f"output directory {parent} does not exist")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb", buffering=0) as sink, self.store.open(info.digest) as source:
-                digest, _ = copy_hashing(source, sink, durable=True)
-                sink.flush()
-                os.fsync(sink.fileno())
-            if digest != info.digest:
-                raise IntegrityError(
-                    f"stored blob for {info.ref} is corrupt: expected {info.digest}, read {digest} (run `revreg fsck`)"
-                )
-            with _renamed_in_errors(tmp, f"stored blob for {info.ref}"):
-                verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
-            if fmt == "peft":
-                write_peft(verified.manifest, read_tensors(tmp), dest)
-            elif fmt == "safetensors":
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
-            else:
-                raise InputError(f"unknown format {fmt!r}: use safetensors or peft")
-        finally:
-            tmp.unlink(missing_ok=True)
+        return info
+
+    def pull(
+        self, ref: Ref | str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
+    ) -> VersionInfo:
+        """Copy a version out, checking digest, signature and certification before anything
+        reaches `dest`; `dest` appears complete or not at all."""
+        info = self.check_pull(ref, allow_unpublished)
+        publishers = self.trusted("publisher")
+        dest = Path(dest)
+        if fmt not in ("safetensors", "peft"):
+            raise InputError(f"unknown format {fmt!r}: use safetensors or peft")
+
+        def fill(sink: BinaryIO) -> str:
+            with self.store.open(info.digest) as source:
+                return copy_hashing(source, sink, durable=True)[0]
+
+        deliver(info, publishers, dest, fmt, fill, "stored blob")
         return info
 
     # -- probe sets --------------------------------------------------------------------------
