@@ -41,7 +41,16 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    from revreg.cli import artifacts_cmds, demo_cmd, gate_cmd, identity_cmd, keys_cmds, registry_cmds, verify_cmds
+    from revreg.cli import (
+        artifacts_cmds,
+        demo_cmd,
+        gate_cmd,
+        identity_cmd,
+        keys_cmds,
+        registry_cmds,
+        server_cmds,
+        verify_cmds,
+    )
 
     cli.add_command(identity_cmd.identity)
     cli.add_command(keys_cmds.keys)
@@ -64,7 +73,14 @@ def _register() -> None:
         registry_cmds.fsck,
     ):
         cli.add_command(command)
-    for command in (verify_cmds.probes, verify_cmds.verify, verify_cmds.certify, gate_cmd.gate):
+    for command in (
+        verify_cmds.probes,
+        verify_cmds.verify,
+        verify_cmds.certify,
+        gate_cmd.gate,
+        server_cmds.serve,
+        server_cmds.tokens,
+    ):
         cli.add_command(command)
     for command in (registry_cmds.keys_trust, registry_cmds.keys_revoke, registry_cmds.keys_trusted):
         keys_cmds.keys.add_command(command)

@@ -22,10 +22,29 @@ def registry_option(f: F) -> F:
     )(f)
 
 
+def _remote_url(registry: str | None) -> str | None:
+    import os
+
+    raw = registry or os.environ.get("REVREG_REGISTRY") or ""
+    return raw if raw.startswith(("http://", "https://")) else None
+
+
 def _open(registry: str | None) -> Any:
+    """The registry service: local (directory or database URL) or remote (http(s)://, with
+    the bearer token from $REVREG_TOKEN)."""
+    url = _remote_url(registry)
+    if url:
+        from revreg.server.client import RemoteRegistry
+
+        return RemoteRegistry(url)
     from revreg.registry.service import Registry
 
     return Registry.open(registry)
+
+
+def _local_only(registry: str | None, command: str) -> None:
+    if _remote_url(registry):
+        raise InputError(f"`revreg {command}` works on the registry's database directly: run it on the server")
 
 
 def _short(digest: str) -> str:
@@ -44,6 +63,7 @@ def init(registry: str | None, store: str | None) -> None:
     """Create a registry (or bring an existing one to the current schema)."""
     from revreg.registry.service import Registry
 
+    _local_only(registry, "init")
     reg = Registry.init(registry, store)
     click.echo(f"registry ready at {reg.location.describe()} (blobs in {reg.store.describe()})")
 
@@ -59,6 +79,7 @@ def upgrade(registry: str | None) -> None:
     """Upgrade the registry database to this revreg's schema."""
     from revreg.registry import db as regdb
 
+    _local_only(registry, "db upgrade")
     loc = regdb.resolve(registry)
     engine = regdb.make_engine(loc)
     before = regdb.current_revision(engine)
@@ -72,6 +93,7 @@ def current(registry: str | None) -> None:
     """Print the schema revision of the registry database (and the one this revreg needs)."""
     from revreg.registry import db as regdb
 
+    _local_only(registry, "db current")
     loc = regdb.resolve(registry)
     revision = regdb.current_revision(regdb.make_engine(loc))
     click.echo(f"{revision or 'empty'} (this revreg needs {regdb.HEAD})")

@@ -775,10 +775,9 @@ class Registry:
         with Session(self.engine) as s:
             return [self._probe_info(r) for r in s.scalars(select(ProbeSet).order_by(ProbeSet.name, ProbeSet.id))]
 
-    def fetch_probes(self, ref: str, directory: Path) -> Path:
-        """Copy a probe set (NAME for the newest, NAME@sha256:..., or sha256:...) into `directory`,
-        checking its digest on the way."""
-        name, _, digest = ref.partition("@") if "@" in ref else (ref, "", "")
+    def probe_digest(self, ref: str) -> str:
+        """The digest of a probe set: NAME (the newest), NAME@sha256:..., or sha256:..."""
+        name, _, digest = ref.partition("@")
         if ref.startswith("sha256:"):
             name, digest = "", ref
         with Session(self.engine) as s:
@@ -790,12 +789,17 @@ class Registry:
             row = s.scalars(q.order_by(ProbeSet.created_at.desc(), ProbeSet.id.desc())).first()
         if row is None:
             raise NotFound(f"no probe set {ref!r} in the registry (push one with `revreg probes push`)")
-        out = Path(directory) / f"{row.name}.probes.safetensors"
-        with self.store.open(row.digest) as source, open(out, "wb") as sink:
+        return row.digest
+
+    def fetch_probes(self, ref: str, directory: Path) -> Path:
+        """Copy a probe set into `directory`, checking its digest on the way."""
+        digest = self.probe_digest(ref)
+        out = Path(directory) / f"{digest.split(':')[1][:16]}.probes.safetensors"
+        with self.store.open(digest) as source, open(out, "wb") as sink:
             actual, _ = copy_hashing(source, sink)
-        if actual != row.digest:
+        if actual != digest:
             out.unlink()
-            raise IntegrityError(f"stored probe set {row.name} is corrupt (run `revreg fsck`)")
+            raise IntegrityError(f"stored probe set {ref} is corrupt (run `revreg fsck`)")
         return out
 
     @staticmethod

@@ -1,0 +1,360 @@
+"""`revreg serve`: the registry over HTTP (FastAPI). Every rule is the Registry service's own:
+the server authenticates, checks scopes, streams bytes and maps errors to HTTP statuses."""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
+# definition time, including the Principal dependency defined inside create_app.
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import revreg
+from revreg.artifacts.identity import TensorManifest
+from revreg.errors import IntegrityError, RevregError
+from revreg.registry.db import HEAD
+from revreg.registry.policy import GateError
+from revreg.registry.refs import parse_ref
+from revreg.registry.service import ConflictError, NotFound, Registry, StateError
+from revreg.registry.store import FileBlobStore, StagedBlob, check_digest
+from revreg.registry.tokens import AuthError, ScopeError, TokenInfo, Tokens
+from revreg.server import wire
+
+MAX_JSON = 1 << 20
+UPLOAD_PATHS = ("/v1/artifacts", "/v1/probes")
+STATUS: list[tuple[type[RevregError], int]] = [
+    (AuthError, 401),
+    (ScopeError, 403),
+    (NotFound, 404),
+    (ConflictError, 409),
+    (StateError, 409),
+    (GateError, 409),
+]
+
+
+class BodyLimit:
+    """Refuse bodies over a limit (413) before reading them whole: JSON endpoints get MAX_JSON,
+    uploads the server's --max-upload. Counts streamed bytes too, not only Content-Length."""
+
+    def __init__(self, app: ASGIApp, max_upload: int) -> None:
+        self.app, self.max_upload = app, max_upload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_upload if scope["path"] in UPLOAD_PATHS else MAX_JSON
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"error":{{"type":"PayloadTooLarge","message":"request body over the limit of {limit} bytes"}}}}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})
+
+
+class RefBody(BaseModel):
+    ref: str = Field(max_length=512)
+
+
+class TagBody(RefBody):
+    tag: str = Field(max_length=64)
+
+
+class YankBody(RefBody):
+    reason: str = Field(min_length=1, max_length=4096)
+
+
+class CertificationBody(RefBody):
+    envelope: str = Field(max_length=MAX_JSON)
+
+
+class TrustBody(BaseModel):
+    pem: str = Field(max_length=16384)
+    name: str = Field(max_length=64)
+    role: str = Field(max_length=16)
+
+
+class RevokeBody(BaseModel):
+    key: str = Field(max_length=128)
+    reason: str = Field(min_length=1, max_length=4096)
+
+
+class BaseBody(BaseModel):
+    manifest: dict[str, Any]
+    name: str | None = Field(default=None, max_length=128)
+
+
+def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30) -> FastAPI:
+    tokens = Tokens(registry)
+    app = FastAPI(
+        title="revreg registry API",
+        version=revreg.__version__,
+        description="Signed, certified, reversible model behaviors. Authenticate with "
+        "`Authorization: Bearer <token>` (see `revreg tokens`).",
+    )
+    anonymous = TokenInfo("anonymous", ("read:*",), datetime.now(UTC), None, False)
+
+    @app.exception_handler(RevregError)
+    async def revreg_error(request: Request, exc: RevregError) -> JSONResponse:
+        status = next((code for cls, code in STATUS if isinstance(exc, cls)), 400)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status, headers=headers)
+
+    async def principal(authorization: Annotated[str | None, Header()] = None) -> TokenInfo:
+        if not authorization:
+            if anonymous_read:
+                return anonymous
+            raise AuthError("authentication required: send Authorization: Bearer <token>")
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthError("use Authorization: Bearer <token>")
+        return await run_in_threadpool(tokens.authenticate, secret.strip())
+
+    Principal = Annotated[TokenInfo, Depends(principal)]
+
+    def name_of(ref: str) -> str:
+        return parse_ref(ref).name
+
+    def registry_actor(who: TokenInfo) -> Registry:
+        return Registry(
+            registry.engine, registry.location, registry.store, actor=f"token:{who.name}", gate=registry.gate
+        )
+
+    @app.get("/v1/info")
+    def info(who: Principal) -> dict[str, Any]:
+        return {
+            "revreg": revreg.__version__,
+            "schema": HEAD,
+            "anonymous_read": anonymous_read,
+            "token": who.name,
+            "scopes": list(who.scopes),
+        }
+
+    @app.get("/v1/versions")
+    def versions(who: Principal, name: Annotated[str | None, Query(max_length=128)] = None) -> list[dict[str, Any]]:
+        if name is not None:
+            who.require("read", name)
+        return wire.dump([v for v in registry.ls(name) if who.allows("read", v.name)])
+
+    @app.get("/v1/resolve")
+    def resolve(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, Any]:
+        who.require("read", name_of(ref))
+        return wire.dump(registry.resolve(ref))
+
+    @app.get("/v1/show")
+    def show(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, Any]:
+        who.require("read", name_of(ref))
+        return wire.dump(registry.show(ref))
+
+    async def receive_upload(request: Request, digest: str | None) -> StagedBlob:
+        """Stream the body into the store's staging area, hashing; refuse a digest mismatch."""
+        if not isinstance(registry.store, FileBlobStore):
+            raise RevregError("this server's blob store does not take uploads")
+        if digest is None:
+            raise IntegrityError("send the body's sha256 in the X-Revreg-Digest header")
+        check_digest(digest)
+        path = registry.store.staging_path()
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(path, "xb") as sink:
+                async for chunk in request.stream():
+                    h.update(chunk)
+                    sink.write(chunk)
+                    size += len(chunk)
+                sink.flush()
+                os.fsync(sink.fileno())
+        except ClientDisconnect as exc:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(f"upload interrupted after {size} bytes; nothing was stored") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        received = "sha256:" + h.hexdigest()
+        if received != digest:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"upload digest mismatch: declared {digest}, received {received} ({size} bytes); nothing was stored"
+            )
+        return StagedBlob(path, received, size)
+
+    async def with_upload(request: Request, digest: str | None, store: Callable[[StagedBlob], Any]) -> Any:
+        staged = await receive_upload(request, digest)
+        try:
+            return await run_in_threadpool(store, staged)
+        finally:
+            staged.path.unlink(missing_ok=True)
+
+    @app.put("/v1/artifacts")
+    async def push(
+        request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        """Upload a signed artifact (the raw file as the body)."""
+        reg = registry_actor(who)
+        result = await with_upload(
+            request,
+            x_revreg_digest,
+            lambda staged: reg.push_staged(staged, "upload", authorize=lambda name: who.require("push", name)),
+        )
+        return {"created": result.created, "version": wire.dump(result.version)}
+
+    @app.get("/v1/artifact")
+    def artifact(
+        who: Principal, ref: Annotated[str, Query(max_length=512)], allow_unpublished: bool = False
+    ) -> FileResponse:
+        """Download a version's artifact; supports Range requests so an interrupted pull resumes."""
+        who.require("read", name_of(ref))
+        info = registry.check_pull(ref, allow_unpublished)
+        assert isinstance(registry.store, FileBlobStore)
+        return FileResponse(
+            registry.store.path(info.digest),
+            media_type="application/octet-stream",
+            headers={"X-Revreg-Digest": info.digest, "X-Revreg-Ref": info.ref},
+        )
+
+    @app.post("/v1/tags")
+    def tag(who: Principal, body: TagBody) -> dict[str, Any]:
+        who.require("push", name_of(body.ref))
+        return wire.dump(registry_actor(who).tag(body.ref, body.tag))
+
+    @app.post("/v1/publish")
+    def publish(who: Principal, body: RefBody) -> dict[str, Any]:
+        who.require("publish", name_of(body.ref))
+        return wire.dump(registry_actor(who).publish(body.ref))
+
+    @app.post("/v1/yank")
+    def yank(who: Principal, body: YankBody) -> dict[str, Any]:
+        who.require("publish", name_of(body.ref))
+        return wire.dump(registry_actor(who).yank(body.ref, body.reason))
+
+    @app.post("/v1/certifications")
+    def certify(who: Principal, body: CertificationBody) -> dict[str, Any]:
+        """Record a certification signed by a verifier key (made on the client's machine)."""
+        who.require("certify", name_of(body.ref))
+        return wire.dump(registry_actor(who).record_certification(body.ref, body.envelope))
+
+    @app.get("/v1/keys")
+    def keys(who: Principal) -> list[dict[str, Any]]:
+        who.require("read")
+        return wire.dump(registry.key_records())
+
+    @app.get("/v1/keys/pem")
+    def key_pems(
+        who: Principal, role: Annotated[str, Query(max_length=16)], include_revoked: bool = False
+    ) -> list[dict[str, str]]:
+        who.require("read")
+        from cryptography.hazmat.primitives import serialization
+
+        return [
+            {
+                "name": k.name,
+                "keyid": k.keyid,
+                "pem": k.public_key.public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                ).decode(),
+            }
+            for k in registry.trusted(role, include_revoked=include_revoked).values()
+        ]
+
+    @app.post("/v1/keys/trust")
+    def trust(who: Principal, body: TrustBody) -> dict[str, Any]:
+        who.require("admin")
+        return wire.dump(registry_actor(who).trust_key(body.pem.encode(), body.name, body.role))
+
+    @app.post("/v1/keys/revoke")
+    def revoke(who: Principal, body: RevokeBody) -> list[dict[str, Any]]:
+        who.require("admin")
+        return wire.dump(registry_actor(who).revoke_key(body.key, body.reason))
+
+    @app.get("/v1/bases")
+    def bases(who: Principal) -> list[dict[str, Any]]:
+        who.require("read")
+        return wire.dump(registry.bases())
+
+    @app.post("/v1/bases")
+    def register_base(who: Principal, body: BaseBody) -> dict[str, Any]:
+        who.require("push")
+        info, created = registry_actor(who).register_manifest(TensorManifest.from_dict(body.manifest), body.name)
+        return {"created": created, "base": wire.dump(info)}
+
+    @app.get("/v1/probes")
+    def probe_sets(who: Principal) -> list[dict[str, Any]]:
+        who.require("read")
+        return wire.dump(registry.probe_sets())
+
+    @app.put("/v1/probes")
+    async def push_probes(
+        request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        who.require("push")
+        reg = registry_actor(who)
+        info, created = await with_upload(
+            request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload")
+        )
+        return {"created": created, "probes": wire.dump(info)}
+
+    @app.get("/v1/probes/file")
+    def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> FileResponse:
+        who.require("read")
+        digest = registry.probe_digest(ref)
+        assert isinstance(registry.store, FileBlobStore)
+        return FileResponse(
+            registry.store.path(digest), media_type="application/octet-stream", headers={"X-Revreg-Digest": digest}
+        )
+
+    @app.get("/v1/audit/verify")
+    def audit_verify(who: Principal) -> dict[str, Any]:
+        who.require("read")
+        return wire.dump(registry.audit_verify())
+
+    @app.get("/v1/audit/log")
+    def audit_log(who: Principal, subject: Annotated[str | None, Query(max_length=512)] = None) -> list[dict[str, Any]]:
+        who.require("read")
+        return wire.dump(registry.audit_log(subject))
+
+    @app.get("/v1/fsck")
+    def fsck(who: Principal) -> dict[str, Any]:
+        who.require("admin")
+        return wire.dump(registry.fsck())
+
+    return app
+
+
+def asgi(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30) -> ASGIApp:
+    return BodyLimit(create_app(registry, anonymous_read, max_upload), max_upload)

@@ -1,0 +1,45 @@
+"""A real `revreg serve` on loopback for tests: uvicorn in a thread, over a real registry."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from revreg.registry.service import Registry
+from revreg.server.app import asgi
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 20) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        asgi(registry, anonymous_read, max_upload),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        h11_max_incomplete_event_size=16 * 1024,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)

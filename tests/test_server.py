@@ -1,0 +1,245 @@
+"""`revreg serve` on loopback: the CLI's verbs remote, authentication and scopes, streaming
+uploads and downloads, limits and faults. Real HTTP, real registries."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from revreg.artifacts.keys import Keyring
+from revreg.registry.service import Registry
+from revreg.registry.tokens import Tokens
+from tests.conftest import make_artifact
+from tests.server_helpers import running
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = "revreg.verifier.toy:build"
+
+
+@pytest.fixture
+def served(registry: Registry, keys_dir: Path):
+    """A server over the SQLite and PostgreSQL registries, with tokens of several kinds."""
+    t = Tokens(registry)
+    secrets = {
+        name: t.create(name, scopes)[0]
+        for name, scopes in {
+            "admin": ["admin:*"],
+            "reader": ["read:*"],
+            "team-a": ["read:team-a", "push:team-a"],
+            "ci": ["read:*", "push:*", "certify:*", "publish:*"],
+        }.items()
+    }
+    secrets["expired"] = t.create("expired", ["read:*"], timedelta(seconds=-1))[0]
+    secrets["revoked"] = t.create("revoked", ["read:*"])[0]
+    t.revoke("revoked")
+    with running(registry, max_upload=8 << 20) as url:
+        yield {"url": url, "tokens": secrets, "registry": registry}
+
+
+def _as(run, served, token: str):
+    def call(*args):
+        return run(*args, "--registry", served["url"], env={"REVREG_TOKEN": served["tokens"][token]})
+
+    return call
+
+
+def test_remote_lifecycle_through_the_cli(run, served, toy, keys_dir: Path, tmp_path: Path):
+    admin, ci = _as(run, served, "admin"), _as(run, served, "ci")
+    Keyring(keys_dir).generate("val")
+    assert admin("keys", "trust", "val", "--role", "verifier").exit_code == 0
+    assert "val " in admin("keys", "trusted").stdout
+    refused = ci("keys", "trust", "val", "--role", "publisher")
+    assert refused.exit_code == 2 and "has no admin scope" in refused.stderr
+    assert ci("push", toy["artifact"]).exit_code == 0
+    assert "already present" in ci("push", toy["artifact"]).stdout
+    assert ci("probes", "push", toy["probes"]).exit_code == 0
+    assert ci("base", "register", toy["base"], "--name", "toy").exit_code == 0
+    certified = ci(
+        "certify",
+        "toy:1.0.0",
+        "--base",
+        toy["base"],
+        "--factory",
+        TOY,
+        "--probes",
+        "toy-probes",
+        "--key",
+        "vera",
+        "--baseline",
+        "merge",
+    )
+    assert certified.exit_code == 0, certified.output
+    assert "toy:1.0.0 is now certified" in certified.stdout
+    assert ci("publish", "toy:1.0.0").exit_code == 0
+    assert ci("tag", "toy:1.0.0", "stable").exit_code == 0
+    listing = json.loads(ci("ls", "--json").stdout)
+    assert [(v["name"], v["state"], v["tags"]) for v in listing] == [("toy", "published", ["stable"])]
+    shown = json.loads(ci("show", "toy:stable", "--json").stdout)
+    assert shown["base_registered"] and len(shown["certifications"]) == 1
+    out = tmp_path / "pulled.safetensors"
+    assert ci("pull", "toy:stable", "-o", out).exit_code == 0
+    assert out.read_bytes() == toy["artifact"].read_bytes()
+    (tmp_path / "policy.toml").write_text('[policy]\nverifiers = ["vera"]\nmin_cycles = 3\nbitwise = true\n')
+    assert ci("gate", "toy:1.0.0", "--policy", tmp_path / "policy.toml").exit_code == 0
+    assert "chain intact" in ci("audit", "verify").stdout
+    assert ci("audit", "report", "-o", tmp_path / "r.json").exit_code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["versions"] == 1
+    assert ci("yank", "toy:1.0.0", "--reason", "superseded").exit_code == 0
+    # The server records who did what: the token's name is the actor.
+    actors = {e.action: e.actor for e in served["registry"].audit_log()}
+    assert actors["version.push"] == "token:ci" and actors["version.yank"] == "token:ci"
+    assert admin("fsck").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("token", "status", "fragment"),
+    [
+        (None, 401, "authentication required"),
+        ("rvr_not-a-real-token", 401, "unknown token"),
+        ("expired", 401, "expired at"),
+        ("revoked", 401, "was revoked"),
+    ],
+)
+def test_bad_tokens_get_401(served, token, status, fragment):
+    secret = served["tokens"].get(token, token)
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
+    response = httpx.get(f"{served['url']}/v1/versions", headers=headers)
+    assert response.status_code == status and fragment in response.json()["error"]["message"]
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_scopes_cover_namespaces(run, served, keys_dir: Path, tmp_path: Path):
+    team_a, reader = _as(run, served, "team-a"), _as(run, served, "reader")
+    ok = team_a("push", make_artifact(tmp_path / "a.safetensors", keys_dir, name="team-a.tone"))
+    assert ok.exit_code == 0, ok.output
+    other = team_a("push", make_artifact(tmp_path / "b.safetensors", keys_dir, name="team-b.tone"))
+    assert other.exit_code == 2 and "has no push scope on namespace 'team-b'" in other.stderr
+    assert "HTTP 403" in other.stderr
+    assert reader("push", tmp_path / "a.safetensors").exit_code == 2
+    assert "team-a.tone:1.0.0" in reader("ls").stdout
+    assert reader("publish", "team-a.tone:1.0.0").exit_code == 2
+    assert [v.name for v in served["registry"].ls()] == ["team-a.tone"]
+
+
+def test_anonymous_read_only_when_configured(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    with running(registry, anonymous_read=True) as url:
+        assert httpx.get(f"{url}/v1/versions").status_code == 200
+        assert httpx.post(f"{url}/v1/publish", json={"ref": "demo:1.0.0"}).status_code == 403
+    with running(registry) as url:
+        assert httpx.get(f"{url}/v1/versions").status_code == 401
+
+
+def _raw_upload(url: str, token: str, head_length: int, body: bytes) -> bytes:
+    """Send a PUT whose Content-Length promises more than is sent, then hang up."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port)) as s:
+        s.sendall(
+            (
+                f"PUT /v1/artifacts HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
+                f"X-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: {head_length}\r\n\r\n"
+            ).encode()
+            + body
+        )
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        try:
+            return s.recv(65536)
+        except OSError:
+            return b""
+
+
+def _nothing_stored(registry: Registry) -> None:
+    assert registry.ls() == [] and list(registry.store.digests()) == []
+    assert list((registry.store.root / "tmp").iterdir()) == []
+
+
+def test_truncated_upload_stores_nothing(served, keys_dir: Path, tmp_path: Path):
+    data = make_artifact(tmp_path / "a.safetensors", keys_dir).read_bytes()
+    _raw_upload(served["url"], served["tokens"]["ci"], len(data), data[: len(data) // 2])
+    _nothing_stored(served["registry"])
+    # The same push then succeeds in full.
+    done = httpx.put(
+        f"{served['url']}/v1/artifacts",
+        content=data,
+        headers={
+            "Authorization": f"Bearer {served['tokens']['ci']}",
+            "X-Revreg-Digest": "sha256:" + __import__("hashlib").sha256(data).hexdigest(),
+        },
+    )
+    assert done.status_code == 200 and done.json()["created"]
+
+
+def test_digest_mismatch_is_refused_before_anything_is_visible(served, keys_dir: Path, tmp_path: Path):
+    data = make_artifact(tmp_path / "a.safetensors", keys_dir).read_bytes()
+    response = httpx.put(
+        f"{served['url']}/v1/artifacts",
+        content=data,
+        headers={"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Digest": "sha256:" + "0" * 64},
+    )
+    assert response.status_code == 400 and "upload digest mismatch" in response.json()["error"]["message"]
+    _nothing_stored(served["registry"])
+
+
+def test_body_over_the_limit_gets_413(served):
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Digest": "sha256:" + "0" * 64}
+    too_big = httpx.put(f"{served['url']}/v1/artifacts", content=b"\0" * (9 << 20), headers=headers)
+    assert too_big.status_code == 413
+    json_too_big = httpx.post(
+        f"{served['url']}/v1/publish",
+        content=b'{"ref":"' + b"a" * (2 << 20) + b'"}',
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert json_too_big.status_code == 413
+    _nothing_stored(served["registry"])
+
+
+def test_malformed_json_gets_422(served):
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "Content-Type": "application/json"}
+    assert httpx.post(f"{served['url']}/v1/publish", content=b"{not json", headers=headers).status_code == 422
+    assert httpx.post(f"{served['url']}/v1/yank", json={"ref": "x:1"}, headers=headers).status_code == 422
+
+
+def test_downloads_support_range_requests(served, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, size=4096)
+    served["registry"].push(art)
+    headers = {"Authorization": f"Bearer {served['tokens']['reader']}", "Range": "bytes=100-"}
+    response = httpx.get(
+        f"{served['url']}/v1/artifact", params={"ref": "demo:1.0.0", "allow_unpublished": True}, headers=headers
+    )
+    assert response.status_code == 206 and response.content == art.read_bytes()[100:]
+    assert response.headers["content-range"].startswith("bytes 100-")
+
+
+def test_unpublished_versions_stay_on_the_server(served, keys_dir: Path, tmp_path: Path):
+    served["registry"].push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    response = httpx.get(
+        f"{served['url']}/v1/artifact",
+        params={"ref": "demo:1.0.0"},
+        headers={"Authorization": f"Bearer {served['tokens']['reader']}"},
+    )
+    assert response.status_code == 409 and "not published" in response.json()["error"]["message"]
+
+
+def test_plain_http_is_for_loopback_only(run):
+    result = run("ls", "--registry", "http://registry.example.com:8470")
+    assert result.exit_code == 2 and "plain http:// is allowed on loopback only" in result.stderr
+
+
+def test_server_side_commands_refuse_a_url(run):
+    for args in (("init",), ("db", "upgrade"), ("tokens", "list")):
+        result = run(*args, "--registry", "http://127.0.0.1:9")
+        assert result.exit_code == 2 and "run it on the server" in result.stderr
+
+
+def test_published_openapi_document_is_current(registry: Registry):
+    from revreg.server.app import create_app
+
+    published = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert published == json.loads(json.dumps(create_app(registry).openapi()))
