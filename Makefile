@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_identity.py
 	$(PY) benchmarks/bench_registry.py
 	$(PY) benchmarks/bench_verifier.py
+	$(PY) benchmarks/bench_server.py
 
 clean:
 	rm -rf $(VENV) .revreg-demo .pytest_cache .ruff_cache

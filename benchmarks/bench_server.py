@@ -1,0 +1,173 @@
+"""Remote registry benchmarks (issue 6), as ratios against the local registry in the same run.
+
+- push and pull of a ~1 GiB artifact over loopback HTTP against the same through the local
+  registry (both via the CLI, both with fsync and every check);
+- 16 concurrent clients against one server on PostgreSQL: errors other than clean conflicts,
+  and throughput.
+
+    python benchmarks/bench_server.py [--gib 1] [--clients 16] [--repeat 3] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench_registry import PG_ADMIN, REVREG, artifact, setup_registry
+from measure import timed
+
+from revreg.artifacts.keys import Keyring
+
+
+def start_server(location: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [REVREG, "serve", "--registry", location, "--port", str(port), "--max-upload", "8GiB"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import httpx
+
+    for _ in range(200):
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/info", timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def token(location: str, env: dict[str, str]) -> str:
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    out = subprocess.run(
+        [REVREG, "tokens", "create", name, "--scope", "admin:*", "--registry", location],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
+    timed(["cat", str(art)])
+    local_push, local_pull, remote_push, remote_pull = [], [], [], []
+    for i in range(repeat):
+        for kind in ("local", "remote"):
+            reg = out / f"reg-{kind}-{i}"
+            shutil.rmtree(reg, ignore_errors=True)
+            setup_registry(str(reg), None, keys, env)
+            e, location, server = dict(env), str(reg), None
+            if kind == "remote":
+                e["REVREG_TOKEN"] = token(str(reg), env)
+                server = start_server(str(reg), 8490 + i, env)
+                location = f"http://127.0.0.1:{8490 + i}"
+            dest = out / "pulled.safetensors"
+            dest.unlink(missing_ok=True)
+            push = timed([REVREG, "push", str(art), "--registry", location], e)
+            pull = timed(
+                [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(dest), "--registry", location], e
+            )
+            assert push[2] == 0 and pull[2] == 0, kind
+            (local_push if kind == "local" else remote_push).append(push[0])
+            (local_pull if kind == "local" else remote_pull).append(pull[0])
+            if server:
+                server.terminate()
+                server.wait()
+            shutil.rmtree(reg)
+    return {
+        "artifact_bytes": art.stat().st_size,
+        "local_push_s": round(min(local_push), 3),
+        "remote_push_s": round(min(remote_push), 3),
+        "local_pull_s": round(min(local_pull), 3),
+        "remote_pull_s": round(min(remote_pull), 3),
+        "remote_push_speed_vs_local": round(min(local_push) / min(remote_push), 2),
+        "remote_pull_speed_vs_local": round(min(local_pull) / min(remote_pull), 2),
+    }
+
+
+def bench_clients(out: Path, keys: Path, env: dict[str, str], clients: int) -> dict:
+    import psycopg
+
+    db = f"revreg_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    location = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
+    store = out / "srv-pg-blobs"
+    shutil.rmtree(store, ignore_errors=True)
+    setup_registry(location, str(store), keys, env)
+    e = {**env, "REVREG_TOKEN": token(location, env)}
+    server = start_server(location, 8499, env)
+    url = "http://127.0.0.1:8499"
+    work = {
+        c: [
+            artifact(out / f"s-{c}-{i}.safetensors", keys, f"client-{c}", f"1.0.{i}", 1, seed=c * 10 + i)
+            for i in range(3)
+        ]
+        + [artifact(out / f"s-{c}-shared.safetensors", keys, "shared", "1.0.0", 1, seed=c)]
+        for c in range(clients)
+    }
+
+    def client(c: int) -> list[tuple[int, str]]:
+        results = []
+        for path in work[c]:
+            p = subprocess.run([REVREG, "push", str(path), "--registry", url], env=e, capture_output=True, text=True)
+            results.append((p.returncode, p.stderr.strip()))
+        p = subprocess.run([REVREG, "ls", "--registry", url], env=e, capture_output=True, text=True)
+        results.append((p.returncode, p.stderr.strip()))
+        return results
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    elapsed = time.perf_counter() - start
+    server.terminate()
+    server.wait()
+    conflicts = [m for c, m in results if c != 0 and "already exists with digest" in m]
+    others = [m for c, m in results if c != 0 and "already exists with digest" not in m]
+    audit = subprocess.run([REVREG, "audit", "verify", "--registry", location], env=env, capture_output=True)
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "succeeded": sum(c == 0 for c, _ in results),
+        "clean_conflicts": len(conflicts),
+        "other_errors": others[:3],
+        "requests_per_s": round(len(results) / elapsed, 1),
+        "audit_ok": audit.returncode == 0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    out = args.out.absolute()
+    out.mkdir(exist_ok=True)
+    keys = out / "keys"
+    if not (keys / "bench.key").exists():
+        Keyring(keys).generate("bench")
+    env = {**os.environ, "REVREG_KEYS": str(keys)}
+    results = {"transfer": bench_transfer(out, keys, env, args.gib, args.repeat)}
+    print(json.dumps(results["transfer"], indent=1), flush=True)
+    results["clients"] = bench_clients(out, keys, env, args.clients)
+    print(json.dumps(results["clients"], indent=1), flush=True)
+    (out / "server.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
