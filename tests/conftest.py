@@ -238,3 +238,34 @@ def toy(tmp_path: Path, run) -> dict[str, Path]:
     )
     assert result.exit_code == 0, result.output
     return {"base": tmp_path / "base.safetensors", "artifact": art, "probes": probes}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.server_helpers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A fresh bucket on the local S3 server, with the AWS environment pointing at it."""
+    import uuid
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("REVREG_STAGING", str(tmp_path / "staging"))
+    name = f"revreg-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name

@@ -50,7 +50,6 @@ from revreg.registry.policy import PublishGate, RequirePassingCertification
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
     BlobStore,
-    FileBlobStore,
     StagedBlob,
     check_digest,
     copy_hashing,
@@ -277,8 +276,7 @@ class Registry:
         # directory can be moved; any other store is recorded absolutely.
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
         blob_store = open_store(store_url, loc.directory)
-        if isinstance(blob_store, FileBlobStore):
-            blob_store.create()
+        blob_store.create()
         engine = make_engine(loc)
         upgrade(engine)
         registry = cls(engine, loc, blob_store, actor)
@@ -836,16 +834,15 @@ class Registry:
                 problems.append(f"blob {digest} has {size} bytes, its row says {rows[digest]}")
             elif digest not in rows:
                 warnings.append(f"blob {digest} has no row (left by an interrupted push)")
-                if prune and isinstance(self.store, FileBlobStore):
-                    self.store.path(digest).unlink()
+                if prune:
+                    self.store.remove(digest)
         for digest in sorted(rows.keys() - on_disk):
             problems.append(f"blob row {digest} has no file in the store")
         for v, name in versions:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
-        if isinstance(self.store, FileBlobStore):
-            for partial in sorted((self.store.root / "tmp").glob("*.partial")):
-                warnings.append(f"staging file {partial.name} left by an interrupted write")
-                if prune:
-                    partial.unlink(missing_ok=True)
+        for partial in sorted(self.store.staging_dir.glob("*.partial")):
+            warnings.append(f"staging file {partial.name} left by an interrupted write")
+            if prune:
+                partial.unlink(missing_ok=True)
         return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))

@@ -32,10 +32,31 @@ class StagedBlob:
 
 
 class BlobStore(ABC):
-    @abstractmethod
+    """Blobs by digest. Staging is always a local file, so every check (signature, tensors)
+    runs on the exact bytes that `commit` then makes visible."""
+
+    staging_dir: Path
+
+    def staging_path(self) -> Path:
+        """A fresh name in the staging area, for writers that stream by themselves (uploads)."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        return self.staging_dir / f"{uuid.uuid4().hex}.partial"
+
     @contextmanager
     def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
-        """Stream `source` into a staging file; removed on exit unless committed."""
+        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed."""
+        tmp = self.staging_path()
+        try:
+            with open(tmp, "xb", buffering=0) as sink:
+                digest, size = copy_hashing(source, sink, durable=True)
+                os.fsync(sink.fileno())
+            yield StagedBlob(tmp, digest, size)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @abstractmethod
+    def create(self) -> None:
+        """Prepare an empty store (or check that an existing one is reachable)."""
 
     @abstractmethod
     def commit(self, staged: StagedBlob) -> None:
@@ -49,6 +70,10 @@ class BlobStore(ABC):
 
     @abstractmethod
     def digests(self) -> Iterator[str]: ...
+
+    @abstractmethod
+    def remove(self, digest: str) -> None:
+        """Delete a blob (fsck --prune of orphans only)."""
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -139,6 +164,7 @@ class FileBlobStore(BlobStore):
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.staging_dir = self.root / "tmp"
 
     def create(self) -> None:
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
@@ -147,22 +173,6 @@ class FileBlobStore(BlobStore):
     def path(self, digest: str) -> Path:
         hexpart = check_digest(digest).split(":", 1)[1]
         return self.root / "sha256" / hexpart[:2] / hexpart
-
-    @contextmanager
-    def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
-        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.partial"
-        try:
-            with open(tmp, "xb", buffering=0) as sink:
-                digest, size = copy_hashing(source, sink, durable=True)
-                sink.flush()
-                os.fsync(sink.fileno())
-            yield StagedBlob(tmp, digest, size)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def staging_path(self) -> Path:
-        """A fresh name in the staging area, for writers that stream by themselves (uploads)."""
-        return self.root / "tmp" / f"{uuid.uuid4().hex}.partial"
 
     def commit(self, staged: StagedBlob) -> None:
         final = self.path(staged.digest)
@@ -184,6 +194,9 @@ class FileBlobStore(BlobStore):
         for path in sorted((self.root / "sha256").glob("*/*")):
             yield f"sha256:{path.name}"
 
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
     def describe(self) -> str:
         return str(self.root)
 
@@ -192,7 +205,11 @@ def open_store(url: str, base: Path | None) -> BlobStore:
     """A store from its recorded location: a path (relative to the registry directory) or file://."""
     if url.startswith("file://"):
         return FileBlobStore(Path(url[len("file://") :]))
+    if url.startswith("s3://"):
+        from revreg.registry.store_s3 import S3BlobStore
+
+        return S3BlobStore.from_url(url)
     if "://" in url:
-        raise InputError(f"unsupported blob store {url!r}: use a directory")
+        raise InputError(f"unsupported blob store {url!r}: use a directory or s3://bucket/prefix")
     path = Path(url)
     return FileBlobStore(path if path.is_absolute() or base is None else base / path)

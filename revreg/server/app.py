@@ -6,12 +6,12 @@ the server authenticates, checks scopes, streams bytes and maps errors to HTTP s
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -148,6 +148,20 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     Principal = Annotated[TokenInfo, Depends(principal)]
 
+    def blob_response(digest: str, headers: dict[str, str]) -> Response:
+        """A file store serves Range requests from the file; other stores stream the object."""
+        headers = {"X-Revreg-Digest": digest, **headers}
+        if isinstance(registry.store, FileBlobStore):
+            return FileResponse(registry.store.path(digest), media_type="application/octet-stream", headers=headers)
+        body = registry.store.open(digest)
+
+        def chunks() -> Iterator[bytes]:
+            with body:
+                while block := body.read(1 << 20):
+                    yield block
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream", headers=headers)
+
     def name_of(ref: str) -> str:
         return parse_ref(ref).name
 
@@ -184,8 +198,6 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     async def receive_upload(request: Request, digest: str | None) -> StagedBlob:
         """Stream the body into the store's staging area, hashing; refuse a digest mismatch."""
-        if not isinstance(registry.store, FileBlobStore):
-            raise RevregError("this server's blob store does not take uploads")
         if digest is None:
             raise IntegrityError("send the body's sha256 in the X-Revreg-Digest header")
         check_digest(digest)
@@ -237,16 +249,11 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.get("/v1/artifact")
     def artifact(
         who: Principal, ref: Annotated[str, Query(max_length=512)], allow_unpublished: bool = False
-    ) -> FileResponse:
+    ) -> Response:
         """Download a version's artifact; supports Range requests so an interrupted pull resumes."""
         who.require("read", name_of(ref))
         info = registry.check_pull(ref, allow_unpublished)
-        assert isinstance(registry.store, FileBlobStore)
-        return FileResponse(
-            registry.store.path(info.digest),
-            media_type="application/octet-stream",
-            headers={"X-Revreg-Digest": info.digest, "X-Revreg-Ref": info.ref},
-        )
+        return blob_response(info.digest, {"X-Revreg-Ref": info.ref})
 
     @app.post("/v1/tags")
     def tag(who: Principal, body: TagBody) -> dict[str, Any]:
@@ -330,13 +337,9 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         return {"created": created, "probes": wire.dump(info)}
 
     @app.get("/v1/probes/file")
-    def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> FileResponse:
+    def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> Response:
         who.require("read")
-        digest = registry.probe_digest(ref)
-        assert isinstance(registry.store, FileBlobStore)
-        return FileResponse(
-            registry.store.path(digest), media_type="application/octet-stream", headers={"X-Revreg-Digest": digest}
-        )
+        return blob_response(registry.probe_digest(ref), {})
 
     @app.get("/v1/audit/verify")
     def audit_verify(who: Principal) -> dict[str, Any]:
