@@ -39,13 +39,13 @@ def test_commands_refuse_a_schema_that_is_behind_and_name_the_fix(registry_locat
     reg = Registry.init(location, store)
     with reg.engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0000'"))
-    with pytest.raises(SchemaError, match=r"revision 0000, this revreg needs 0002: run `revreg db upgrade`"):
+    with pytest.raises(SchemaError, match=r"revision 0000, this revreg needs 0003: run `revreg db upgrade`"):
         Registry.open(location)
     result = run("ls", "--registry", location)
     assert result.exit_code == 2 and "run `revreg db upgrade`" in result.stderr
     assert run("db", "current", "--registry", location).exit_code == 1
     with reg.engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0002'"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0003'"))
     assert run("db", "current", "--registry", location).exit_code == 0
     reg.engine.dispose()
 

@@ -79,6 +79,8 @@ def _register() -> None:
         verify_cmds.certify,
         gate_cmd.gate,
         server_cmds.serve,
+        verify_cmds.worker,
+        verify_cmds.queue_list,
         server_cmds.tokens,
     ):
         cli.add_command(command)

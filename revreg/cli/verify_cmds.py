@@ -244,7 +244,13 @@ def verify(
 @click.command()
 @click.argument("ref")
 @verifier_options
-@click.option("--key", "key_name", required=True, help="The verifier's signing key (keyring name).")
+@click.option("--key", "key_name", default=None, help="The verifier's signing key (keyring name).")
+@click.option(
+    "--queue",
+    "queued",
+    is_flag=True,
+    help="Only record a request; `revreg worker` processes (with their own keys) certify it.",
+)
 @passphrase_env_option
 @json_option
 @registry_option
@@ -257,7 +263,8 @@ def certify(
     device: str,
     cycles: int,
     baselines: tuple[str, ...],
-    key_name: str,
+    key_name: str | None,
+    queued: bool,
     passphrase_env: str | None,
     as_json: bool,
     registry: str | None,
@@ -265,12 +272,23 @@ def certify(
 ) -> None:
     """Verify REF from the registry, sign the result, and record it as a certification.
 
-    The result is an in-toto Statement about the artifact digest in a DSSE envelope signed by
-    --key, which the registry must trust as a verifier. PASS moves the version to certified,
+    With --queue, only record a request for `revreg worker` processes. The result is an
+    in-toto Statement about the artifact digest in a DSSE envelope signed by --key, which the
+    registry must trust as a verifier. PASS moves the version to certified,
     anything else to rejected. Exit 0 on PASS, 1 otherwise.
     """
     from revreg.artifacts.attestation import sign_certification
 
+    if queued:
+        from revreg.registry.queue import Queue
+
+        request = Queue(_open(registry)).request(
+            ref, str(Path(base).absolute()), probes_ref, factory, device, cycles, baselines
+        )
+        click.echo(f"queued certification request {request.id} for {request.ref}")
+        return
+    if key_name is None:
+        raise InputError("certify needs --key VERIFIER_KEY (or --queue to leave it to the workers)")
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
     signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
     with _inputs(ref, probes_ref, registry, keys_dir, need_registry=True) as inputs:
@@ -286,3 +304,64 @@ def certify(
     _print(result, as_json, {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name})"})
     if not result.passed:
         raise CheckFailed(f"certification {result.verdict}: {'; '.join(result.reasons)}")
+
+
+@click.command()
+@click.option("--key", "key_name", required=True, help="This worker's verifier key (keyring name).")
+@click.option("--id", "worker_id", default=None, help="Worker name in the queue (default: host:pid).")
+@click.option(
+    "--lease",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a claim stays ours without renewal; a dead worker's request is re-claimed after it.",
+)
+@click.option("--poll", type=float, default=2.0, show_default=True, help="Seconds between looks at an empty queue.")
+@click.option("--drain", is_flag=True, help="Exit when the queue is empty instead of waiting for more.")
+@passphrase_env_option
+@registry_option
+@keys_dir_option
+def worker(
+    key_name: str,
+    worker_id: str | None,
+    lease: float,
+    poll: float,
+    drain: bool,
+    passphrase_env: str | None,
+    registry: str | None,
+    keys_dir: Path | None,
+) -> None:
+    """Claim queued certification requests and certify them (run one per GPU).
+
+    Claims use FOR UPDATE SKIP LOCKED on PostgreSQL, so many workers share one queue; a worker
+    that dies loses its lease and another worker takes the request over. A result is recorded
+    only while its worker still holds the lease, so every request is certified exactly once.
+    """
+    import socket
+
+    from revreg.cli.registry_cmds import _local_only
+    from revreg.verifier.worker import run_worker
+
+    _local_only(registry, "worker")
+    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    name = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    done = run_worker(_open(registry), signer, name, lease, poll, drain, log=lambda m: click.echo(m, err=True))
+    click.echo(f"{name}: certified {done} requests")
+
+
+@click.command("queue")
+@json_option
+@registry_option
+def queue_list(as_json: bool, registry: str | None) -> None:
+    """List certification requests: state, attempts, and the worker holding each."""
+    from revreg.registry.queue import Queue
+
+    requests = Queue(_open(registry)).list()
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in requests], indent=1))
+        return
+    for r in requests:
+        click.echo(
+            f"#{r.id:<5} {r.state:<8} {r.ref:<32} attempts {r.attempts}  {r.lease_owner or '-'}  {r.result or ''}"
+        )

@@ -19,7 +19,7 @@ from revreg.errors import InputError, RevregError
 DEFAULT_LOCATION = ".revreg"
 DB_FILE = "registry.db"
 # The newest migration in revreg/migrations/versions; a test keeps the two equal.
-HEAD = "0002"
+HEAD = "0003"
 
 
 class SchemaError(RevregError):

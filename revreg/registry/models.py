@@ -182,3 +182,26 @@ class Token(Base):
     created_by: Mapped[str] = mapped_column(String(256))
     expires_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class CertRequest(Base):
+    """A queued certification: claimed by one worker at a time under a lease that expires."""
+
+    __tablename__ = "cert_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    ref: Mapped[str] = mapped_column(String(256))
+    base: Mapped[str] = mapped_column(Text)  # the base model's path as the workers see it
+    factory: Mapped[str | None] = mapped_column(String(256))
+    probes: Mapped[str] = mapped_column(String(512))
+    device: Mapped[str] = mapped_column(String(32))
+    cycles: Mapped[int] = mapped_column(Integer)
+    baselines: Mapped[str] = mapped_column(Text)  # JSON list
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued, running, done, failed
+    requested_by: Mapped[str] = mapped_column(String(256))
+    requested_at: Mapped[datetime] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    result: Mapped[str | None] = mapped_column(Text)

@@ -605,31 +605,36 @@ class Registry:
     def record_certification(self, ref: Ref | str, envelope: bytes | str) -> VersionInfo:
         """Store a verifier's signed certification and move the version to certified/rejected."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
         with self._tx() as s:
-            v = self._find(s, ref)
-            cert = verify_certification(text, self.trusted("verifier", s))
-            if cert.subject_digest != v.digest:
-                raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
-            s.add(
-                Certification(
-                    version_id=v.id,
-                    verifier_keyid=cert.verifier.keyid,
-                    passed=cert.passed,
-                    envelope=text,
-                    created_at=_now(),
-                )
+            return self.record_certification_in(s, ref, envelope)
+
+    def record_certification_in(self, s: Session, ref: Ref, envelope: bytes | str) -> VersionInfo:
+        """record_certification inside the caller's transaction (the worker queue commits the
+        certification and the end of its lease together)."""
+        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
+        v = self._find(s, ref)
+        cert = verify_certification(text, self.trusted("verifier", s))
+        if cert.subject_digest != v.digest:
+            raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
+        s.add(
+            Certification(
+                version_id=v.id,
+                verifier_keyid=cert.verifier.keyid,
+                passed=cert.passed,
+                envelope=text,
+                created_at=_now(),
             )
-            if v.state != "published":
-                self._transition(s, v, "certified" if cert.passed else "rejected")
-            audit.append(
-                s,
-                self.actor,
-                "version.certify",
-                f"{v.behavior.name}:{v.version}",
-                {"verdict": cert.verdict, "verifier": cert.verifier.keyid, "state": v.state},
-            )
-            return self._info(s, v)
+        )
+        if v.state != "published":
+            self._transition(s, v, "certified" if cert.passed else "rejected")
+        audit.append(
+            s,
+            self.actor,
+            "version.certify",
+            f"{v.behavior.name}:{v.version}",
+            {"verdict": cert.verdict, "verifier": cert.verifier.keyid, "state": v.state},
+        )
+        return self._info(s, v)
 
     def _gate(self, s: Session, v: Version) -> None:
         envelopes = list(s.scalars(select(Certification.envelope).where(Certification.version_id == v.id)))
