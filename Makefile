@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_registry.py
 	$(PY) benchmarks/bench_verifier.py
 	$(PY) benchmarks/bench_server.py
+	$(PY) benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .revreg-demo .pytest_cache .ruff_cache
