@@ -269,3 +269,42 @@ def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str
     name = f"revreg-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+def cli_steps(run: RunCli, env: dict[str, str], *commands: tuple[str | Path, ...]) -> None:
+    """Run CLI commands in order; each must succeed."""
+    for args in commands:
+        result = run(*args, env=env)
+        assert result.exit_code == 0, (args, result.output)
+
+
+@pytest.fixture
+def certified_toy(run, toy, keys_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """A registry holding toy:1.0.0 and its probe set, certified by `vera` on the CPU with a
+    merge baseline; returns the environment that points the CLI at it."""
+    env = {"REVREG_REGISTRY": str(tmp_path / "reg")}
+    Keyring(keys_dir).generate("vera")
+    cli_steps(
+        run,
+        env,
+        ("init",),
+        ("keys", "trust", "alice", "--role", "publisher"),
+        ("keys", "trust", "vera", "--role", "verifier"),
+        ("push", toy["artifact"]),
+        ("probes", "push", toy["probes"]),
+        (
+            "certify",
+            "toy:1.0.0",
+            "--base",
+            toy["base"],
+            "--factory",
+            "revreg.verifier.toy:build",
+            "--probes",
+            "toy-probes",
+            "--key",
+            "vera",
+            "--baseline",
+            "merge",
+        ),
+    )
+    return env

@@ -11,42 +11,17 @@ from pathlib import Path
 import pytest
 
 from revreg.registry.service import Registry
+from tests.conftest import cli_steps
 
 TOY = "revreg.verifier.toy:build"
 PINNED = "2026-11-29T00:00:00Z"
 
 
 @pytest.fixture
-def registry_env(run, toy, keys_dir: Path, tmp_path: Path) -> dict[str, str]:
-    """toy:1.0.0 certified with a merge baseline and published; a second version left pending."""
-    from revreg.artifacts.keys import Keyring
-
-    env = {"REVREG_REGISTRY": str(tmp_path / "reg")}
-    Keyring(keys_dir).generate("vera")
-    for args in (
-        ("init",),
-        ("keys", "trust", "alice", "--role", "publisher"),
-        ("keys", "trust", "vera", "--role", "verifier"),
-        ("push", toy["artifact"]),
-        (
-            "certify",
-            "toy:1.0.0",
-            "--base",
-            toy["base"],
-            "--factory",
-            TOY,
-            "--probes",
-            toy["probes"],
-            "--key",
-            "vera",
-            "--baseline",
-            "merge",
-        ),
-        ("publish", "toy:1.0.0"),
-    ):
-        result = run(*args, env=env)
-        assert result.exit_code == 0, (args, result.output)
-    return env
+def registry_env(run, certified_toy: dict[str, str]) -> dict[str, str]:
+    """toy:1.0.0 certified with a merge baseline, then published."""
+    cli_steps(run, certified_toy, ("publish", "toy:1.0.0"))
+    return certified_toy
 
 
 def test_report_formats_hold_the_evidence(run, registry_env, tmp_path: Path):

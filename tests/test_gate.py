@@ -32,34 +32,8 @@ no_revoked_keys = true
 
 
 @pytest.fixture
-def certified(run, toy, keys_dir: Path, tmp_path: Path) -> dict[str, str]:
-    """A registry holding toy:1.0.0 certified by `vera` on the CPU."""
-    env = {"REVREG_REGISTRY": str(tmp_path / "reg")}
-    Keyring(keys_dir).generate("vera")
-    for args in (
-        ("init",),
-        ("keys", "trust", "alice", "--role", "publisher"),
-        ("keys", "trust", "vera", "--role", "verifier"),
-        ("push", toy["artifact"]),
-        ("probes", "push", toy["probes"]),
-        (
-            "certify",
-            "toy:1.0.0",
-            "--base",
-            toy["base"],
-            "--factory",
-            TOY,
-            "--probes",
-            "toy-probes",
-            "--key",
-            "vera",
-            "--baseline",
-            "merge",
-        ),
-    ):
-        result = run(*args, env=env)
-        assert result.exit_code == 0, (args, result.output)
-    return env
+def certified(certified_toy: dict[str, str]) -> dict[str, str]:
+    return certified_toy
 
 
 def _policy(tmp_path: Path, text: str) -> Path:

@@ -56,13 +56,13 @@ def test_verify_refuses_another_base_with_exit_2(run, toy, tmp_path: Path):
     assert "is bound to base sha256:" in result.stderr and "refusing to run" in result.stderr
 
 
-def test_verify_an_inert_behavior_exits_1(run, toy, tmp_path: Path):
+def _inert_artifact(run, toy, tmp_path: Path) -> Path:
+    """A LoRA whose B is zero: signed and valid, but it changes nothing."""
     save_file({"a": torch.randn(4, 32), "b": torch.zeros(64, 4)}, tmp_path / "z.safetensors")
-    (tmp_path / "z.json").write_text(
-        json.dumps({"attachments": [{"target": "up", "kind": "lora", "tensors": {"A": "a", "B": "b"}}]})
-    )
+    spec = {"attachments": [{"target": "up", "kind": "lora", "tensors": {"A": "a", "B": "b"}}]}
+    (tmp_path / "z.json").write_text(json.dumps(spec))
     art = tmp_path / "inert.safetensors"
-    run(
+    result = run(
         "pack",
         "--tensors",
         tmp_path / "z.safetensors",
@@ -79,6 +79,12 @@ def test_verify_an_inert_behavior_exits_1(run, toy, tmp_path: Path):
         "-o",
         art,
     )
+    assert result.exit_code == 0, result.output
+    return art
+
+
+def test_verify_an_inert_behavior_exits_1(run, toy, tmp_path: Path):
+    art = _inert_artifact(run, toy, tmp_path)
     result = run("verify", art, "--base", toy["base"], "--factory", TOY, "--probes", toy["probes"])
     assert result.exit_code == 1 and "verification FAIL: inert" in result.stderr
 
@@ -158,28 +164,7 @@ def test_certify_records_a_signed_certification_and_unlocks_publish(run, toy, ke
 def test_certify_of_a_faulty_version_rejects_it(run, toy, keys_dir: Path, tmp_path: Path):
     env = {"REVREG_REGISTRY": str(tmp_path / "reg")}
     Keyring(keys_dir).generate("vera")
-    save_file({"a": torch.randn(4, 32), "b": torch.zeros(64, 4)}, tmp_path / "z.safetensors")
-    (tmp_path / "z.json").write_text(
-        json.dumps({"attachments": [{"target": "up", "kind": "lora", "tensors": {"A": "a", "B": "b"}}]})
-    )
-    art = tmp_path / "inert.safetensors"
-    run(
-        "pack",
-        "--tensors",
-        tmp_path / "z.safetensors",
-        "--spec",
-        tmp_path / "z.json",
-        "--base",
-        toy["base"],
-        "--name",
-        "inert",
-        "--version",
-        "1",
-        "--key",
-        "alice",
-        "-o",
-        art,
-    )
+    art = _inert_artifact(run, toy, tmp_path)
     for args in (
         ("init",),
         ("keys", "trust", "alice", "--role", "publisher"),
