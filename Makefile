@@ -25,8 +25,8 @@ browser:
 		echo "warning: chromium is not installed; the browser test skips (and fails under CI)"
 
 test: $(STAMP) browser
-	$(VENV)/bin/ruff check revreg tests benchmarks
-	$(VENV)/bin/ruff format --check revreg tests benchmarks
+	$(VENV)/bin/ruff check revreg tests benchmarks fuzz
+	$(VENV)/bin/ruff format --check revreg tests benchmarks fuzz
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

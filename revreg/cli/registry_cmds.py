@@ -223,10 +223,11 @@ def show(ref: str, as_json: bool, registry: str | None) -> None:
 @click.command()
 @click.argument("ref")
 @click.argument("tag_name", metavar="TAG")
+@click.option("--allow-downgrade", is_flag=True, help="Allow moving the tag to an older version (audited).")
 @registry_option
-def tag(ref: str, tag_name: str, registry: str | None) -> None:
-    """Point TAG (e.g. latest, stable) of a behavior at REF."""
-    info = _open(registry).tag(ref, tag_name)
+def tag(ref: str, tag_name: str, allow_downgrade: bool, registry: str | None) -> None:
+    """Point TAG (e.g. latest, stable) of a behavior at REF; refuses downgrades unless allowed."""
+    info = _open(registry).tag(ref, tag_name, allow_downgrade)
     click.echo(f"{info.name}:{tag_name} -> {info.version}")
 
 

@@ -669,7 +669,9 @@ class Registry:
             audit.append(s, self.actor, "version.yank", f"{v.behavior.name}:{v.version}", {"reason": reason})
             return self._info(s, v)
 
-    def tag(self, ref: Ref | str, tag: str) -> VersionInfo:
+    def tag(self, ref: Ref | str, tag: str, allow_downgrade: bool = False) -> VersionInfo:
+        """Point a tag at a version. Moving a tag to a version pushed before the one it points at
+        is a downgrade (a rollback attack on `latest`), refused unless explicitly allowed."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         if not VERSION_RE.match(tag):
             raise InputError(f"invalid tag {tag!r}: use letters, digits, '.', '_', '+' or '-'")
@@ -686,12 +688,20 @@ class Registry:
             if row is None:
                 s.add(Tag(behavior_id=v.behavior_id, tag=tag, version_id=v.id, updated_at=_now()))
             else:
-                previous = s.get(Version, row.version_id).version
+                current = s.get(Version, row.version_id)
+                previous = current.version
+                downgrade = (v.pushed_at, v.id) < (current.pushed_at, current.id)
+                if downgrade and not allow_downgrade:
+                    raise StateError(
+                        f"moving {v.behavior.name}:{tag} from {current.version} back to the older {v.version} is a "
+                        "downgrade; pass --allow-downgrade if that is intended"
+                    )
                 row.version_id, row.updated_at = v.id, _now()
             s.flush()
-            audit.append(
-                s, self.actor, "tag.set", f"{v.behavior.name}:{tag}", {"version": v.version, "previous": previous}
-            )
+            details: dict[str, Any] = {"version": v.version, "previous": previous}
+            if allow_downgrade and previous is not None:
+                details["downgrade_allowed"] = True
+            audit.append(s, self.actor, "tag.set", f"{v.behavior.name}:{tag}", details)
             return self._info(s, v)
 
     # -- pull --------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ class RefBody(BaseModel):
 
 class TagBody(RefBody):
     tag: str = Field(max_length=64)
+    allow_downgrade: bool = False
 
 
 class YankBody(RefBody):
@@ -258,7 +259,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.post("/v1/tags")
     def tag(who: Principal, body: TagBody) -> dict[str, Any]:
         who.require("push", name_of(body.ref))
-        return wire.dump(registry_actor(who).tag(body.ref, body.tag))
+        return wire.dump(registry_actor(who).tag(body.ref, body.tag, body.allow_downgrade))
 
     @app.post("/v1/publish")
     def publish(who: Principal, body: RefBody) -> dict[str, Any]:

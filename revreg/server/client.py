@@ -170,8 +170,9 @@ class RemoteRegistry:
     def show(self, ref: Any) -> service.VersionDetail:
         return wire.version_detail(self._call("GET", "/v1/show", params={"ref": str(ref)}))
 
-    def tag(self, ref: Any, tag: str) -> service.VersionInfo:
-        return wire.version_info(self._call("POST", "/v1/tags", json={"ref": str(ref), "tag": tag}))
+    def tag(self, ref: Any, tag: str, allow_downgrade: bool = False) -> service.VersionInfo:
+        body = {"ref": str(ref), "tag": tag, "allow_downgrade": allow_downgrade}
+        return wire.version_info(self._call("POST", "/v1/tags", json=body))
 
     def publish(self, ref: Any) -> service.VersionInfo:
         return wire.version_info(self._call("POST", "/v1/publish", json={"ref": str(ref)}))
