@@ -111,6 +111,7 @@ def test_behavior_without_certification_fails_certified(run, toy, keys_dir: Path
         ('[policy]\nmin_cycles = "3"\n', "policy rule min_cycles must be an integer, got str '3'"),
         ("[policy]\nbitwise = 1\n", "policy rule bitwise must be true or false, got int 1"),
         ('[policy]\nmax_age = "a week"\n', "max_age must look like 30d"),
+        ('[policy]\nmax_age = "9999999999d"\n', "max_age '9999999999d' is too large"),
         ('[policy]\ndevice = "tpu"\n', "device must be cpu, cuda or any"),
         ("min_cycles = 3\n", "expected exactly one [policy] table"),
         ("[policy\n", "is not valid TOML"),

@@ -204,7 +204,10 @@ def _max_age(text: str) -> Rule:
     m = _DURATION.match(text.strip())
     if not m:
         raise InputError(f"policy rule max_age must look like 30d, 12h, 90m or 3600s, got {text!r}")
-    return MaxAge(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}), text)
+    try:
+        return MaxAge(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}), text)
+    except OverflowError as exc:
+        raise InputError(f"policy rule max_age {text!r} is too large") from exc
 
 
 RULES: dict[str, tuple[type | tuple[type, ...], str, Callable[[Any], Rule | None]]] = {

@@ -70,7 +70,10 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise InputError(f"--expires {text!r}: use a duration like 30d, 12h, 90m or 3600s")
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-    return timedelta(**{unit: int(m.group(1))})
+    try:
+        return timedelta(**{unit: int(m.group(1))})
+    except OverflowError as exc:
+        raise InputError(f"--expires {text!r} is too long") from exc
 
 
 def _hash(token: str) -> str:
