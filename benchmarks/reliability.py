@@ -74,33 +74,43 @@ def campaign(out: Path, keys: Path, backend: str, trials: int) -> dict:
     )
     rng = random.Random(backend)
     g = torch.Generator().manual_seed(1)
-    arts = []
+    big, small = [], []
+    signer = Keyring(keys).signer("bench")
     for i in range(trials):
         a, b = torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g)
-        v = torch.randn(1 << 20, generator=g)  # 4 MiB, so a push takes long enough to be interrupted
-        path = out / f"rel-{i}.safetensors"
+        lora = {"up.lora_A": ("F32", (4, 32), a.numpy().tobytes()), "up.lora_B": ("F32", (64, 4), b.numpy().tobytes())}
+        att = Attachment("up", "lora", {"A": "up.lora_A", "B": "up.lora_B"}, layer="linear", rank=4, alpha=4.0)
+        # Pushes carry 4 MiB more (a vector for a target that push does not resolve) so that a push
+        # lasts long enough to be interrupted; certify and publish use the plain LoRA.
+        pad = torch.randn(1 << 20, generator=g).numpy().tobytes()
+        big.append(out / f"rel-big-{i}.safetensors")
         pack(
-            path,
-            {
-                "up.lora_A": ("F32", (4, 32), a.numpy().tobytes()),
-                "up.lora_B": ("F32", (64, 4), b.numpy().tobytes()),
-                "pad.steer_vector": ("F32", (1 << 20,), v.numpy().tobytes()),
-            },
-            (
-                Attachment("up", "lora", {"A": "up.lora_A", "B": "up.lora_B"}, layer="linear", rank=4, alpha=4.0),
-                Attachment("pad", "steer", {"vector": "pad.steer_vector"}),
-            ),
+            big[-1],
+            {**lora, "pad.steer_vector": ("F32", (1 << 20,), pad)},
+            (att, Attachment("pad", "steer", {"vector": "pad.steer_vector"})),
+            name="relpush",
+            version=f"1.0.{i}",
+            base=identity,
+            signer=signer,
+            created=utc_timestamp(),
+        )
+        small.append(out / f"rel-{i}.safetensors")
+        pack(
+            small[-1],
+            lora,
+            (att,),
             name="rel",
             version=f"1.0.{i}",
             base=identity,
-            signer=Keyring(keys).signer("bench"),
+            signer=signer,
             created=utc_timestamp(),
         )
-        arts.append(path)
     reg = Registry.open(location)
+    for path in small:
+        reg.push(path)
     report = {}
     operations = {
-        "push": lambda i: [REVREG, "push", str(arts[i])],
+        "push": lambda i: [REVREG, "push", str(big[i])],
         "certify": lambda i: [
             REVREG,
             "certify",
@@ -138,7 +148,7 @@ def campaign(out: Path, keys: Path, backend: str, trials: int) -> dict:
         "versions": len(reg.ls()),
         "states": sorted(states),
         "fsck_clean": _consistent(reg),
-        "lost_versions": trials - len(reg.ls()),
+        "lost_versions": 2 * trials - len(reg.ls()),
     }
     reg.engine.dispose()
     if db:
