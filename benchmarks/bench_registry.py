@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from measure import timed
+from measure import timed, workspace
 
 from revreg.artifacts.artifact import Attachment, pack, utc_timestamp
 from revreg.artifacts.keys import Keyring
@@ -234,12 +233,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--only", choices=["pushpull", "ls", "concurrency"], default=None)
     args = parser.parse_args()
-    out = args.out.absolute()
-    out.mkdir(exist_ok=True)
-    keys = out / "keys"
-    if not (keys / "bench.key").exists():
-        Keyring(keys).generate("bench")
-    env = {**os.environ, "REVREG_KEYS": str(keys)}
+    out, keys, env = workspace(args.out)
     results: dict[str, object] = {}
     if args.only in (None, "pushpull"):
         results["push_pull"] = bench_push_pull(out, keys, env, args.gib, args.repeat)

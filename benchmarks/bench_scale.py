@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import psycopg
 import torch
 from bench_registry import PG_ADMIN, REVREG, artifact, setup_registry
-from measure import timed
+from measure import timed, workspace
 from safetensors.torch import save_file
 
 from revreg.artifacts.artifact import Attachment, pack, utc_timestamp
@@ -199,12 +198,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
-    out = args.out.absolute()
-    out.mkdir(exist_ok=True)
-    keys = out / "keys"
-    if not (keys / "bench.key").exists():
-        Keyring(keys).generate("bench")
-    env = {**os.environ, "REVREG_KEYS": str(keys)}
+    out, keys, env = workspace(args.out)
     results = {"claims": bench_claims(out, keys, env)}
     print(json.dumps(results["claims"]), flush=True)
     results["s3"] = bench_s3(out, keys, env, args.mib)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_registry import PG_ADMIN, REVREG, artifact, setup_registry
-from measure import timed
-
-from revreg.artifacts.keys import Keyring
+from measure import timed, workspace
 
 
 def start_server(location: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -156,12 +153,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
-    out = args.out.absolute()
-    out.mkdir(exist_ok=True)
-    keys = out / "keys"
-    if not (keys / "bench.key").exists():
-        Keyring(keys).generate("bench")
-    env = {**os.environ, "REVREG_KEYS": str(keys)}
+    out, keys, env = workspace(args.out)
     results = {"transfer": bench_transfer(out, keys, env, args.gib, args.repeat)}
     print(json.dumps(results["transfer"], indent=1), flush=True)
     results["clients"] = bench_clients(out, keys, env, args.clients)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 GNU_TIME = shutil.which("time") or "/usr/bin/time"
 
@@ -19,3 +20,18 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int
     elapsed = time.perf_counter() - start
     rss_kib = int(proc.stderr.strip().splitlines()[-1])
     return elapsed, rss_kib * 1024, proc.returncode
+
+
+def workspace(out: Path) -> tuple[Path, Path, dict[str, str]]:
+    """The benchmark's output folder, its signing keyring (key `bench`), and the environment
+    that points revreg at that keyring."""
+    import os
+
+    from revreg.artifacts.keys import Keyring
+
+    out = out.absolute()
+    out.mkdir(exist_ok=True)
+    keys = out / "keys"
+    if not (keys / "bench.key").exists():
+        Keyring(keys).generate("bench")
+    return out, keys, {**os.environ, "REVREG_KEYS": str(keys)}

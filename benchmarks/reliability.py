@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import torch
 from bench_registry import PG_ADMIN, REVREG, setup_registry
+from measure import workspace
 from safetensors.torch import save_file
 
 from revreg.artifacts.artifact import Attachment, pack, utc_timestamp
@@ -162,11 +163,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
-    out = args.out.absolute()
-    out.mkdir(exist_ok=True)
-    keys = out / "keys"
-    if not (keys / "bench.key").exists():
-        Keyring(keys).generate("bench")
+    out, keys, _ = workspace(args.out)
     results = {backend: campaign(out, keys, backend, args.trials + 1) for backend in ("sqlite", "postgresql")}
     (out / "reliability.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
