@@ -83,6 +83,9 @@ def test_lifecycle_publish_needs_a_passing_certification(registry: Registry, key
         registry.publish("demo:1.0.0")
     certify(registry, keys_dir, "demo:1.0.0", "PASS")
     assert registry.publish("demo:1.0.0").state == "published"
+    rows = len(registry.audit_log())
+    assert registry.publish("demo:1.0.0").state == "published"  # a retried publish is a no-op
+    assert len(registry.audit_log()) == rows
     registry.pull("demo", tmp_path / "o.safetensors")
     assert (tmp_path / "o.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()
     assert registry.yank("demo:1.0.0", "bad outputs").state == "yanked"

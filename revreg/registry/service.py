@@ -644,6 +644,9 @@ class Registry:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         with self._tx() as s:
             v = self._find(s, ref)
+            if v.state == "published":
+                # Idempotent, so a publish retried after a crash or a CI re-run succeeds.
+                return self._info(s, v)
             if v.state in ("pending", "rejected"):
                 raise StateError(
                     f"{v.behavior.name}:{v.version} is {v.state}; only a certified version can be published "
