@@ -161,11 +161,13 @@ def campaign(out: Path, keys: Path, backend: str, trials: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     out, keys, _ = workspace(args.out)
-    results = {backend: campaign(out, keys, backend, args.trials + 1) for backend in ("sqlite", "postgresql")}
-    (out / "reliability.json").write_text(json.dumps(results, indent=1) + "\n")
+    backends = args.backends.split(",")
+    results = {backend: campaign(out, keys, backend, args.trials + 1) for backend in backends}
+    (out / f"reliability-{'-'.join(backends)}.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 
 
