@@ -225,14 +225,14 @@ def deliver(
         tmp.unlink(missing_ok=True)
 
 
-def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> None:
+def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on both backends."""
     if session.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
     stmt = insert(model).values(**values)
-    session.execute(stmt.on_conflict_do_nothing(index_elements=index))
+    return session.execute(stmt.on_conflict_do_nothing(index_elements=index)).rowcount == 1
 
 
 class Registry:
@@ -294,6 +294,9 @@ class Registry:
         try:
             with self._sessions.begin() as session:
                 yield session
+        except SAIntegrityError as exc:
+            # Two writers raced on a unique constraint; the loser's transaction was rolled back.
+            raise ConflictError(f"the registry changed concurrently ({exc.orig}); retry") from exc
         except OperationalError as exc:
             raise RevregError(f"registry database error: {exc.orig or exc}") from exc
 
@@ -460,7 +463,7 @@ class Registry:
                         f"{m.name}:{m.version}",
                         {"digest": staged.digest, "signer": verified.signer.keyid, "base": m.base},
                     )
-            except SAIntegrityError as exc:
+            except ConflictError as exc:
                 existing = self._existing(m.name, m.version, staged.digest)
                 if existing is not None:
                     return PushResult(existing, False)
@@ -686,11 +689,17 @@ class Registry:
                 raise InputError(f"{tag!r} is a version of {v.behavior.name}; a tag cannot shadow it")
             if v.state == "yanked":
                 raise StateError(f"{v.behavior.name}:{v.version} is yanked; it cannot be tagged")
-            row = s.scalars(select(Tag).where(Tag.behavior_id == v.behavior_id, Tag.tag == tag)).first()
+            # Create the tag if it is new (a racing writer may create it first), then lock it, so
+            # concurrent moves of one tag serialize instead of colliding.
+            created = _insert(
+                s,
+                Tag,
+                {"behavior_id": v.behavior_id, "tag": tag, "version_id": v.id, "updated_at": _now()},
+                ["behavior_id", "tag"],
+            )
+            row = s.scalars(select(Tag).where(Tag.behavior_id == v.behavior_id, Tag.tag == tag).with_for_update()).one()
             previous = None
-            if row is None:
-                s.add(Tag(behavior_id=v.behavior_id, tag=tag, version_id=v.id, updated_at=_now()))
-            else:
+            if not created:
                 current = s.get(Version, row.version_id)
                 previous = current.version
                 downgrade = (v.pushed_at, v.id) < (current.pushed_at, current.id)
