@@ -80,10 +80,13 @@ def tokens() -> None:
 def tokens_create(name: str, scopes: tuple[str, ...], expires: str | None, registry: str | None) -> None:
     """Create a token; the secret is printed once and only its hash is stored."""
     from revreg.cli.registry_cmds import _open
-    from revreg.registry.tokens import Tokens, parse_duration
+    from revreg.durations import parse_duration
+    from revreg.registry.tokens import Tokens
 
     _local_only(registry, "tokens create")
-    secret, info = Tokens(_open(registry)).create(name, list(scopes), parse_duration(expires) if expires else None)
+    secret, info = Tokens(_open(registry)).create(
+        name, list(scopes), parse_duration(expires, "--expires") if expires else None
+    )
     click.echo(secret)
     until = f", expires {info.expires_at.isoformat()}" if info.expires_at else ""
     click.echo(f"token {info.name}: {', '.join(info.scopes)}{until} (shown once; store it as REVREG_TOKEN)", err=True)

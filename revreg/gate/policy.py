@@ -16,7 +16,6 @@ A policy file is TOML with one [policy] table; each key is a rule:
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from revreg.durations import parse_duration
 from revreg.errors import InputError
 
 
@@ -147,10 +147,6 @@ class AllOf:
         return [rule.verify(evidence) for rule in self.rules]
 
 
-_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
 def _typed(key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise InputError(f"policy rule {key} must be {what}, got {type(value).__name__} {value!r}")
@@ -201,13 +197,7 @@ def _min_effect(x: float) -> Rule:
 
 
 def _max_age(text: str) -> Rule:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise InputError(f"policy rule max_age must look like 30d, 12h, 90m or 3600s, got {text!r}")
-    try:
-        return MaxAge(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}), text)
-    except OverflowError as exc:
-        raise InputError(f"policy rule max_age {text!r} is too large") from exc
+    return MaxAge(parse_duration(text, "policy rule max_age"), text)
 
 
 RULES: dict[str, tuple[type | tuple[type, ...], str, Callable[[Any], Rule | None]]] = {

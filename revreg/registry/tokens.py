@@ -65,17 +65,6 @@ class TokenInfo:
             raise ScopeError(f"token {self.name!r} has no {action} scope{where} (its scopes: {', '.join(self.scopes)})")
 
 
-def parse_duration(text: str) -> timedelta:
-    m = re.match(r"^(\d+)([smhd])$", text.strip())
-    if not m:
-        raise InputError(f"--expires {text!r}: use a duration like 30d, 12h, 90m or 3600s")
-    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-    try:
-        return timedelta(**{unit: int(m.group(1))})
-    except OverflowError as exc:
-        raise InputError(f"--expires {text!r} is too long") from exc
-
-
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
