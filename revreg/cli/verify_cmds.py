@@ -180,22 +180,11 @@ def _inputs(
 
 
 def _run(inputs: _Inputs, base: Path, factory: str | None, device: str, cycles: int, baselines: tuple[str, ...]) -> Any:
-    from revreg.verifier.engine import load_behavior
-    from revreg.verifier.environment import make_deterministic
-    from revreg.verifier.loading import load_base
-    from revreg.verifier.protocol import verify
-    from revreg.verifier.runner import load_probes
+    from revreg.verifier.protocol import verify_files
 
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available on this machine")
-    make_deterministic(device)
-    behavior = load_behavior(inputs.behavior_path, inputs.trusted, device)
-    model, weights = load_base(base, factory, device)
-    probes = load_probes(inputs.probes_path, device)
-    return verify(model, behavior, probes, cycles=cycles, device=device, baselines=baselines, weights=weights)
+    return verify_files(
+        inputs.behavior_path, inputs.trusted, inputs.probes_path, base, factory, device, cycles, baselines
+    )
 
 
 def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:

@@ -4,8 +4,9 @@ attach-run-unload with a full-state fingerprint after each, divergence metrics, 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from revreg.artifacts.artifact import utc_timestamp
 from revreg.artifacts.identity import TensorManifest
+from revreg.artifacts.keys import TrustedKey
 from revreg.errors import InputError
 from revreg.verifier.engine import Behavior, Engine, HookEngine
 from revreg.verifier.environment import environment
@@ -370,3 +372,35 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     rows.append(("time", f"{result.timings.get('total', 0):.2f} s"))
     rows += [("reason", r) for r in result.reasons]
     return rows
+
+
+def verify_files(
+    behavior_path: Path,
+    trusted: Mapping[str, TrustedKey],
+    probes_path: Path,
+    base: Path,
+    factory: str | None = None,
+    device: str = "cpu",
+    cycles: int = 3,
+    baselines: Sequence[str] = (),
+) -> VerificationResult:
+    """The protocol from files on disk: what `revreg verify`, `certify` and workers run."""
+    from revreg.verifier.engine import load_behavior
+    from revreg.verifier.environment import make_deterministic
+    from revreg.verifier.loading import load_base
+    from revreg.verifier.runner import load_probes
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    make_deterministic(device)
+    behavior = load_behavior(behavior_path, trusted, device)
+    model, weights = load_base(base, factory, device)
+    return verify(
+        model,
+        behavior,
+        load_probes(probes_path, device),
+        cycles=cycles,
+        device=device,
+        baselines=baselines,
+        weights=weights,
+    )

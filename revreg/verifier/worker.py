@@ -13,32 +13,26 @@ from revreg.artifacts.keys import Signer
 from revreg.errors import RevregError
 from revreg.registry.queue import Queue, Request
 from revreg.registry.service import Registry
-from revreg.verifier.engine import load_behavior
-from revreg.verifier.environment import make_deterministic
-from revreg.verifier.loading import load_base
-from revreg.verifier.protocol import VerificationResult, verify
-from revreg.verifier.runner import load_probes
+from revreg.verifier.protocol import VerificationResult, verify_files
 
 
 def certify_request(registry: Registry, request: Request, signer: Signer) -> tuple[bytes, VerificationResult]:
     """Run the protocol for one request, as `revreg certify` would, and sign the result."""
-    make_deterministic(request.device)
     with tempfile.TemporaryDirectory(prefix="revreg-worker-") as tmp:
         behavior_path = Path(tmp) / "behavior.safetensors"
         info = registry.pull(request.ref, behavior_path, allow_unpublished=True)
-        behavior = load_behavior(behavior_path, registry.trusted("publisher"), request.device)
         probes_path = (
             Path(request.probes) if Path(request.probes).is_file() else registry.fetch_probes(request.probes, Path(tmp))
         )
-        model, weights = load_base(Path(request.base), request.factory, request.device)
-        result = verify(
-            model,
-            behavior,
-            load_probes(probes_path, request.device),
-            cycles=request.cycles,
-            device=request.device,
-            baselines=request.baselines,
-            weights=weights,
+        result = verify_files(
+            behavior_path,
+            registry.trusted("publisher"),
+            probes_path,
+            Path(request.base),
+            request.factory,
+            request.device,
+            request.cycles,
+            request.baselines,
         )
     return sign_certification(info.ref, info.digest, result.to_dict(), signer), result
 
