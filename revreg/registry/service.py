@@ -600,6 +600,13 @@ class Registry:
             return VersionDetail(info, json.loads(v.manifest), certs, history, base is not None)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _locked(self, s: Session, ref: Ref) -> Version:
+        """The version row, locked for this transaction (FOR UPDATE on PostgreSQL), so concurrent
+        lifecycle changes serialize instead of one silently overwriting another."""
+        v = self._find(s, ref)
+        s.refresh(v, with_for_update=True)
+        return v
+
     def _transition(self, s: Session, v: Version, to: str) -> None:
         if to not in TRANSITIONS[v.state]:
             raise StateError(f"{v.behavior.name}:{v.version} is {v.state}; it cannot become {to}")
@@ -615,7 +622,7 @@ class Registry:
         """record_certification inside the caller's transaction (the worker queue commits the
         certification and the end of its lease together)."""
         text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
-        v = self._find(s, ref)
+        v = self._locked(s, ref)
         cert = verify_certification(text, self.trusted("verifier", s))
         if cert.subject_digest != v.digest:
             raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
@@ -646,7 +653,7 @@ class Registry:
     def publish(self, ref: Ref | str) -> VersionInfo:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         with self._tx() as s:
-            v = self._find(s, ref)
+            v = self._locked(s, ref)
             if v.state == "published":
                 # Idempotent, so a publish retried after a crash or a CI re-run succeeds.
                 return self._info(s, v)
@@ -669,7 +676,7 @@ class Registry:
         if not reason.strip():
             raise InputError("yank needs a --reason")
         with self._tx() as s:
-            v = self._find(s, ref)
+            v = self._locked(s, ref)
             self._transition(s, v, "yanked")
             v.yank_reason = reason
             audit.append(s, self.actor, "version.yank", f"{v.behavior.name}:{v.version}", {"reason": reason})
