@@ -44,7 +44,7 @@ def test_lifecycle_through_the_cli(run, keys_dir: Path, tmp_path: Path, artifact
     assert cli("tag", "demo:1.0.0", "latest").exit_code == 0
 
     shown = json.loads(cli("show", "demo", "--json").stdout)
-    assert shown["state"] == "published" and shown["base_registered"] and shown["tags"] == ["latest"]
+    assert shown["info"]["state"] == "published" and shown["base_registered"] and shown["info"]["tags"] == ["latest"]
     assert [h["action"] for h in shown["history"]] == ["version.push", "version.certify", "version.publish"]
     assert all(h["actor"] == "ci-bot" for h in shown["history"])
 

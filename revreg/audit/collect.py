@@ -11,7 +11,7 @@ from typing import Any
 
 from revreg.artifacts.attestation import verify_certification
 from revreg.errors import RevregError
-from revreg.registry.service import Registry
+from revreg.registry.api import RegistryAPI
 
 
 def _certification(envelope: str, verifiers: dict[str, Any], digest: str, recorded: str) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def _certification(envelope: str, verifiers: dict[str, Any], digest: str, record
     }
 
 
-def collect(registry: Registry, behavior: str | None = None, generated_at: str = "") -> dict[str, Any]:
+def collect(registry: RegistryAPI, behavior: str | None = None, generated_at: str = "") -> dict[str, Any]:
     versions = registry.ls(behavior)
     verifiers = registry.trusted("verifier", include_revoked=True)
     keys = registry.key_records()
@@ -97,7 +97,7 @@ def collect(registry: Registry, behavior: str | None = None, generated_at: str =
     return {
         "schema": "revreg.audit-report/v1",
         "generated_at": generated_at,
-        "registry": registry.location.describe(),
+        "registry": registry.describe(),
         "scope": behavior or "all behaviors",
         "summary": {
             "behaviors": len(by_name),

@@ -1,52 +1,34 @@
-"""Certification workers: claim queued requests, run the verifier, sign, record; one per GPU."""
+"""Certification workers: claim queued requests, run the verifier on the pinned version, sign,
+record; one per GPU. Works against any registry (SQL or `--registry http(s)://`)."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Signer
+from revreg.certification.certify import ProbeSource, check_verifier, run_pinned
 from revreg.errors import RevregError
-from revreg.registry.queue import Queue, Request
-from revreg.registry.service import Registry
-from revreg.verifier.protocol import VerificationResult, verify_files
-
-
-def certify_request(registry: Registry, request: Request, signer: Signer) -> tuple[bytes, VerificationResult]:
-    """Run the protocol for one request, as `revreg certify` would, and sign the result."""
-    with tempfile.TemporaryDirectory(prefix="revreg-worker-") as tmp:
-        behavior_path = Path(tmp) / "behavior.safetensors"
-        info = registry.pull(request.ref, behavior_path, allow_unpublished=True)
-        probes_path = (
-            Path(request.probes) if Path(request.probes).is_file() else registry.fetch_probes(request.probes, Path(tmp))
-        )
-        result = verify_files(
-            behavior_path,
-            registry.trusted("publisher"),
-            probes_path,
-            Path(request.base),
-            request.factory,
-            request.device,
-            request.cycles,
-            request.baselines,
-        )
-    return sign_certification(info.ref, info.digest, result.to_dict(), signer), result
+from revreg.registry.api import RegistryAPI, Request, VersionInfo
 
 
 class _Lease:
     """Renews a claim's lease in the background until stopped."""
 
-    def __init__(self, queue: Queue, request: Request, worker: str, lease: float) -> None:
+    def __init__(self, registry: RegistryAPI, request: Request, worker: str, lease: float) -> None:
         self._stop = threading.Event()
         self.lost = False
 
         def renew() -> None:
             while not self._stop.wait(lease / 3):
-                if not queue.heartbeat(request, worker, lease):
+                try:
+                    held = registry.renew_lease(request.id, worker, lease)
+                except RevregError:
+                    continue  # a failed renewal is retried; the lease only runs out if they all fail
+                if not held:
                     self.lost = True
                     return
 
@@ -58,8 +40,35 @@ class _Lease:
         self._thread.join()
 
 
+def process(registry: RegistryAPI, request: Request, signer: Signer, worker: str) -> VersionInfo | None:
+    """Certify one claimed request. Any verdict is recorded; an error ends the request `failed`
+    with its reason. Never raises for a bad request: one request cannot stop the worker."""
+    try:
+        version = registry.resolve(request.ref)
+        _, envelope = run_pinned(
+            registry,
+            version,
+            ProbeSource(digest=request.probes),
+            Path(request.base),
+            signer,
+            request.factory,
+            request.device,
+            request.cycles,
+            request.baselines,
+        )
+    except RevregError as exc:
+        registry.fail_request(request.id, worker, str(exc))
+        return None
+    except Exception as exc:  # a crash of the verifier on one input must not stop the worker
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        reason = f"internal error {type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
+        registry.fail_request(request.id, worker, reason)
+        return None
+    return registry.complete_request(request.id, worker, envelope)
+
+
 def run_worker(
-    registry: Registry,
+    registry: RegistryAPI,
     signer: Signer,
     worker: str,
     lease: float = 300.0,
@@ -67,29 +76,28 @@ def run_worker(
     drain: bool = False,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Process requests until stopped (or, with `drain`, until the queue has none left)."""
-    queue = Queue(registry)
+    """Process requests until stopped (or, with `drain`, until no request is queued or running)."""
+    check_verifier(registry, signer)
     done = 0
     while True:
-        request = queue.claim(worker, lease)
+        request = registry.claim_request(worker, lease)
         if request is None:
-            if drain:
+            # Draining ends when nothing is left to do; a request another worker still holds may
+            # come back to the queue when its lease runs out (that worker died), so wait for it.
+            if drain and not registry.requests("queued") and not registry.requests("running"):
                 return done
             time.sleep(poll)
             continue
         log(f"{worker}: claimed request {request.id} ({request.ref}, attempt {request.attempts})")
-        renewal = _Lease(queue, request, worker, lease)
+        renewal = _Lease(registry, request, worker, lease)
         try:
-            envelope, result = certify_request(registry, request, signer)
-        except RevregError as exc:
+            recorded = process(registry, request, signer, worker)
+        finally:
             renewal.stop()
-            queue.fail(request, worker, str(exc))
-            log(f"{worker}: request {request.id} failed: {exc}")
-            continue
-        renewal.stop()
-        recorded = queue.complete(request, worker, envelope)
         if recorded is None:
-            log(f"{worker}: lost the lease on request {request.id}; its result was discarded")
+            state = next((r for r in registry.requests() if r.id == request.id), None)
+            why = state.result if state is not None and state.state == "failed" else "its lease was lost"
+            log(f"{worker}: request {request.id} not certified: {why}")
             continue
         done += 1
-        log(f"{worker}: request {request.id} {result.verdict}: {recorded.ref} is {recorded.state}")
+        log(f"{worker}: request {request.id}: {recorded.ref} is {recorded.state}")

@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from revreg.artifacts.artifact import load_artifact, pack, utc_timestamp
-from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Keyring
 from revreg.artifacts.probes import from_tensors, write_probes
 from revreg.artifacts.sources import identity_of_module, identity_of_path
@@ -45,11 +44,9 @@ def demo(directory: Path | None) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from revreg.certification.certify import ProbeSource, certify
     from revreg.registry.service import Registry
-    from revreg.verifier.engine import load_behavior
-    from revreg.verifier.environment import make_deterministic
-    from revreg.verifier.protocol import summary_rows, verify
-    from revreg.verifier.runner import load_probes
+    from revreg.verifier.protocol import summary_rows
     from revreg.verifier.toy import build
 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="revreg-demo-"))
@@ -137,15 +134,24 @@ def demo(directory: Path | None) -> None:
     click.echo(f"    {probe_info.name} {probe_info.digest}")
 
     _step("certify: load base, attach, run, unload, fingerprint; 3 cycles; merge baseline alongside")
-    make_deterministic("cpu")
-    behavior = load_behavior(artifact, registry.trusted("publisher"))
-    result = verify(build(), behavior, load_probes(root / "demo-probes.safetensors"), cycles=3, baselines=["merge"])
+    done = certify(
+        registry,
+        pushed.ref,
+        ProbeSource(digest=probe_info.digest),
+        root / "base.safetensors",
+        ring.signer("demo-verifier"),
+        factory="revreg.verifier.toy:build",
+        cycles=3,
+        baselines=["merge"],
+    )
+    result = done.result
     for label, value in summary_rows(result):
         click.echo(f"    {label:<20} {value}")
-    envelope = sign_certification(pushed.ref, pushed.digest, result.to_dict(), ring.signer("demo-verifier"))
-    (root / "certification.dsse.json").write_bytes(envelope)
-    state = registry.record_certification(pushed.ref, envelope).state
-    click.echo(f"    certification signed by demo-verifier and recorded: {pushed.ref} is {state}")
+    (root / "certification.dsse.json").write_bytes(done.envelope)
+    state = done.recorded.state if done.recorded else "?"
+    click.echo(
+        f"    certification of {done.version.pinned} signed by demo-verifier and recorded: {pushed.ref} is {state}"
+    )
     merge = result.baselines[0]
     click.echo(
         f"    merge baseline: after W += dW, W -= dW the weights are bitwise restored: "

@@ -4,47 +4,32 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option
 from revreg.errors import CheckFailed, InputError
+from revreg.registry.api import to_json
+from revreg.registry.locate import open_registry, require_local
+
+if TYPE_CHECKING:
+    from revreg.registry.api import RegistryAPI
 
 
 def registry_option(f: F) -> F:
     return click.option(
         "--registry",
-        envvar="REVREG_REGISTRY",
         default=None,
         metavar="DIR|URL",
-        help="Registry directory or database URL (default: $REVREG_REGISTRY, else ./.revreg).",
+        help="Registry: a directory, a database URL (postgresql+psycopg://…) or http(s)://HOST:PORT "
+        "(default: $REVREG_REGISTRY, else ./.revreg).",
     )(f)
 
 
-def _remote_url(registry: str | None) -> str | None:
-    import os
-
-    raw = registry or os.environ.get("REVREG_REGISTRY") or ""
-    return raw if raw.startswith(("http://", "https://")) else None
-
-
-def _open(registry: str | None) -> Any:
-    """The registry service: local (directory or database URL) or remote (http(s)://, with
-    the bearer token from $REVREG_TOKEN)."""
-    url = _remote_url(registry)
-    if url:
-        from revreg.server.client import RemoteRegistry
-
-        return RemoteRegistry(url)
-    from revreg.registry.service import Registry
-
-    return Registry.open(registry)
-
-
-def _local_only(registry: str | None, command: str) -> None:
-    if _remote_url(registry):
-        raise InputError(f"`revreg {command}` works on the registry's database directly: run it on the server")
+def _open(registry: str | None) -> RegistryAPI:
+    """The registry at --registry, whichever implementation serves it (see registry.locate)."""
+    return open_registry(registry)
 
 
 def _short(digest: str) -> str:
@@ -63,8 +48,7 @@ def init(registry: str | None, store: str | None) -> None:
     """Create a registry (or bring an existing one to the current schema)."""
     from revreg.registry.service import Registry
 
-    _local_only(registry, "init")
-    reg = Registry.init(registry, store)
+    reg = Registry.init(require_local(registry, "init"), store)
     click.echo(f"registry ready at {reg.location.describe()} (blobs in {reg.store.describe()})")
 
 
@@ -79,8 +63,7 @@ def upgrade(registry: str | None) -> None:
     """Upgrade the registry database to this revreg's schema."""
     from revreg.registry import db as regdb
 
-    _local_only(registry, "db upgrade")
-    loc = regdb.resolve(registry)
+    loc = regdb.resolve(require_local(registry, "db upgrade"))
     engine = regdb.make_engine(loc)
     before = regdb.current_revision(engine)
     regdb.upgrade(engine)
@@ -93,8 +76,7 @@ def current(registry: str | None) -> None:
     """Print the schema revision of the registry database (and the one this revreg needs)."""
     from revreg.registry import db as regdb
 
-    _local_only(registry, "db current")
-    loc = regdb.resolve(registry)
+    loc = regdb.resolve(require_local(registry, "db current"))
     revision = regdb.current_revision(regdb.make_engine(loc))
     click.echo(f"{revision or 'empty'} (this revreg needs {regdb.HEAD})")
     if revision != regdb.HEAD:
@@ -148,7 +130,7 @@ def ls(name: str | None, as_json: bool, registry: str | None) -> None:
     """List behavior versions (all, or those of NAME)."""
     versions = _open(registry).ls(name)
     if as_json:
-        click.echo(json.dumps([v.to_dict() for v in versions], indent=1))
+        click.echo(json.dumps(to_json(versions), indent=1))
         return
     if not versions:
         click.echo("no behaviors")
@@ -180,21 +162,7 @@ def show(ref: str, as_json: bool, registry: str | None) -> None:
     detail = _open(registry).show(ref)
     v = detail.info
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    **v.to_dict(),
-                    "manifest": detail.manifest,
-                    "base_registered": detail.base_registered,
-                    "certifications": [
-                        {"verifier": c.verifier_keyid, "passed": c.passed, "at": c.created_at.isoformat()}
-                        for c in detail.certifications
-                    ],
-                    "history": [e.__dict__ for e in detail.history],
-                },
-                indent=1,
-            )
-        )
+        click.echo(json.dumps(to_json(detail), indent=1))
         return
     rows = [
         ("behavior", v.ref),
@@ -275,7 +243,7 @@ def base_list(as_json: bool, registry: str | None) -> None:
     """List registered base models with their identities and sizes."""
     bases = _open(registry).bases()
     if as_json:
-        click.echo(json.dumps([b.__dict__ for b in bases], indent=1))
+        click.echo(json.dumps(to_json(bases), indent=1))
         return
     for b in bases:
         click.echo(f"{b.identity}  {b.name or '-'}  {b.tensor_count} tensors  {human_bytes(b.total_bytes)}")
@@ -304,7 +272,7 @@ def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
     """Print the audit log, oldest first (optionally only the rows about one subject)."""
     entries = _open(registry).audit_log(subject)
     if as_json:
-        click.echo(json.dumps([e.__dict__ for e in entries], indent=1))
+        click.echo(json.dumps(to_json(entries), indent=1))
         return
     for e in entries:
         click.echo(f"#{e.seq} {e.at} {e.actor} {e.action} {e.subject} {json.dumps(e.details, sort_keys=True)}")
@@ -318,7 +286,7 @@ def fsck(prune: bool, as_json: bool, registry: str | None) -> None:
     """Check every blob against its digest and every row against its blob (exit 1 on problems)."""
     report = _open(registry).fsck(prune)
     if as_json:
-        click.echo(json.dumps(report.__dict__, indent=1))
+        click.echo(json.dumps(to_json(report), indent=1))
     else:
         for w in report.warnings:
             click.echo(f"warning: {w}{' (pruned)' if prune else ''}")
@@ -366,7 +334,7 @@ def keys_trusted(as_json: bool, registry: str | None) -> None:
     """List the keys the registry knows, their roles, and revocations."""
     records = _open(registry).key_records()
     if as_json:
-        click.echo(json.dumps([{**r.__dict__, "added_at": r.added_at.isoformat()} for r in records], indent=1))
+        click.echo(json.dumps(to_json(records), indent=1))
         return
     for r in records:
         state = f"REVOKED: {r.revoked_reason}" if r.revoked else "trusted"

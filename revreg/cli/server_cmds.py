@@ -8,7 +8,7 @@ import re
 import click
 
 from revreg.cli.options import json_option
-from revreg.cli.registry_cmds import _local_only, registry_option
+from revreg.cli.registry_cmds import registry_option
 from revreg.errors import InputError
 
 
@@ -35,11 +35,10 @@ def serve(
     server enforces the lifecycle, trust policy and audit log itself; uploads stream and are
     checked before anything becomes visible; downloads support Range requests.
     """
-    _local_only(registry, "serve")
-    from revreg.registry.service import Registry
+    from revreg.registry.locate import open_local
     from revreg.server.app import asgi, create_app
 
-    reg = Registry.open(registry)
+    reg = open_local(registry, "serve")
     if print_openapi:
         click.echo(json.dumps(create_app(reg, anonymous_read).openapi(), indent=1, sort_keys=True))
         return
@@ -79,12 +78,11 @@ def tokens() -> None:
 @registry_option
 def tokens_create(name: str, scopes: tuple[str, ...], expires: str | None, registry: str | None) -> None:
     """Create a token; the secret is printed once and only its hash is stored."""
-    from revreg.cli.registry_cmds import _open
     from revreg.durations import parse_duration
+    from revreg.registry.locate import open_local
     from revreg.registry.tokens import Tokens
 
-    _local_only(registry, "tokens create")
-    secret, info = Tokens(_open(registry)).create(
+    secret, info = Tokens(open_local(registry, "tokens create")).create(
         name, list(scopes), parse_duration(expires, "--expires") if expires else None
     )
     click.echo(secret)
@@ -97,11 +95,10 @@ def tokens_create(name: str, scopes: tuple[str, ...], expires: str | None, regis
 @registry_option
 def tokens_list(as_json: bool, registry: str | None) -> None:
     """List tokens (names, scopes, expiry, revocation; never secrets)."""
-    from revreg.cli.registry_cmds import _open
+    from revreg.registry.locate import open_local
     from revreg.registry.tokens import Tokens
 
-    _local_only(registry, "tokens list")
-    infos = Tokens(_open(registry)).list()
+    infos = Tokens(open_local(registry, "tokens list")).list()
     if as_json:
         click.echo(
             json.dumps(
@@ -128,9 +125,8 @@ def tokens_list(as_json: bool, registry: str | None) -> None:
 @registry_option
 def tokens_revoke(name: str, registry: str | None) -> None:
     """Revoke a token at once."""
-    from revreg.cli.registry_cmds import _open
+    from revreg.registry.locate import open_local
     from revreg.registry.tokens import Tokens
 
-    _local_only(registry, "tokens revoke")
-    info = Tokens(_open(registry)).revoke(name)
+    info = Tokens(open_local(registry, "tokens revoke")).revoke(name)
     click.echo(f"revoked token {info.name}")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +103,9 @@ def probes_list(as_json: bool, registry: str | None) -> None:
     """List the probe sets in the registry."""
     sets = _open(registry).probe_sets()
     if as_json:
-        click.echo(json.dumps([{**p.__dict__, "created_at": p.created_at.isoformat()} for p in sets], indent=1))
+        from revreg.registry.api import to_json
+
+        click.echo(json.dumps(to_json(sets), indent=1))
         return
     for p in sets:
         click.echo(f"{p.name:<24} {p.digest}  {p.count} probes")
@@ -148,43 +147,15 @@ def verifier_options(f: F) -> F:
     return f
 
 
-@dataclass
-class _Inputs:
-    behavior_path: Path
-    probes_path: Path
-    trusted: dict[str, Any]
-    registry: Any
-
-
-@contextmanager
-def _inputs(
-    ref: str, probes_ref: str, registry: str | None, keys_dir: Path | None, need_registry: bool
-) -> Iterator[_Inputs]:
-    """Files for the behavior and probes: local files as given, registry items pulled to a temp dir."""
-    with tempfile.TemporaryDirectory(prefix="revreg-verify-") as tmp:
-        reg = None
-        local = Path(ref)
-        if local.is_file() and not need_registry:
-            behavior_path, trusted = local, keyring(keys_dir).trusted()
-        else:
-            reg = _open(registry)
-            behavior_path = Path(tmp) / "behavior.safetensors"
-            reg.pull(ref, behavior_path, allow_unpublished=True)
-            trusted = reg.trusted("publisher")
-        if Path(probes_ref).is_file():
-            probes_path = Path(probes_ref)
-        else:
-            reg = reg or _open(registry)
-            probes_path = reg.fetch_probes(probes_ref, Path(tmp))
-        yield _Inputs(behavior_path, probes_path, trusted, reg)
-
-
-def _run(inputs: _Inputs, base: Path, factory: str | None, device: str, cycles: int, baselines: tuple[str, ...]) -> Any:
-    from revreg.verifier.protocol import verify_files
-
-    return verify_files(
-        inputs.behavior_path, inputs.trusted, inputs.probes_path, base, factory, device, cycles, baselines
-    )
+def _local_or_pulled(behavior: str, registry: str | None, keys_dir: Path | None, tmp: Path) -> tuple[Path, Any]:
+    """`revreg verify` takes a file (trusted by the keyring) or a registry ref (pinned, pulled)."""
+    if Path(behavior).is_file():
+        return Path(behavior), keyring(keys_dir).trusted()
+    reg = _open(registry)
+    version = reg.resolve(behavior)
+    path = tmp / "behavior.safetensors"
+    reg.pull(version.pinned, path, allow_unpublished=True)
+    return path, reg.trusted("publisher")
 
 
 def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
@@ -223,8 +194,15 @@ def verify(
     then CYCLES times attaches, runs, unloads and fingerprints the full model state.
     Exit 0 on PASS, 1 on FAIL or INCONCLUSIVE.
     """
-    with _inputs(behavior, probes_ref, registry, keys_dir, need_registry=False) as inputs:
-        result = _run(inputs, base, factory, device, cycles, baselines)
+    from revreg.certification.certify import ProbeSource
+    from revreg.verifier.protocol import verify_files
+
+    with tempfile.TemporaryDirectory(prefix="revreg-verify-") as tmp:
+        behavior_path, trusted = _local_or_pulled(behavior, registry, keys_dir, Path(tmp))
+        local_probes = Path(probes_ref).is_file()
+        reg = None if local_probes else _open(registry)
+        probes_path, _ = ProbeSource.choose(reg, probes_ref).materialize(reg, Path(tmp))
+        result = verify_files(behavior_path, trusted, probes_path, base, factory, device, cycles, baselines)
     _print(result, as_json)
     if not result.passed:
         raise CheckFailed(f"verification {result.verdict}: {'; '.join(result.reasons)}")
@@ -266,12 +244,15 @@ def certify(
     registry must trust as a verifier. PASS moves the version to certified,
     anything else to rejected. Exit 0 on PASS, 1 otherwise.
     """
-    from revreg.artifacts.attestation import sign_certification
+    from revreg.certification.certify import ProbeSource
+    from revreg.certification.certify import certify as certify_ref
 
+    reg = _open(registry)
     if queued:
-        from revreg.registry.queue import Queue
-
-        request = Queue(_open(registry)).request(
+        if Path(probes_ref).is_file():
+            # A worker runs elsewhere: a local probe set goes into the registry, and the request names its digest.
+            probes_ref = reg.push_probes(Path(probes_ref))[0].digest
+        request = reg.request_certification(
             ref, str(Path(base).absolute()), probes_ref, factory, device, cycles, baselines
         )
         click.echo(f"queued certification request {request.id} for {request.ref}")
@@ -280,19 +261,16 @@ def certify(
         raise InputError("certify needs --key VERIFIER_KEY (or --queue to leave it to the workers)")
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
     signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
-    with _inputs(ref, probes_ref, registry, keys_dir, need_registry=True) as inputs:
-        info = inputs.registry.resolve(ref)
-        if signer.keyid not in inputs.registry.trusted("verifier"):
-            raise InputError(
-                f"key {key_name} is not a trusted verifier in this registry: "
-                f"`revreg keys trust {key_name} --role verifier`"
-            )
-        result = _run(inputs, base, factory, device, cycles, baselines)
-        envelope = sign_certification(info.ref, info.digest, result.to_dict(), signer)
-        recorded = inputs.registry.record_certification(ref, envelope)
-    _print(result, as_json, {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name})"})
-    if not result.passed:
-        raise CheckFailed(f"certification {result.verdict}: {'; '.join(result.reasons)}")
+    done = certify_ref(reg, ref, ProbeSource.choose(reg, probes_ref), base, signer, factory, device, cycles, baselines)
+    recorded = done.recorded
+    assert recorded is not None
+    _print(
+        done.result,
+        as_json,
+        {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name}; certified {done.version.digest})"},
+    )
+    if not done.result.passed:
+        raise CheckFailed(f"certification {done.result.verdict}: {'; '.join(done.result.reasons)}")
 
 
 @click.command()
@@ -306,7 +284,7 @@ def certify(
     help="Seconds a claim stays ours without renewal; a dead worker's request is re-claimed after it.",
 )
 @click.option("--poll", type=float, default=2.0, show_default=True, help="Seconds between looks at an empty queue.")
-@click.option("--drain", is_flag=True, help="Exit when the queue is empty instead of waiting for more.")
+@click.option("--drain", is_flag=True, help="Exit once no request is queued or running instead of waiting for more.")
 @passphrase_env_option
 @registry_option
 @keys_dir_option
@@ -328,10 +306,8 @@ def worker(
     """
     import socket
 
-    from revreg.cli.registry_cmds import _local_only
-    from revreg.verifier.worker import run_worker
+    from revreg.certification.worker import run_worker
 
-    _local_only(registry, "worker")
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
     signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
     name = worker_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -344,11 +320,11 @@ def worker(
 @registry_option
 def queue_list(as_json: bool, registry: str | None) -> None:
     """List certification requests: state, attempts, and the worker holding each."""
-    from revreg.registry.queue import Queue
+    from revreg.registry.api import to_json
 
-    requests = Queue(_open(registry)).list()
+    requests = _open(registry).requests()
     if as_json:
-        click.echo(json.dumps([r.__dict__ for r in requests], indent=1))
+        click.echo(json.dumps(to_json(requests), indent=1))
         return
     for r in requests:
         click.echo(

@@ -9,7 +9,7 @@ from typing import Any
 from revreg.artifacts.attestation import verify_certification
 from revreg.errors import RevregError
 from revreg.gate.policy import AllOf, CertificationEvidence, Evidence, KeyFacts, RuleResult
-from revreg.registry.service import Registry
+from revreg.registry.api import RegistryAPI
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _when(text: Any, fallback: datetime) -> datetime:
         return fallback
 
 
-def evaluate(registry: Registry, ref: str, policy: AllOf, now: datetime | None = None) -> GateReport:
+def evaluate(registry: RegistryAPI, ref: str, policy: AllOf, now: datetime | None = None) -> GateReport:
     now = now or datetime.now(UTC)
     detail = registry.show(ref)
     v = detail.info
@@ -68,13 +68,13 @@ def evaluate(registry: Registry, ref: str, policy: AllOf, now: datetime | None =
             CertificationEvidence(cert.predicate, facts, _when(cert.predicate.get("finished_at"), row.created_at))
         )
     chosen: tuple[list[RuleResult], CertificationEvidence | None] | None = None
-    for cert in candidates:
-        results = policy.verify(Evidence(v.ref, v.digest, v.state, signer, cert, now))
+    for evidence in candidates:
+        results = policy.verify(Evidence(v.ref, v.digest, v.state, signer, evidence, now))
         if all(r.passed for r in results):
-            chosen = (results, cert)
+            chosen = (results, evidence)
             break
-        chosen = chosen or (results, cert)
+        chosen = chosen or (results, evidence)
     if chosen is None:
         chosen = (policy.verify(Evidence(v.ref, v.digest, v.state, signer, None, now)), None)
-    results, cert = chosen
-    return GateReport(v.ref, v.digest, all(r.passed for r in results), results, cert)
+    results, accepted = chosen
+    return GateReport(v.ref, v.digest, all(r.passed for r in results), results, accepted)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from revreg.artifacts.canonical import canonical_json
+from revreg.registry.api import AuditEntryInfo, ChainVerdict
 from revreg.registry.models import AuditEntry, Setting
 
 GENESIS = "0" * 64
@@ -58,24 +58,6 @@ def append(session: Session, actor: str, action: str, subject: str, details: dic
     else:
         head.value = f"{seq}:{entry.hash}"
     return entry
-
-
-@dataclass(frozen=True)
-class AuditEntryInfo:
-    seq: int
-    at: str
-    actor: str
-    action: str
-    subject: str
-    details: dict[str, Any]
-    hash: str
-
-
-@dataclass(frozen=True)
-class ChainVerdict:
-    ok: bool
-    rows: int
-    problem: str | None  # names the first bad row
 
 
 def info(entry: AuditEntry) -> AuditEntryInfo:

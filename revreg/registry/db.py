@@ -6,7 +6,6 @@ SQLAlchemy URL such as postgresql+psycopg://user@host/db.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,16 +13,13 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from revreg.errors import InputError, RevregError
+from revreg.errors import InputError
+from revreg.registry.api import SchemaError
+from revreg.registry.locate import location_of
 
-DEFAULT_LOCATION = ".revreg"
 DB_FILE = "registry.db"
 # The newest migration in revreg/migrations/versions; a test keeps the two equal.
 HEAD = "0003"
-
-
-class SchemaError(RevregError):
-    """The database is missing, not a registry, or at another schema version."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +42,10 @@ def _redact(url: str) -> str:
 
 
 def resolve(location: str | None) -> Location:
-    """--registry, else $REVREG_REGISTRY, else ./.revreg."""
-    raw = location or os.environ.get("REVREG_REGISTRY") or DEFAULT_LOCATION
+    """A directory or a database URL (`revreg.registry.locate` decides which implementation
+    serves a location; an http(s):// URL never reaches here)."""
+    raw = location_of(location)
     if "://" in raw:
-        if raw.startswith(("http://", "https://")):
-            raise InputError(f"{raw}: remote registries over HTTP are not supported yet; use a directory or a DB URL")
         if not raw.startswith(("postgresql", "sqlite")):
             raise InputError(f"unsupported registry URL {raw!r}: use a directory or postgresql+psycopg://…")
         if raw.startswith("postgresql://"):

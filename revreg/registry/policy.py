@@ -12,10 +12,9 @@ from typing import Protocol
 from revreg.artifacts.attestation import Certification, verify_certification
 from revreg.artifacts.keys import TrustedKey
 from revreg.errors import RevregError
+from revreg.registry.api import GateError
 
-
-class GateError(RevregError):
-    """The version does not meet the publish policy."""
+__all__ = ["GateError", "PublishGate", "RequirePassingCertification"]
 
 
 class PublishGate(Protocol):

@@ -3,40 +3,28 @@ under a lease (PostgreSQL: FOR UPDATE SKIP LOCKED), re-claimable when a worker d
 
 Exactly once: a worker records its certification and closes its request in one transaction,
 and only while it still holds the lease; a worker whose lease was taken over discards its result.
+A request is pinned when it is made: the version as NAME@DIGEST, the probe set as its digest.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
 
+from revreg.errors import InputError
 from revreg.registry import audit
+from revreg.registry.api import Request, VersionInfo
 from revreg.registry.models import CertRequest
 from revreg.registry.refs import parse_ref
-from revreg.registry.service import Registry, VersionInfo
+
+if TYPE_CHECKING:
+    from revreg.registry.service import Registry
 
 MAX_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class Request:
-    id: int
-    ref: str
-    base: str
-    factory: str | None
-    probes: str
-    device: str
-    cycles: int
-    baselines: tuple[str, ...]
-    state: str
-    attempts: int
-    lease_owner: str | None
-    result: str | None
+STATES = ("queued", "running", "done", "failed")
 
 
 def _request(row: CertRequest) -> Request:
@@ -70,14 +58,17 @@ class Queue:
         cycles: int = 3,
         baselines: tuple[str, ...] = (),
     ) -> Request:
+        if cycles < 1:
+            raise InputError(f"cycles must be at least 1, not {cycles}")
         info = self.registry.resolve(ref)
-        with self.registry._tx() as s:
+        probe_digest = self.registry.probe_digest(probes)
+        with self.registry.transaction() as s:
             row = CertRequest(
-                version_id=self._version_id(s, info),
-                ref=info.ref,
+                version_id=self.registry.find_version(s, parse_ref(info.pinned)).id,
+                ref=info.pinned,
                 base=base,
                 factory=factory,
-                probes=probes,
+                probes=probe_digest,
                 device=device,
                 cycles=cycles,
                 baselines=json.dumps(list(baselines)),
@@ -88,16 +79,19 @@ class Queue:
             )
             s.add(row)
             s.flush()
-            audit.append(s, self.registry.actor, "certify.request", info.ref, {"request": row.id, "device": device})
+            audit.append(
+                s,
+                self.registry.actor,
+                "certify.request",
+                info.ref,
+                {"request": row.id, "device": device, "digest": info.digest, "probes": probe_digest},
+            )
             return _request(row)
-
-    def _version_id(self, s: Session, info: VersionInfo) -> int:
-        return self.registry._find(s, parse_ref(f"{info.name}@{info.digest}")).id
 
     def claim(self, worker: str, lease: float) -> Request | None:
         """The oldest queued request, or one whose worker's lease ran out; None if there is none."""
         now = datetime.now(UTC)
-        with self.registry._tx() as s:
+        with self.registry.transaction() as s:
             q = (
                 select(CertRequest)
                 .where(
@@ -124,28 +118,28 @@ class Queue:
             row.attempts += 1
             return _request(row)
 
-    def heartbeat(self, request: Request, worker: str, lease: float) -> bool:
+    def heartbeat(self, request_id: int, worker: str, lease: float) -> bool:
         """Extend the lease; False if it was lost (another worker took the request over)."""
-        with self.registry._tx() as s:
-            row = s.get(CertRequest, request.id, with_for_update=True)
+        with self.registry.transaction() as s:
+            row = s.get(CertRequest, request_id, with_for_update=True)
             if row is None or row.state != "running" or row.lease_owner != worker:
                 return False
             row.lease_expires_at = datetime.now(UTC) + timedelta(seconds=lease)
             return True
 
-    def complete(self, request: Request, worker: str, envelope: bytes) -> VersionInfo | None:
+    def complete(self, request_id: int, worker: str, envelope: bytes | str) -> VersionInfo | None:
         """Record the certification and close the request together, if the lease is still ours."""
-        with self.registry._tx() as s:
-            row = s.get(CertRequest, request.id, with_for_update=True)
+        with self.registry.transaction() as s:
+            row = s.get(CertRequest, request_id, with_for_update=True)
             if row is None or row.state != "running" or row.lease_owner != worker:
                 return None
             info = self.registry.record_certification_in(s, parse_ref(row.ref), envelope)
             row.state, row.result, row.finished_at = "done", info.state, datetime.now(UTC)
             return info
 
-    def fail(self, request: Request, worker: str, message: str) -> None:
-        with self.registry._tx() as s:
-            row = s.get(CertRequest, request.id, with_for_update=True)
+    def fail(self, request_id: int, worker: str, message: str) -> None:
+        with self.registry.transaction() as s:
+            row = s.get(CertRequest, request_id, with_for_update=True)
             if row is None or row.lease_owner != worker or row.state != "running":
                 return
             row.state, row.result, row.finished_at = "failed", message[:4000], datetime.now(UTC)
@@ -154,14 +148,10 @@ class Queue:
             )
 
     def list(self, state: str | None = None) -> list[Request]:
-        with Session(self.registry.engine) as s:
+        if state is not None and state not in STATES:
+            raise InputError(f"unknown request state {state!r}: one of {', '.join(STATES)}")
+        with self.registry.reading() as s:
             q = select(CertRequest).order_by(CertRequest.id)
             if state:
                 q = q.where(CertRequest.state == state)
             return [_request(r) for r in s.scalars(q)]
-
-    def counts(self) -> dict[str, Any]:
-        out: dict[str, int] = {}
-        for r in self.list():
-            out[r.state] = out.get(r.state, 0) + 1
-        return out

@@ -1,5 +1,6 @@
-"""RemoteRegistry: the Registry service's interface over HTTP, so every CLI verb works against
-`revreg serve`. Checks that protect the user (digest, signature, tensors) run here too."""
+"""RemoteRegistry: the registry interface over HTTP (`revreg serve`), so every verb works with
+`--registry http(s)://…`. Checks that protect the user (digest, signature, tensors) run on this
+side of the wire too. Imports no SQLAlchemy: entities, errors and JSON shapes come from `api`."""
 
 from __future__ import annotations
 
@@ -7,49 +8,34 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
 from revreg import errors
 from revreg.artifacts.keys import TrustedKey, load_public_pem
-from revreg.registry import audit as audit_mod
-from revreg.registry import policy, service, tokens
-from revreg.registry.db import SchemaError
-from revreg.server import wire
+from revreg.registry.api import (
+    ERRORS_BY_NAME,
+    AuditEntryInfo,
+    BaseInfo,
+    ChainVerdict,
+    FsckReport,
+    KeyRecord,
+    ProbeSetInfo,
+    PushResult,
+    Request,
+    Unsupported,
+    VersionDetail,
+    VersionInfo,
+    from_json,
+)
+from revreg.registry.delivery import check_format, deliver
 
 BLOCK = 1 << 20
 RESUME_ATTEMPTS = 5
-_ERRORS: dict[str, type[errors.RevregError]] = {
-    cls.__name__: cls
-    for cls in (
-        errors.InputError,
-        errors.FormatError,
-        errors.IntegrityError,
-        errors.SignatureError,
-        errors.UnknownKeyError,
-        errors.KeyringError,
-        errors.CheckFailed,
-        service.NotFound,
-        service.ConflictError,
-        service.StateError,
-        policy.GateError,
-        tokens.AuthError,
-        tokens.ScopeError,
-        SchemaError,
-    )
-}
-
-
-@dataclass(frozen=True)
-class RemoteLocation:
-    url: str
-
-    def describe(self) -> str:
-        return self.url
+T = TypeVar("T")
 
 
 def _check_url(url: str) -> str:
@@ -65,34 +51,42 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _list(cls: type[T], docs: Any) -> list[T]:
+    if not isinstance(docs, list):
+        raise errors.RevregError(f"the server sent {type(docs).__name__} where a list of {cls.__name__} belongs")
+    return [from_json(cls, d) for d in docs]
+
+
 class RemoteRegistry:
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
-        self.location = RemoteLocation(_check_url(url))
+        self.url = _check_url(url)
         secret = token or os.environ.get("REVREG_TOKEN")
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-        self._http = httpx.Client(
-            base_url=self.location.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
-        )
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
+
+    def describe(self) -> str:
+        return self.url
 
     # -- transport ---------------------------------------------------------------------------
     def _raise(self, response: httpx.Response) -> None:
         if response.status_code < 400:
             return
         try:
-            error = response.json().get("error") or {}
+            doc = response.json()
+            error = doc.get("error") or {}
             kind, message = error.get("type", ""), error.get("message", "")
-            if not message and "detail" in response.json():
-                kind, message = "InputError", f"request refused: {response.json()['detail']}"
-        except ValueError:
+            if not message and "detail" in doc:
+                kind, message = "InputError", f"request refused: {doc['detail']}"
+        except (ValueError, AttributeError):
             kind, message = "", response.text[:200]
-        cls = _ERRORS.get(kind, errors.RevregError)
-        raise cls(f"{message} (HTTP {response.status_code} from {self.location.url})")
+        cls = ERRORS_BY_NAME.get(kind, errors.RevregError)
+        raise cls(f"{message} (HTTP {response.status_code} from {self.url})")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise errors.RevregError(f"cannot reach the registry at {self.location.url}: {exc}") from exc
+            raise errors.RevregError(f"cannot reach the registry at {self.url}: {exc}") from exc
         self._raise(response)
         return response.json()
 
@@ -138,99 +132,151 @@ class RemoteRegistry:
                 return "sha256:" + h.hexdigest()
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if attempt == RESUME_ATTEMPTS - 1:
-                    raise errors.RevregError(
-                        f"download from {self.location.url} failed after {written} bytes: {exc}"
-                    ) from exc
+                    raise errors.RevregError(f"download from {self.url} failed after {written} bytes: {exc}") from exc
         raise AssertionError("unreachable")
 
-    # -- the Registry interface --------------------------------------------------------------
-    def push(self, path: Path) -> service.PushResult:
-        doc = self._upload("/v1/artifacts", path)
-        return service.PushResult(wire.version_info(doc["version"]), doc["created"])
-
-    def pull(
-        self, ref: str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
-    ) -> service.VersionInfo:
-        if fmt not in ("safetensors", "peft"):
-            raise errors.InputError(f"unknown format {fmt!r}: use safetensors or peft")
-        info = self.resolve(ref)
-        publishers = self.trusted("publisher")
-        params = {"ref": f"{info.name}@{info.digest}", "allow_unpublished": allow_unpublished}
-        service.deliver(
-            info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
+    # -- keys --------------------------------------------------------------------------------
+    def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
+        return from_json(
+            KeyRecord, self._call("POST", "/v1/keys/trust", json={"pem": pem.decode(), "name": name, "role": role})
         )
-        return info
 
-    def ls(self, name: str | None = None) -> list[service.VersionInfo]:
-        return [wire.version_info(d) for d in self._call("GET", "/v1/versions", params={"name": name} if name else {})]
+    def revoke_key(self, key_ref: str, reason: str) -> list[KeyRecord]:
+        return _list(KeyRecord, self._call("POST", "/v1/keys/revoke", json={"key": key_ref, "reason": reason}))
 
-    def resolve(self, ref: Any, tags: bool = True) -> service.VersionInfo:
-        return wire.version_info(self._call("GET", "/v1/resolve", params={"ref": str(ref)}))
+    def key_records(self) -> list[KeyRecord]:
+        return _list(KeyRecord, self._call("GET", "/v1/keys"))
 
-    def show(self, ref: Any) -> service.VersionDetail:
-        return wire.version_detail(self._call("GET", "/v1/show", params={"ref": str(ref)}))
-
-    def tag(self, ref: Any, tag: str, allow_downgrade: bool = False) -> service.VersionInfo:
-        body = {"ref": str(ref), "tag": tag, "allow_downgrade": allow_downgrade}
-        return wire.version_info(self._call("POST", "/v1/tags", json=body))
-
-    def publish(self, ref: Any) -> service.VersionInfo:
-        return wire.version_info(self._call("POST", "/v1/publish", json={"ref": str(ref)}))
-
-    def yank(self, ref: Any, reason: str) -> service.VersionInfo:
-        return wire.version_info(self._call("POST", "/v1/yank", json={"ref": str(ref), "reason": reason}))
-
-    def record_certification(self, ref: Any, envelope: bytes | str) -> service.VersionInfo:
-        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
-        return wire.version_info(self._call("POST", "/v1/certifications", json={"ref": str(ref), "envelope": text}))
-
-    def trusted(self, role: str, session: Any = None, include_revoked: bool = False) -> dict[str, TrustedKey]:
+    def trusted(self, role: str, include_revoked: bool = False) -> dict[str, TrustedKey]:
         rows = self._call("GET", "/v1/keys/pem", params={"role": role, "include_revoked": include_revoked})
         return {
             r["keyid"]: TrustedKey(r["name"], r["keyid"], load_public_pem(r["pem"].encode(), r["name"])) for r in rows
         }
 
-    def key_records(self) -> list[service.KeyRecord]:
-        return [wire.key_record(d) for d in self._call("GET", "/v1/keys")]
-
-    def trust_key(self, pem: bytes, name: str, role: str) -> service.KeyRecord:
-        return wire.key_record(
-            self._call("POST", "/v1/keys/trust", json={"pem": pem.decode(), "name": name, "role": role})
-        )
-
-    def revoke_key(self, key: str, reason: str) -> list[service.KeyRecord]:
-        return [wire.key_record(d) for d in self._call("POST", "/v1/keys/revoke", json={"key": key, "reason": reason})]
-
-    def register_base(self, path: Path, name: str | None = None) -> tuple[service.BaseInfo, bool]:
+    # -- bases -------------------------------------------------------------------------------
+    def register_base(self, path: Path, name: str | None = None) -> tuple[BaseInfo, bool]:
         from revreg.artifacts.sources import identity_of_path
 
         doc = self._call("POST", "/v1/bases", json={"manifest": identity_of_path(path).to_dict(), "name": name})
-        return wire.base_info(doc["base"]), doc["created"]
+        return from_json(BaseInfo, doc["base"]), bool(doc["created"])
 
-    def bases(self) -> list[service.BaseInfo]:
-        return [wire.base_info(d) for d in self._call("GET", "/v1/bases")]
+    def bases(self) -> list[BaseInfo]:
+        return _list(BaseInfo, self._call("GET", "/v1/bases"))
 
-    def push_probes(self, path: Path) -> tuple[service.ProbeSetInfo, bool]:
+    # -- versions ----------------------------------------------------------------------------
+    def push(self, path: Path) -> PushResult:
+        doc = self._upload("/v1/artifacts", path)
+        return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
+
+    def pull(self, ref: str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False) -> VersionInfo:
+        check_format(fmt)
+        info = self.resolve(ref)
+        publishers = self.trusted("publisher")
+        params = {"ref": info.pinned, "allow_unpublished": allow_unpublished}
+        deliver(
+            info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
+        )
+        return info
+
+    def resolve(self, ref: str) -> VersionInfo:
+        return from_json(VersionInfo, self._call("GET", "/v1/resolve", params={"ref": str(ref)}))
+
+    def ls(self, name: str | None = None) -> list[VersionInfo]:
+        return _list(VersionInfo, self._call("GET", "/v1/versions", params={"name": name} if name else {}))
+
+    def show(self, ref: str) -> VersionDetail:
+        return from_json(VersionDetail, self._call("GET", "/v1/show", params={"ref": str(ref)}))
+
+    def tag(self, ref: str, tag: str, allow_downgrade: bool = False) -> VersionInfo:
+        body = {"ref": str(ref), "tag": tag, "allow_downgrade": allow_downgrade}
+        return from_json(VersionInfo, self._call("POST", "/v1/tags", json=body))
+
+    def publish(self, ref: str) -> VersionInfo:
+        return from_json(VersionInfo, self._call("POST", "/v1/publish", json={"ref": str(ref)}))
+
+    def yank(self, ref: str, reason: str) -> VersionInfo:
+        return from_json(VersionInfo, self._call("POST", "/v1/yank", json={"ref": str(ref), "reason": reason}))
+
+    def record_certification(self, ref: str, envelope: bytes | str) -> VersionInfo:
+        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
+        doc = self._call("POST", "/v1/certifications", json={"ref": str(ref), "envelope": text})
+        return from_json(VersionInfo, doc)
+
+    # -- probe sets --------------------------------------------------------------------------
+    def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
         doc = self._upload("/v1/probes", path)
-        return wire.probe_set_info(doc["probes"]), doc["created"]
+        return from_json(ProbeSetInfo, doc["probes"]), bool(doc["created"])
 
-    def probe_sets(self) -> list[service.ProbeSetInfo]:
-        return [wire.probe_set_info(d) for d in self._call("GET", "/v1/probes")]
+    def probe_sets(self) -> list[ProbeSetInfo]:
+        return _list(ProbeSetInfo, self._call("GET", "/v1/probes"))
+
+    def probe_digest(self, ref: str) -> str:
+        return str(self._call("GET", "/v1/probes/digest", params={"ref": ref})["digest"])
 
     def fetch_probes(self, ref: str, directory: Path) -> Path:
-        out = Path(directory) / "remote.probes.safetensors"
+        """Download a probe set by its digest and check the bytes against it."""
+        digest = self.probe_digest(ref)
+        out = Path(directory) / f"{digest.split(':')[1][:16]}.probes.safetensors"
         with open(out, "wb") as sink:
-            self._download("/v1/probes/file", {"ref": ref}, sink)
+            actual = self._download("/v1/probes/file", {"ref": digest}, sink)
+        if actual != digest:
+            out.unlink()
+            raise errors.IntegrityError(f"probe set {ref} from {self.url} is corrupt: expected {digest}, read {actual}")
         return out
 
-    def audit_verify(self) -> audit_mod.ChainVerdict:
-        return wire.chain_verdict(self._call("GET", "/v1/audit/verify"))
+    # -- certification queue -----------------------------------------------------------------
+    def request_certification(
+        self,
+        ref: str,
+        base: str,
+        probes: str,
+        factory: str | None = None,
+        device: str = "cpu",
+        cycles: int = 3,
+        baselines: tuple[str, ...] = (),
+    ) -> Request:
+        body = {
+            "ref": ref,
+            "base": base,
+            "probes": probes,
+            "factory": factory,
+            "device": device,
+            "cycles": cycles,
+            "baselines": list(baselines),
+        }
+        return from_json(Request, self._call("POST", "/v1/queue", json=body))
 
-    def audit_log(self, subject: str | None = None) -> list[audit_mod.AuditEntryInfo]:
+    def requests(self, state: str | None = None) -> list[Request]:
+        return _list(Request, self._call("GET", "/v1/queue", params={"state": state} if state else {}))
+
+    def claim_request(self, worker: str, lease: float) -> Request | None:
+        doc = self._call("POST", "/v1/queue/claim", json={"worker": worker, "lease": lease})
+        return None if doc is None else from_json(Request, doc)
+
+    def renew_lease(self, request_id: int, worker: str, lease: float) -> bool:
+        doc = self._call("POST", f"/v1/queue/{int(request_id)}/renew", json={"worker": worker, "lease": lease})
+        return bool(doc["held"])
+
+    def complete_request(self, request_id: int, worker: str, envelope: bytes | str) -> VersionInfo | None:
+        text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
+        doc = self._call("POST", f"/v1/queue/{int(request_id)}/complete", json={"worker": worker, "envelope": text})
+        return None if doc is None else from_json(VersionInfo, doc)
+
+    def fail_request(self, request_id: int, worker: str, message: str) -> None:
+        self._call("POST", f"/v1/queue/{int(request_id)}/fail", json={"worker": worker, "message": message[:4000]})
+
+    # -- integrity ---------------------------------------------------------------------------
+    def audit_log(self, subject: str | None = None) -> list[AuditEntryInfo]:
         params = {"subject": subject} if subject else {}
-        return [wire.audit_entry(d) for d in self._call("GET", "/v1/audit/log", params=params)]
+        return _list(AuditEntryInfo, self._call("GET", "/v1/audit/log", params=params))
 
-    def fsck(self, prune: bool = False) -> service.FsckReport:
+    def audit_verify(self) -> ChainVerdict:
+        return from_json(ChainVerdict, self._call("GET", "/v1/audit/verify"))
+
+    def fsck(self, prune: bool = False) -> FsckReport:
         if prune:
-            raise errors.InputError("fsck --prune runs on the server's machine, not over HTTP")
-        return wire.fsck_report(self._call("GET", "/v1/fsck"))
+            raise Unsupported("fsck --prune runs on the server's machine, not over HTTP")
+        return from_json(FsckReport, self._call("GET", "/v1/fsck"))
+
+
+__all__ = ["RemoteRegistry"]

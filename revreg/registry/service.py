@@ -10,10 +10,8 @@ import getpass
 import json
 import os
 import socket
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,15 +22,29 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from revreg.artifacts.artifact import VERSION_RE, open_artifact, read_tensors, verify_artifact
+from revreg.artifacts.artifact import VERSION_RE, open_artifact, verify_artifact
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
-from revreg.artifacts.peft_io import write_peft
 from revreg.errors import InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
 from revreg.registry import audit
+from revreg.registry.api import (
+    BaseInfo,
+    CertificationInfo,
+    ConflictError,
+    FsckReport,
+    KeyRecord,
+    NotFound,
+    ProbeSetInfo,
+    PushResult,
+    Request,
+    StateError,
+    VersionDetail,
+    VersionInfo,
+)
 from revreg.registry.db import Location, check_schema, make_engine, resolve, upgrade
+from revreg.registry.delivery import check_format, deliver, renamed_in_errors
 from revreg.registry.models import (
     ROLES,
     AuditEntry,
@@ -56,19 +68,6 @@ from revreg.registry.store import (
     digest_of,
     open_store,
 )
-
-
-class NotFound(InputError):
-    """No such behavior, version, tag, key or base."""
-
-
-class ConflictError(RevregError):
-    """The change contradicts what the registry already holds (immutability, races)."""
-
-
-class StateError(RevregError):
-    """The lifecycle does not allow this transition."""
-
 
 # state -> states it may move to
 TRANSITIONS: dict[str, set[str]] = {
@@ -94,145 +93,17 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True)
-class VersionInfo:
-    name: str
-    version: str
-    digest: str
-    size: int
-    state: str
-    base_identity: str
-    signer_keyid: str
-    signer_name: str | None
-    signer_revoked: bool
-    pushed_at: datetime
-    pushed_by: str
-    tags: tuple[str, ...]
-    yank_reason: str | None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["pushed_at"] = self.pushed_at.isoformat()
-        d["tags"] = list(self.tags)
-        return d
-
-
-@dataclass(frozen=True)
-class PushResult:
-    version: VersionInfo
-    created: bool
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    keyid: str
-    name: str
-    role: str
-    revoked: bool
-    revoked_reason: str | None
-    added_at: datetime
-
-
-@dataclass(frozen=True)
-class BaseInfo:
-    identity: str
-    name: str | None
-    tensor_count: int
-    total_bytes: int
-
-
-@dataclass(frozen=True)
-class CertificationInfo:
-    verifier_keyid: str
-    passed: bool
-    created_at: datetime
-    envelope: str
-
-
-@dataclass(frozen=True)
-class ProbeSetInfo:
-    name: str
-    digest: str
-    count: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class VersionDetail:
-    info: VersionInfo
-    manifest: dict[str, Any]
-    certifications: tuple[CertificationInfo, ...]
-    history: tuple[audit.AuditEntryInfo, ...]
-    base_registered: bool
-
-
-@dataclass(frozen=True)
-class FsckReport:
-    blobs_checked: int
-    versions_checked: int
-    problems: tuple[str, ...]  # inconsistencies: exit 1
-    warnings: tuple[str, ...]  # harmless leftovers of interrupted writes
-
-
-@contextmanager
-def _renamed_in_errors(staging: Path, label: str) -> Iterator[None]:
-    """Errors about a staging copy name what the user knows instead (their file, or the ref)."""
-    try:
-        yield
-    except RevregError as exc:
-        exc.args = (str(exc).replace(str(staging), label),)
-        raise
-
-
-def deliver(
-    info: VersionInfo,
-    publishers: Mapping[str, TrustedKey],
-    dest: Path,
-    fmt: str,
-    fill: Callable[[BinaryIO], str],
-    source: str,
-) -> None:
-    """Write a version to `dest` only after its bytes are checked: `fill` streams them into a
-    staging file beside `dest` and returns their digest; then digest, signature and every
-    tensor are checked and the file renamed (or exported as PEFT). Shared by local and remote pulls."""
-    dest = Path(dest)
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"output directory {parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "r+b", buffering=0) as sink:
-            digest = fill(sink)
-            os.fsync(sink.fileno())
-        if digest != info.digest:
-            raise IntegrityError(
-                f"{source} for {info.ref} is corrupt: expected {info.digest}, read {digest}"
-                + (" (run `revreg fsck`)" if source == "stored blob" else "")
-            )
-        with _renamed_in_errors(tmp, f"{source} for {info.ref}"):
-            verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
-        if fmt == "peft":
-            write_peft(verified.manifest, read_tensors(tmp), dest)
-        else:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on both backends."""
+    from sqlalchemy import CursorResult
+    from sqlalchemy.dialects import postgresql, sqlite
+
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        stmt: Any = postgresql.insert(model).values(**values).on_conflict_do_nothing(index_elements=index)
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(model).values(**values)
-    return session.execute(stmt.on_conflict_do_nothing(index_elements=index)).rowcount == 1
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing(index_elements=index)
+    result = session.execute(stmt)
+    return isinstance(result, CursorResult) and result.rowcount == 1
 
 
 class Registry:
@@ -280,7 +151,7 @@ class Registry:
         engine = make_engine(loc)
         upgrade(engine)
         registry = cls(engine, loc, blob_store, actor)
-        with registry._tx() as s:
+        with registry.transaction() as s:
             existing = s.get(Setting, "store")
             if existing is None:
                 s.add(Setting(key="store", value=store_url))
@@ -289,8 +160,19 @@ class Registry:
                 raise ConflictError(f"registry already uses the blob store {existing.value}")
         return registry
 
+    def describe(self) -> str:
+        return self.location.describe()
+
     @contextmanager
-    def _tx(self) -> Iterator[Session]:
+    def reading(self) -> Iterator[Session]:
+        """A read-only session (queue and tokens build on it)."""
+        with Session(self.engine) as session:
+            yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A read-write transaction that commits on success; races on a unique constraint become
+        ConflictError and database failures RevregError (queue and tokens build on it)."""
         try:
             with self._sessions.begin() as session:
                 yield session
@@ -308,7 +190,7 @@ class Registry:
         key = load_public_pem(pem, name)
         keyid = keyid_of(key)
         text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        with self._tx() as s:
+        with self.transaction() as s:
             row = s.scalars(select(Key).where(Key.keyid == keyid, Key.role == role)).first()
             if row is not None:
                 if row.revoked_at is not None:
@@ -322,7 +204,7 @@ class Registry:
     def revoke_key(self, key_ref: str, reason: str) -> list[KeyRecord]:
         if not reason.strip():
             raise InputError("a revocation needs a --reason")
-        with self._tx() as s:
+        with self.transaction() as s:
             rows = list(s.scalars(select(Key).where((Key.keyid == key_ref) | (Key.name == key_ref))))
             if not rows:
                 raise NotFound(f"no registry key with id or name {key_ref!r}")
@@ -335,7 +217,7 @@ class Registry:
         return [self._key_record(r) for r in rows]
 
     def key_records(self) -> list[KeyRecord]:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             return [self._key_record(r) for r in s.scalars(select(Key).order_by(Key.name, Key.role))]
 
     @staticmethod
@@ -343,7 +225,7 @@ class Registry:
         return KeyRecord(row.keyid, row.name, row.role, row.revoked_at is not None, row.revoked_reason, row.added_at)
 
     def trusted(
-        self, role: str, session: Session | None = None, include_revoked: bool = False
+        self, role: str, include_revoked: bool = False, *, session: Session | None = None
     ) -> dict[str, TrustedKey]:
         """Keys of a role, by key id: the trust anchors for that role (unrevoked ones by default;
         `include_revoked` is for reading old evidence, whose revocation the caller then reports)."""
@@ -359,7 +241,7 @@ class Registry:
 
         if session is not None:
             return load(session)
-        with Session(self.engine) as s:
+        with self.reading() as s:
             return load(s)
 
     def _revoked(self, s: Session, keyids: list[str]) -> Key | None:
@@ -373,7 +255,7 @@ class Registry:
 
     def register_manifest(self, manifest: TensorManifest, name: str | None = None) -> tuple[BaseInfo, bool]:
         """Record a base from its per-tensor manifest (computed where the weights are)."""
-        with self._tx() as s:
+        with self.transaction() as s:
             row = s.scalars(select(BaseModel).where(BaseModel.identity == manifest.identity)).first()
             if row is not None:
                 return self._base_info(row), False
@@ -391,7 +273,7 @@ class Registry:
         return self._base_info(row), True
 
     def bases(self) -> list[BaseInfo]:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             return [self._base_info(r) for r in s.scalars(select(BaseModel).order_by(BaseModel.registered_at))]
 
     @staticmethod
@@ -416,18 +298,18 @@ class Registry:
     def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
         """Check and store an artifact already streamed into the store's staging area (the
         server's uploads arrive this way). `authorize(name)` may refuse before anything is stored."""
-        with _renamed_in_errors(staged.path, label):
+        with renamed_in_errors(staged.path, label):
             artifact = open_artifact(staged.path)
             m = artifact.manifest
             if authorize is not None:
                 authorize(m.name)
-            with Session(self.engine) as s:
+            with self.reading() as s:
                 revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
                 if revoked is not None:
                     raise SignatureError(
                         f"{label} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
                     )
-                publishers = self.trusted("publisher", s)
+                publishers = self.trusted("publisher", session=s)
             try:
                 verified = verify_artifact(artifact, publishers, digest=staged.digest)
             except UnknownKeyError as exc:
@@ -437,7 +319,7 @@ class Registry:
                 return PushResult(existing, False)
             self.store.commit(staged)
             try:
-                with self._tx() as s:
+                with self.transaction() as s:
                     _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                     _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                     behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
@@ -503,7 +385,8 @@ class Registry:
             v.yank_reason,
         )
 
-    def _find(self, s: Session, ref: Ref, tags: bool = True) -> Version:
+    def find_version(self, s: Session, ref: Ref, tags: bool = True) -> Version:
+        """The version row a reference names, inside the caller's session."""
         behavior = s.scalars(select(Behavior).where(Behavior.name == ref.name)).first()
         if behavior is None:
             raise NotFound(f"no behavior named {ref.name!r}")
@@ -532,11 +415,11 @@ class Registry:
 
     def resolve(self, ref: Ref | str, tags: bool = True) -> VersionInfo:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with Session(self.engine) as s:
-            return self._info(s, self._find(s, ref, tags))
+        with self.reading() as s:
+            return self._info(s, self.find_version(s, ref, tags))
 
     def ls(self, name: str | None = None) -> list[VersionInfo]:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             keys = {k.keyid: k for k in s.scalars(select(Key))}
             revoked = {k.keyid for k in keys.values() if k.revoked_at is not None}
             tags: dict[int, list[str]] = {}
@@ -583,8 +466,8 @@ class Registry:
 
     def show(self, ref: Ref | str) -> VersionDetail:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with Session(self.engine) as s:
-            v = self._find(s, ref)
+        with self.reading() as s:
+            v = self.find_version(s, ref)
             info = self._info(s, v)
             certs = tuple(
                 CertificationInfo(c.verifier_keyid, c.passed, c.created_at, c.envelope)
@@ -603,7 +486,7 @@ class Registry:
     def _locked(self, s: Session, ref: Ref) -> Version:
         """The version row, locked for this transaction (FOR UPDATE on PostgreSQL), so concurrent
         lifecycle changes serialize instead of one silently overwriting another."""
-        v = self._find(s, ref)
+        v = self.find_version(s, ref)
         s.refresh(v, with_for_update=True)
         return v
 
@@ -615,7 +498,7 @@ class Registry:
     def record_certification(self, ref: Ref | str, envelope: bytes | str) -> VersionInfo:
         """Store a verifier's signed certification and move the version to certified/rejected."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with self._tx() as s:
+        with self.transaction() as s:
             return self.record_certification_in(s, ref, envelope)
 
     def record_certification_in(self, s: Session, ref: Ref, envelope: bytes | str) -> VersionInfo:
@@ -623,7 +506,7 @@ class Registry:
         certification and the end of its lease together)."""
         text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
         v = self._locked(s, ref)
-        cert = verify_certification(text, self.trusted("verifier", s))
+        cert = verify_certification(text, self.trusted("verifier", session=s))
         if cert.subject_digest != v.digest:
             raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
         s.add(
@@ -648,11 +531,11 @@ class Registry:
 
     def _gate(self, s: Session, v: Version) -> None:
         envelopes = list(s.scalars(select(Certification.envelope).where(Certification.version_id == v.id)))
-        self.gate.verify(f"{v.behavior.name}:{v.version}", v.digest, envelopes, self.trusted("verifier", s))
+        self.gate.verify(f"{v.behavior.name}:{v.version}", v.digest, envelopes, self.trusted("verifier", session=s))
 
     def publish(self, ref: Ref | str) -> VersionInfo:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with self._tx() as s:
+        with self.transaction() as s:
             v = self._locked(s, ref)
             if v.state == "published":
                 # Idempotent, so a publish retried after a crash or a CI re-run succeeds.
@@ -675,7 +558,7 @@ class Registry:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         if not reason.strip():
             raise InputError("yank needs a --reason")
-        with self._tx() as s:
+        with self.transaction() as s:
             v = self._locked(s, ref)
             self._transition(s, v, "yanked")
             v.yank_reason = reason
@@ -688,8 +571,8 @@ class Registry:
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         if not VERSION_RE.match(tag):
             raise InputError(f"invalid tag {tag!r}: use letters, digits, '.', '_', '+' or '-'")
-        with self._tx() as s:
-            v = self._find(s, ref)
+        with self.transaction() as s:
+            v = self.find_version(s, ref)
             if s.scalars(
                 select(Version.id).where(Version.behavior_id == v.behavior_id, Version.version == tag)
             ).first():
@@ -707,7 +590,7 @@ class Registry:
             row = s.scalars(select(Tag).where(Tag.behavior_id == v.behavior_id, Tag.tag == tag).with_for_update()).one()
             previous = None
             if not created:
-                current = s.get(Version, row.version_id)
+                current = s.get_one(Version, row.version_id)
                 previous = current.version
                 downgrade = (v.pushed_at, v.id) < (current.pushed_at, current.id)
                 if downgrade and not allow_downgrade:
@@ -727,8 +610,8 @@ class Registry:
     def check_pull(self, ref: Ref | str, allow_unpublished: bool = False) -> VersionInfo:
         """Everything a version must satisfy before its bytes may leave the registry."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        with Session(self.engine) as s:
-            v = self._find(s, ref)
+        with self.reading() as s:
+            v = self.find_version(s, ref)
             info = self._info(s, v)
             if info.state != "published" and not allow_unpublished:
                 raise StateError(
@@ -746,10 +629,9 @@ class Registry:
         """Copy a version out, checking digest, signature and certification before anything
         reaches `dest`; `dest` appears complete or not at all."""
         info = self.check_pull(ref, allow_unpublished)
+        check_format(fmt)
         publishers = self.trusted("publisher")
         dest = Path(dest)
-        if fmt not in ("safetensors", "peft"):
-            raise InputError(f"unknown format {fmt!r}: use safetensors or peft")
 
         def fill(sink: BinaryIO) -> str:
             with self.store.open(info.digest) as source:
@@ -773,14 +655,14 @@ class Registry:
     def push_probes_staged(self, staged: StagedBlob, label: str) -> tuple[ProbeSetInfo, bool]:
         from revreg.artifacts.probes import read_probes
 
-        with _renamed_in_errors(staged.path, label):
+        with renamed_in_errors(staged.path, label):
             manifest = read_probes(staged.path).manifest
-            with Session(self.engine) as s:
+            with self.reading() as s:
                 row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).first()
                 if row is not None:
                     return self._probe_info(row), False
             self.store.commit(staged)
-            with self._tx() as s:
+            with self.transaction() as s:
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                 _insert(
                     s,
@@ -804,7 +686,7 @@ class Registry:
                 return self._probe_info(row), True
 
     def probe_sets(self) -> list[ProbeSetInfo]:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             return [self._probe_info(r) for r in s.scalars(select(ProbeSet).order_by(ProbeSet.name, ProbeSet.id))]
 
     def probe_digest(self, ref: str) -> str:
@@ -812,7 +694,7 @@ class Registry:
         name, _, digest = ref.partition("@")
         if ref.startswith("sha256:"):
             name, digest = "", ref
-        with Session(self.engine) as s:
+        with self.reading() as s:
             q = select(ProbeSet)
             if digest:
                 q = q.where(ProbeSet.digest == check_digest(digest))
@@ -838,22 +720,62 @@ class Registry:
     def _probe_info(row: ProbeSet) -> ProbeSetInfo:
         return ProbeSetInfo(row.name, row.digest, json.loads(row.manifest)["count"], row.created_at)
 
+    # -- certification queue -----------------------------------------------------------------
+    def request_certification(
+        self,
+        ref: str,
+        base: str,
+        probes: str,
+        factory: str | None = None,
+        device: str = "cpu",
+        cycles: int = 3,
+        baselines: tuple[str, ...] = (),
+    ) -> Request:
+        from revreg.registry.queue import Queue
+
+        return Queue(self).request(ref, base, probes, factory, device, cycles, baselines)
+
+    def requests(self, state: str | None = None) -> list[Request]:
+        from revreg.registry.queue import Queue
+
+        return Queue(self).list(state)
+
+    def claim_request(self, worker: str, lease: float) -> Request | None:
+        from revreg.registry.queue import Queue
+
+        return Queue(self).claim(worker, lease)
+
+    def renew_lease(self, request_id: int, worker: str, lease: float) -> bool:
+        from revreg.registry.queue import Queue
+
+        return Queue(self).heartbeat(request_id, worker, lease)
+
+    def complete_request(self, request_id: int, worker: str, envelope: bytes | str) -> VersionInfo | None:
+        from revreg.registry.queue import Queue
+
+        return Queue(self).complete(request_id, worker, envelope)
+
+    def fail_request(self, request_id: int, worker: str, message: str) -> None:
+        from revreg.registry.queue import Queue
+
+        Queue(self).fail(request_id, worker, message)
+
     # -- integrity ---------------------------------------------------------------------------
     def audit_log(self, subject: str | None = None) -> list[audit.AuditEntryInfo]:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             q = select(AuditEntry).order_by(AuditEntry.seq)
             if subject:
                 q = q.where(AuditEntry.subject == subject)
             return [audit.info(e) for e in s.scalars(q)]
 
     def audit_verify(self) -> audit.ChainVerdict:
-        with Session(self.engine) as s:
+        with self.reading() as s:
             return audit.verify(s)
 
     def fsck(self, prune: bool = False) -> FsckReport:
         problems: list[str] = []
         warnings: list[str] = []
-        with Session(self.engine) as s:
+        with self.reading() as s:
             rows = {b.digest: b.size for b in s.scalars(select(Blob))}
             versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
         on_disk = set(self.store.digests())

@@ -16,25 +16,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from revreg.errors import InputError, RevregError
+from revreg.errors import InputError
 from revreg.registry import audit
+from revreg.registry.api import AuthError, ConflictError, NotFound, ScopeError
 from revreg.registry.models import Token
-from revreg.registry.service import ConflictError, NotFound, Registry
+from revreg.registry.service import Registry
 
 ACTIONS = ("read", "push", "certify", "publish", "admin")
 _SCOPE = re.compile(r"^(read|push|certify|publish|admin):(\*|[a-z0-9][a-z0-9_-]{0,127})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PREFIX = "rvr_"
-
-
-class AuthError(RevregError):
-    """The token is missing, unknown, expired or revoked (HTTP 401)."""
-
-
-class ScopeError(RevregError):
-    """The token is valid but its scopes do not cover this action (HTTP 403)."""
 
 
 def namespace(name: str) -> str:
@@ -93,7 +85,7 @@ class Tokens:
                 )
         secret = PREFIX + secrets.token_urlsafe(32)
         now = datetime.now(UTC)
-        with self.registry._tx() as s:
+        with self.registry.transaction() as s:
             if s.scalars(select(Token.id).where(Token.name == name)).first() is not None:
                 raise ConflictError(f"a token named {name!r} already exists: revoke it or pick another name")
             row = Token(
@@ -110,12 +102,12 @@ class Tokens:
                 self.registry.actor,
                 "token.create",
                 f"token:{name}",
-                {"scopes": sorted(set(scopes)), "expires_at": row.expires_at.isoformat() if expires else None},
+                {"scopes": sorted(set(scopes)), "expires_at": row.expires_at.isoformat() if row.expires_at else None},
             )
         return secret, _info(row)
 
     def revoke(self, name: str) -> TokenInfo:
-        with self.registry._tx() as s:
+        with self.registry.transaction() as s:
             row = s.scalars(select(Token).where(Token.name == name)).first()
             if row is None:
                 raise NotFound(f"no token named {name!r}")
@@ -125,13 +117,13 @@ class Tokens:
             return _info(row)
 
     def list(self) -> list[TokenInfo]:
-        with Session(self.registry.engine) as s:
+        with self.registry.reading() as s:
             return [_info(r) for r in s.scalars(select(Token).order_by(Token.name))]
 
     def authenticate(self, secret: str | None) -> TokenInfo:
         if not secret:
             raise AuthError("authentication required: send Authorization: Bearer <token>")
-        with Session(self.registry.engine) as s:
+        with self.registry.reading() as s:
             row = s.scalars(select(Token).where(Token.token_hash == _hash(secret))).first()
             if row is None:
                 raise AuthError("unknown token")

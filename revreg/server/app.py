@@ -20,24 +20,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import revreg
 from revreg.artifacts.identity import TensorManifest
 from revreg.errors import IntegrityError, RevregError
+from revreg.registry.api import AuthError, http_status, to_json
 from revreg.registry.db import HEAD
-from revreg.registry.policy import GateError
 from revreg.registry.refs import parse_ref
-from revreg.registry.service import ConflictError, NotFound, Registry, StateError
+from revreg.registry.service import Registry
 from revreg.registry.store import FileBlobStore, StagedBlob, check_digest
-from revreg.registry.tokens import AuthError, ScopeError, TokenInfo, Tokens
-from revreg.server import wire
+from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
 UPLOAD_PATHS = ("/v1/artifacts", "/v1/probes")
-STATUS: list[tuple[type[RevregError], int]] = [
-    (AuthError, 401),
-    (ScopeError, 403),
-    (NotFound, 404),
-    (ConflictError, 409),
-    (StateError, 409),
-    (GateError, 409),
-]
 
 
 class BodyLimit:
@@ -116,6 +107,31 @@ class RevokeBody(BaseModel):
     reason: str = Field(min_length=1, max_length=4096)
 
 
+class QueueBody(RefBody):
+    base: str = Field(max_length=4096)
+    probes: str = Field(max_length=512)
+    factory: str | None = Field(default=None, max_length=512)
+    device: str = Field(default="cpu", max_length=32)
+    cycles: int = Field(default=3, ge=1, le=1000)
+    baselines: list[str] = Field(default_factory=list, max_length=16)
+
+
+class WorkerBody(BaseModel):
+    worker: str = Field(min_length=1, max_length=128)
+
+
+class ClaimBody(WorkerBody):
+    lease: float = Field(gt=0, le=86400)
+
+
+class CompleteBody(WorkerBody):
+    envelope: str = Field(max_length=MAX_JSON)
+
+
+class FailBody(WorkerBody):
+    message: str = Field(max_length=4000)
+
+
 class BaseBody(BaseModel):
     manifest: dict[str, Any]
     name: str | None = Field(default=None, max_length=128)
@@ -133,7 +149,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.exception_handler(RevregError)
     async def revreg_error(request: Request, exc: RevregError) -> JSONResponse:
-        status = next((code for cls, code in STATUS if isinstance(exc, cls)), 400)
+        status = http_status(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status, headers=headers)
 
@@ -185,17 +201,17 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     def versions(who: Principal, name: Annotated[str | None, Query(max_length=128)] = None) -> list[dict[str, Any]]:
         if name is not None:
             who.require("read", name)
-        return wire.dump([v for v in registry.ls(name) if who.allows("read", v.name)])
+        return to_json([v for v in registry.ls(name) if who.allows("read", v.name)])
 
     @app.get("/v1/resolve")
     def resolve(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, Any]:
         who.require("read", name_of(ref))
-        return wire.dump(registry.resolve(ref))
+        return to_json(registry.resolve(ref))
 
     @app.get("/v1/show")
     def show(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, Any]:
         who.require("read", name_of(ref))
-        return wire.dump(registry.show(ref))
+        return to_json(registry.show(ref))
 
     async def receive_upload(request: Request, digest: str | None) -> StagedBlob:
         """Stream the body into the store's staging area, hashing; refuse a digest mismatch."""
@@ -245,7 +261,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
             x_revreg_digest,
             lambda staged: reg.push_staged(staged, "upload", authorize=lambda name: who.require("push", name)),
         )
-        return {"created": result.created, "version": wire.dump(result.version)}
+        return {"created": result.created, "version": to_json(result.version)}
 
     @app.get("/v1/artifact")
     def artifact(
@@ -259,28 +275,28 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.post("/v1/tags")
     def tag(who: Principal, body: TagBody) -> dict[str, Any]:
         who.require("push", name_of(body.ref))
-        return wire.dump(registry_actor(who).tag(body.ref, body.tag, body.allow_downgrade))
+        return to_json(registry_actor(who).tag(body.ref, body.tag, body.allow_downgrade))
 
     @app.post("/v1/publish")
     def publish(who: Principal, body: RefBody) -> dict[str, Any]:
         who.require("publish", name_of(body.ref))
-        return wire.dump(registry_actor(who).publish(body.ref))
+        return to_json(registry_actor(who).publish(body.ref))
 
     @app.post("/v1/yank")
     def yank(who: Principal, body: YankBody) -> dict[str, Any]:
         who.require("publish", name_of(body.ref))
-        return wire.dump(registry_actor(who).yank(body.ref, body.reason))
+        return to_json(registry_actor(who).yank(body.ref, body.reason))
 
     @app.post("/v1/certifications")
     def certify(who: Principal, body: CertificationBody) -> dict[str, Any]:
         """Record a certification signed by a verifier key (made on the client's machine)."""
         who.require("certify", name_of(body.ref))
-        return wire.dump(registry_actor(who).record_certification(body.ref, body.envelope))
+        return to_json(registry_actor(who).record_certification(body.ref, body.envelope))
 
     @app.get("/v1/keys")
     def keys(who: Principal) -> list[dict[str, Any]]:
         who.require("read")
-        return wire.dump(registry.key_records())
+        return to_json(registry.key_records())
 
     @app.get("/v1/keys/pem")
     def key_pems(
@@ -303,28 +319,28 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.post("/v1/keys/trust")
     def trust(who: Principal, body: TrustBody) -> dict[str, Any]:
         who.require("admin")
-        return wire.dump(registry_actor(who).trust_key(body.pem.encode(), body.name, body.role))
+        return to_json(registry_actor(who).trust_key(body.pem.encode(), body.name, body.role))
 
     @app.post("/v1/keys/revoke")
     def revoke(who: Principal, body: RevokeBody) -> list[dict[str, Any]]:
         who.require("admin")
-        return wire.dump(registry_actor(who).revoke_key(body.key, body.reason))
+        return to_json(registry_actor(who).revoke_key(body.key, body.reason))
 
     @app.get("/v1/bases")
     def bases(who: Principal) -> list[dict[str, Any]]:
         who.require("read")
-        return wire.dump(registry.bases())
+        return to_json(registry.bases())
 
     @app.post("/v1/bases")
     def register_base(who: Principal, body: BaseBody) -> dict[str, Any]:
         who.require("push")
         info, created = registry_actor(who).register_manifest(TensorManifest.from_dict(body.manifest), body.name)
-        return {"created": created, "base": wire.dump(info)}
+        return {"created": created, "base": to_json(info)}
 
     @app.get("/v1/probes")
     def probe_sets(who: Principal) -> list[dict[str, Any]]:
         who.require("read")
-        return wire.dump(registry.probe_sets())
+        return to_json(registry.probe_sets())
 
     @app.put("/v1/probes")
     async def push_probes(
@@ -335,27 +351,73 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         info, created = await with_upload(
             request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload")
         )
-        return {"created": created, "probes": wire.dump(info)}
+        return {"created": created, "probes": to_json(info)}
+
+    @app.get("/v1/probes/digest")
+    def probe_digest(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, str]:
+        who.require("read")
+        return {"digest": registry.probe_digest(ref)}
 
     @app.get("/v1/probes/file")
     def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> Response:
         who.require("read")
         return blob_response(registry.probe_digest(ref), {})
 
+    def owner(who: TokenInfo, worker: str) -> str:
+        # A worker is known by its token too, so one token's workers cannot close another's claims.
+        return f"token:{who.name}/{worker}"
+
+    @app.post("/v1/queue")
+    def request_certification(who: Principal, body: QueueBody) -> dict[str, Any]:
+        """Queue a certification request; the version and probe set are pinned to digests now."""
+        who.require("certify", name_of(body.ref))
+        request = registry_actor(who).request_certification(
+            body.ref, body.base, body.probes, body.factory, body.device, body.cycles, tuple(body.baselines)
+        )
+        return to_json(request)
+
+    @app.get("/v1/queue")
+    def requests(who: Principal, state: Annotated[str | None, Query(max_length=16)] = None) -> list[dict[str, Any]]:
+        who.require("read")
+        return to_json([r for r in registry.requests(state) if who.allows("read", name_of(r.ref))])
+
+    @app.post("/v1/queue/claim")
+    def claim(who: Principal, body: ClaimBody) -> dict[str, Any] | None:
+        who.require("certify")
+        request = registry_actor(who).claim_request(owner(who, body.worker), body.lease)
+        return None if request is None else to_json(request)
+
+    @app.post("/v1/queue/{request_id}/renew")
+    def renew(who: Principal, request_id: int, body: ClaimBody) -> dict[str, bool]:
+        who.require("certify")
+        return {"held": registry.renew_lease(request_id, owner(who, body.worker), body.lease)}
+
+    @app.post("/v1/queue/{request_id}/complete")
+    def complete(who: Principal, request_id: int, body: CompleteBody) -> dict[str, Any] | None:
+        who.require("certify")
+        info = registry_actor(who).complete_request(request_id, owner(who, body.worker), body.envelope)
+        return None if info is None else to_json(info)
+
+    @app.post("/v1/queue/{request_id}/fail")
+    def fail(who: Principal, request_id: int, body: FailBody) -> dict[str, bool]:
+        who.require("certify")
+        registry_actor(who).fail_request(request_id, owner(who, body.worker), body.message)
+        return {"ok": True}
+
     @app.get("/v1/audit/verify")
     def audit_verify(who: Principal) -> dict[str, Any]:
         who.require("read")
-        return wire.dump(registry.audit_verify())
+        return to_json(registry.audit_verify())
 
     @app.get("/v1/audit/log")
     def audit_log(who: Principal, subject: Annotated[str | None, Query(max_length=512)] = None) -> list[dict[str, Any]]:
         who.require("read")
-        return wire.dump(registry.audit_log(subject))
+        return to_json(registry.audit_log(subject))
 
     @app.get("/v1/fsck")
     def fsck(who: Principal) -> dict[str, Any]:
         who.require("admin")
-        return wire.dump(registry.fsck())
+        return to_json(registry.fsck())
 
     return app
 
