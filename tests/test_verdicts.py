@@ -165,3 +165,135 @@ def test_non_finite_base_outputs_are_compared_by_bytes(bad: str, tmp_path: Path,
     doc = _strict(result)
     assert doc["metrics"]["rf"] is None and doc["non_finite"]["metrics.kl_adapted"] == "nan"
     assert doc["metrics"]["kl_reset"] == 0.0
+
+
+class Rotary(nn.Module):
+    """The toy model plus a complex64 rotary table, as Llama-style models keep one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = build()
+        angles = torch.outer(torch.arange(10.0), torch.linspace(0.1, 1.0, 16))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.inner.embed(input_ids)
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], 16, 2)) * self.freqs_cis[: x.shape[1]]
+        x = torch.view_as_real(pairs).flatten(-2)
+        x = x + self.inner.down(torch.nn.functional.gelu(self.inner.up(x)))
+        return self.inner.head(self.inner.norm(x))
+
+
+def test_complex_buffers_are_hashed_and_a_change_to_them_fails(tmp_path: Path, keys_dir: Path):
+    base = Rotary().eval()
+    g = torch.Generator().manual_seed(1)
+    behavior = make_behavior(
+        tmp_path, keys_dir, base, [("inner.down", "steer", {"vector": torch.randn(32, generator=g)})]
+    )
+    probes = make_probes(tmp_path, {"input_ids": torch.randint(0, 64, (8, 10), generator=g)})
+    assert verify(base, behavior, probes).verdict == "PASS"
+
+    def rotate(m: nn.Module) -> None:
+        m.freqs_cis.mul_(torch.polar(torch.tensor(1.0), torch.tensor(1e-3)))
+
+    result = verify(base, behavior, probes, engine=Planted(on_unload=rotate))
+    assert result.verdict == "FAIL" and any("tensor freqs_cis: bytes changed" in r for r in result.reasons)
+
+
+@pytest.mark.parametrize("kind", ["steer", "ia3"])
+def test_kinds_attach_to_modules_that_return_a_model_output(kind: str, tmp_path: Path, keys_dir: Path):
+    from tests.verifier_helpers import minilm_setup
+
+    model, _, probes = minilm_setup(tmp_path, keys_dir)
+    g = torch.Generator().manual_seed(5)
+    role = {
+        "steer": ("vector", torch.randn(384, generator=g) * 0.1),
+        "ia3": ("scale", torch.rand(384, generator=g) + 0.5),
+    }
+    behavior = make_behavior(tmp_path, keys_dir, model, [("encoder", kind, dict([role[kind]]))], name=f"mo-{kind}")
+    result = verify(model, behavior, probes, cycles=2)
+    assert result.verdict == "PASS", result.reasons
+    assert result.adapted is not None and result.adapted.max_abs > 0
+
+
+class _AsDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = build()
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.lm(input_ids)}
+
+
+class DictOut(nn.Module):
+    """A part of the model returns a plain dict, which no kind knows how to change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _AsDict()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids)["logits"]
+
+
+def test_a_kind_on_a_module_whose_output_it_cannot_change_is_refused_in_one_line(tmp_path: Path, keys_dir: Path):
+    from revreg.errors import InputError
+
+    base = DictOut().eval()
+    g = torch.Generator().manual_seed(1)
+    behavior = make_behavior(tmp_path, keys_dir, base, [("inner", "steer", {"vector": torch.randn(64, generator=g)})])
+    probes = make_probes(tmp_path, {"input_ids": torch.randint(0, 64, (8, 10), generator=g)})
+    with pytest.raises(InputError, match=r"^cannot attach to inner: its output is a dict, not a tensor") as refused:
+        verify(base, behavior, probes)
+    assert "\n" not in str(refused.value)
+    assert not base.inner._forward_hooks  # unloaded on the way out
+
+
+def test_tied_checkpoint_written_by_save_model_verifies(tmp_path: Path, keys_dir: Path):
+    from safetensors.torch import save_model
+
+    from revreg.artifacts.keys import Keyring
+    from revreg.artifacts.sources import identity_of_path
+    from revreg.verifier.protocol import verify_files
+    from tests.conftest import tiny_gpt2
+
+    base_dir = tmp_path / "base"
+    model = tiny_gpt2()
+    model.config.architectures = ["GPT2LMHeadModel"]
+    model.config.save_pretrained(base_dir)
+    save_model(model, str(base_dir / "model.safetensors"))  # keeps lm_head.weight, drops wte
+    g = torch.Generator().manual_seed(2)
+    make_behavior(
+        tmp_path,
+        keys_dir,
+        model,
+        [
+            (
+                "transformer.h.1.mlp.c_fc",
+                "lora",
+                {"A": torch.randn(2, 32, generator=g), "B": torch.randn(128, 2, generator=g)},
+            )
+        ],
+        base=identity_of_path(base_dir).identity,
+        name="tied",
+    )
+    make_probes(tmp_path, {"input_ids": torch.randint(0, 97, (6, 8), generator=g)}, output="logits", name="tp")
+    for base, factory in ((base_dir, None), (base_dir / "model.safetensors", "tests.conftest:tiny_gpt2")):
+        result = verify_files(
+            tmp_path / "tied.safetensors",
+            Keyring(keys_dir).trusted(),
+            tmp_path / "tp.probes.safetensors",
+            base,
+            factory,
+            cycles=1,
+        )
+        assert result.verdict == "PASS", (factory, result.reasons)
+
+
+def test_outputs_that_change_shape_after_unload_fail(tmp_path: Path, keys_dir: Path):
+    model, behavior, probes = toy_setup(tmp_path, keys_dir)
+    engine = Planted(on_unload=lambda m: m.head.register_forward_hook(lambda mod, a, out: out[..., :10]))
+    result = verify(model, behavior, probes, engine=engine)
+    assert result.verdict == "FAIL"
+    assert any("its outputs changed shape: [4, 10, 64], [4, 10, 64] -> [4, 10, 10]" in r for r in result.reasons)
+    _strict(result)
