@@ -297,3 +297,24 @@ def test_outputs_that_change_shape_after_unload_fail(tmp_path: Path, keys_dir: P
     assert result.verdict == "FAIL"
     assert any("its outputs changed shape: [4, 10, 64], [4, 10, 64] -> [4, 10, 10]" in r for r in result.reasons)
     _strict(result)
+
+
+def test_encoder_metrics_are_named_mse_and_cosine_everywhere(tmp_path: Path, keys_dir: Path):
+    from revreg.artifacts.attestation import PREDICATE_TYPE, sign_certification, verify_certification
+    from revreg.artifacts.keys import Keyring
+    from revreg.artifacts.predicate import SCHEMA_VERSION, metric
+    from revreg.verifier.protocol import summary_rows
+    from tests.verifier_helpers import minilm_setup
+
+    model, behavior, probes = minilm_setup(tmp_path, keys_dir)
+    result = verify(model, behavior, probes, cycles=1, baselines=["merge"])
+    doc = _strict(result)
+    assert doc["schema_version"] == SCHEMA_VERSION == 2
+    assert {"mse_adapted", "cosine_adapted", "mse_reset", "cosine_reset"} <= doc["metrics"].keys()
+    assert not any(k.startswith(("kl_", "js_")) for k in doc["metrics"])
+    assert "mse_reset" in doc["cycle_results"][0] and "mse_reset" in doc["baselines"][0]
+    rows = dict(summary_rows(result))
+    assert rows["adapted"].startswith("MSE ") and " COSINE " in rows["adapted"]
+    envelope = sign_certification("m:1", "sha256:" + "ab" * 32, doc, Keyring(keys_dir).signer("alice"))
+    cert = verify_certification(envelope, Keyring(keys_dir).trusted())
+    assert PREDICATE_TYPE.endswith("/v2") and metric(cert.predicate["metrics"], "adapted")[0] == "mse"
