@@ -63,7 +63,7 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(flat_a.view(as_int), flat_b.view(as_int))
 
 
-def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| per element, 0 where the values are the same (inf - inf would be NaN), inf where
     exactly one side is NaN or the difference is undefined."""
     d = (a - b).abs()
@@ -104,7 +104,7 @@ def _kl_js_finite(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _kl_js_any(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The same for rows that hold infinities or NaN (-inf logits for impossible tokens)."""
-    max_abs = float(_abs_diff(a, b).max())
+    max_abs = float(abs_diff(a, b).max())
     logp, logq = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
     pp, qq = logp.exp(), logq.exp()
     logm = (0.5 * (pp + qq)).clamp_min_(_TINY).log_()
@@ -168,7 +168,7 @@ def compare(
             per_probe.append(js_probe)
         else:
             p64, q64 = p.detach().to(torch.float64), q.detach().to(torch.float64)
-            diff = _abs_diff(p64, q64)
+            diff = abs_diff(p64, q64)
             max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
             mse = diff.pow(2).mean(dim=-1)
             cos = 1 - torch.nn.functional.cosine_similarity(p64, q64, dim=-1)
