@@ -7,6 +7,7 @@ Unloading removes every hook and drops every tensor the handle holds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ class Attached:
     handles: list[RemovableHandle] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     effects: list[Effect] = field(default_factory=list)
+    measure: bool = True  # record effects; off after the first cycle, which is the one reported
 
     def unload(self) -> None:
         for handle in self.handles:
@@ -106,7 +108,7 @@ class HookEngine:
                 attached.tensors.update({name: behavior.tensors[name] for name in att.tensors.values()})
                 effect = Effect(att.target, att.kind)
                 attached.effects.append(effect)
-                hook = _measured(KINDS[att.kind](module, att, tensors), effect)
+                hook = _measured(KINDS[att.kind](module, att, tensors), effect, attached)
                 attached.handles.append(module.register_forward_hook(hook))
         except BaseException:
             attached.unload()
@@ -114,17 +116,21 @@ class HookEngine:
         return attached
 
 
-def _measured(hook: Callable[..., object], effect: Effect) -> Callable[..., object]:
+def _measured(hook: Callable[..., object], effect: Effect, attached: Attached) -> Callable[..., object]:
     """The kind's hook, counting its calls and the size of the change it makes."""
 
     def measured(module: nn.Module, args: tuple[object, ...], output: object) -> object:
         changed = hook(module, args, output)
+        if not attached.measure:
+            return changed
         effect.calls += 1
         before, after = _first_tensor(output), _first_tensor(changed)
         if before is not None and after is not None and before.shape == after.shape and before.numel():
-            from revreg.verifier.metrics import abs_diff
+            delta = float((after.detach() - before.detach()).abs().max())
+            if math.isnan(delta):  # inf - inf: compare element by element, as the metrics do
+                from revreg.verifier.metrics import abs_diff
 
-            delta = float(abs_diff(before.detach(), after.detach()).max())
+                delta = float(abs_diff(before.detach(), after.detach()).max())
             effect.max_abs_change = max(effect.max_abs_change, delta)
         return changed
 

@@ -421,6 +421,8 @@ def verify(
         ct: dict[str, float] = {}
         c = time.perf_counter()
         handle = _attach(engine, model, behavior)
+        if hasattr(handle, "measure"):
+            handle.measure = index == 0
         c = _timed(ct, "attach", c)
         adapted = _run_attached(model, probes, handle, behavior)
         c = _timed(ct, "run_adapted_unload", c)
@@ -538,11 +540,8 @@ def _verdict(
         )
     if reasons:
         return "FAIL", sorted(set(reasons), key=reasons.index) + own
-    if own:
-        return "INCONCLUSIVE", own
-    if failing:  # cannot happen: a failing cycle is either blamed or explained by the base
-        return "INCONCLUSIVE", ["a cycle failed, but neither the behavior nor the base could be shown to cause it"]
-    return "PASS", []
+    # A failing cycle is either blamed above or explained by the base here.
+    return ("INCONCLUSIVE", own) if own else ("PASS", [])
 
 
 def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
