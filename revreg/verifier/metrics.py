@@ -89,12 +89,19 @@ def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torc
     return torch.where(p == 0, torch.zeros_like(p), p * (logp - logq)).sum(dim=-1)
 
 
+def _log_softmax_and_softmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax and softmax of rows from one exp per element (log_softmax then exp takes two)."""
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    e = shifted.exp()
+    z = e.sum(dim=-1, keepdim=True)
+    return shifted.sub_(z.log()), e.div_(z)
+
+
 def _kl_js_finite(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """KL, JS and max |a - b| of float64 rows of finite logits: every log-probability is finite,
     so the plain formulas need no special cases (an underflowed p multiplies a finite log)."""
     max_abs = float((a - b).abs_().max())
-    logp, logq = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
-    pp, qq = logp.exp(), logq.exp()
+    (logp, pp), (logq, qq) = _log_softmax_and_softmax(a), _log_softmax_and_softmax(b)
     kl = torch.linalg.vecdot(pp, logp - logq)
     # log of m = (p + q) / 2; where both probabilities underflow, their terms are 0 anyway.
     logm = pp.add(qq).mul_(0.5).clamp_min_(_TINY).log_()
