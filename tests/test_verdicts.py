@@ -21,6 +21,18 @@ def _strict(result: VerificationResult) -> dict:
     return json.loads(json.dumps(doc, allow_nan=False))
 
 
+@pytest.fixture
+def one_thread():
+    """This test is about first-run state, not the platform: on this 2-core machine under heavy
+    load, two runs of the tiny GPT-2 were seen to differ by 9e-7 (the verifier then rightly says
+    INCONCLUSIVE: not repeatable), so it runs single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_base_that_installs_hooks_on_its_first_run_passes(tmp_path: Path, keys_dir: Path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -29,7 +41,7 @@ def test_base_that_installs_hooks_on_its_first_run_passes(tmp_path: Path, keys_d
     config.output_hidden_states = True  # transformers installs output-capturing hooks on the first forward
     model, behavior, probes = gpt2_setup(tmp_path, keys_dir, GPT2LMHeadModel(config).eval())
     result = verify(model, behavior, probes)
-    assert result.verdict == "PASS", result.reasons
+    assert result.verdict == "PASS", (result.reasons, result.determinism)
     assert any("hooks _forward_hooks: 0 -> 1" in c for c in result.determinism["warmup_changes"])
 
 
