@@ -142,7 +142,9 @@ class Registry:
         if loc.directory is not None:
             loc.directory.mkdir(parents=True, exist_ok=True)
         elif store is None:
-            raise InputError("a database registry needs --store DIR (or s3://…) for its blobs")
+            store = cls._recorded_store(loc)
+            if store is None:
+                raise InputError("a database registry needs --store DIR (or s3://…) for its blobs")
         # An embedded registry keeps its blobs beside the database, recorded relatively so the
         # directory can be moved; any other store is recorded absolutely.
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
@@ -168,6 +170,22 @@ class Registry:
         """A read-only session (queue and tokens build on it)."""
         with Session(self.engine) as session:
             yield session
+
+    @staticmethod
+    def _recorded_store(loc: Location) -> str | None:
+        """The blob store an existing database registry already records (re-running init on it
+        only brings the schema current)."""
+        from revreg.registry.db import current_revision
+
+        engine = make_engine(loc)
+        try:
+            if current_revision(engine) is None:
+                return None
+            with Session(engine) as s:
+                row = s.get(Setting, "store")
+                return row.value if row else None
+        finally:
+            engine.dispose()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
