@@ -187,6 +187,7 @@ def _torture(location: str, keys_dir: str, worker: int, seconds: float, out) -> 
     out.put((worker, acked))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [5])
 def test_concurrent_mixed_writers_keep_the_chain_and_every_acknowledged_write(
     registry: Registry, registry_location, keys_dir: Path, workers: int
@@ -231,6 +232,7 @@ def _kill_at_random(cmd: list[str], env: dict[str, str], full: float, rng: rando
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_publish_and_certify_leave_a_consistent_registry(
     run, toy, registry: Registry, registry_location, keys_dir: Path, tmp_path: Path
 ):

@@ -101,6 +101,7 @@ def test_signature_from_another_artifact_is_refused(run, artifact: Path, tmp_pat
     _one_line_error(run("inspect", other), "covers a different manifest")
 
 
+@pytest.mark.slow
 def test_every_flipped_byte_is_refused(artifact: Path, keys_dir: Path, tmp_path: Path):
     trusted = Keyring(keys_dir).trusted()
     data = artifact.read_bytes()

@@ -140,6 +140,7 @@ def test_the_example_policy_parses():
     assert rules[0] == "certified" and "max_age" in rules and "no_revoked_keys" in rules
 
 
+@pytest.mark.slow
 def test_ci_example_script_runs_the_pipeline(toy, keys_dir: Path, tmp_path: Path):
     """The very script the GitHub Actions and GitLab examples call, on a local registry."""
     bindir = Path(sys.executable).parent

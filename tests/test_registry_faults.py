@@ -23,6 +23,7 @@ def _push_cmd(location: str, path: Path) -> list[str]:
     return [REVREG, "push", str(path), "--registry", location]
 
 
+@pytest.mark.slow
 def test_push_killed_at_any_moment_leaves_a_consistent_registry(
     registry: Registry, registry_location, keys_dir: Path, tmp_path: Path
 ):

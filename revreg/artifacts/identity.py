@@ -189,10 +189,14 @@ class TensorManifest:
 class TensorSource(Protocol):
     """One tensor's bytes, served in CHUNK_SIZE pieces, possibly from several threads."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
 
     def chunk(self, index: int) -> Any:
         """Bytes of chunk `index` as a buffer (memoryview, bytes or a numpy array)."""

@@ -12,7 +12,7 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +250,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 def write_safetensors(
     path: Path,
-    tensors: dict[str, tuple[str, tuple[int, ...], memoryview | bytes]],
+    tensors: Mapping[str, tuple[str, tuple[int, ...], memoryview | bytes]],
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write name -> (dtype, shape, raw bytes) deterministically and atomically."""

@@ -20,7 +20,7 @@ from revreg.artifacts.artifact import (
 from revreg.artifacts.artifact import (
     pack as pack_artifact,
 )
-from revreg.artifacts.identity import looks_like_identity, parse_identity
+from revreg.artifacts.identity import Identity, looks_like_identity, parse_identity
 from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
 from revreg.artifacts.peft_io import read_peft, write_peft
 from revreg.artifacts.sources import identity_of_path
@@ -35,7 +35,7 @@ from revreg.cli.options import (
 from revreg.errors import InputError, RevregError, UnknownKeyError
 
 
-def _base_identity(base: str) -> str:
+def _base_identity(base: str) -> Identity:
     if looks_like_identity(base):
         return parse_identity(base)
     if not Path(base).exists():

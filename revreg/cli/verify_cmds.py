@@ -267,7 +267,10 @@ def certify(
     _print(
         done.result,
         as_json,
-        {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name}; certified {done.version.digest})"},
+        {
+            "recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name})",
+            "pinned": done.version.pinned,
+        },
     )
     if not done.result.passed:
         raise CheckFailed(f"certification {done.result.verdict}: {'; '.join(done.result.reasons)}")
