@@ -14,7 +14,9 @@ from revreg.errors import FormatError
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://revreg.dev/certification/v1"
+PREDICATE_TYPE = "https://revreg.dev/certification/v2"  # what is signed now (predicate schema 2)
+# Every predicate type ever signed: certifications already recorded keep verifying.
+PREDICATE_TYPES = ("https://revreg.dev/certification/v1", PREDICATE_TYPE)
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 
 
@@ -54,7 +56,7 @@ def verify_certification(envelope_json: bytes | str, trusted_verifiers: Mapping[
     verified = verify(Envelope.from_json(envelope_json), PAYLOAD_TYPE, trusted_verifiers)
     doc = strict_loads(verified.payload, "certification statement")
     try:
-        if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] != PREDICATE_TYPE:
+        if doc["_type"] != STATEMENT_TYPE or doc["predicateType"] not in PREDICATE_TYPES:
             raise FormatError("not a revreg certification statement")
         (subject,) = doc["subject"]
         ((algo, hexpart),) = subject["digest"].items()

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from revreg.artifacts.attestation import verify_certification
+from revreg.artifacts.predicate import metric, metric_names
 from revreg.errors import RevregError
 from revreg.registry.api import RegistryAPI
 
@@ -21,18 +22,24 @@ def _certification(envelope: str, verifiers: dict[str, Any], digest: str, record
         return {"verified": False, "error": str(exc), "recorded_at": recorded}
     p = cert.predicate
     metrics = p.get("metrics") or {}
+    divergence = metrics.get("divergence")
+    primary, secondary = metric_names(divergence)
     baselines = [
         {
-            k: b.get(k)
-            for k in (
-                "baseline",
-                "rf",
-                "kl_reset",
-                "max_abs_reset",
-                "weights_bitwise_after_subtract",
-                "weight_elements_changed",
-                "leakage_per_probe",
-            )
+            "baseline": b.get("baseline"),
+            "reset": b.get("reset"),
+            "refused": b.get("refused"),
+            "rf": b.get("rf"),
+            f"{primary}_reset": metric(b, "reset", divergence=divergence)[1],
+            **{
+                k: b.get(k)
+                for k in (
+                    "max_abs_reset",
+                    "weights_bitwise_after_subtract",
+                    "weight_elements_changed",
+                    "leakage_per_probe",
+                )
+            },
         }
         for b in p.get("baselines") or []
     ]
@@ -48,12 +55,16 @@ def _certification(envelope: str, verifiers: dict[str, Any], digest: str, record
         "cycles": p.get("cycles"),
         "bitwise": p.get("bitwise"),
         "rf": metrics.get("rf"),
-        "kl_adapted": metrics.get("kl_adapted"),
-        "js_adapted": metrics.get("js_adapted"),
-        "kl_reset": metrics.get("kl_reset"),
-        "js_reset": metrics.get("js_reset"),
+        "schema_version": p.get("schema_version", 1),
+        "metric_names": [primary, secondary],
+        **{
+            f"{name}_{phase}": metric(metrics, phase, secondary=second)[1]
+            for phase in ("adapted", "reset")
+            for name, second in ((primary, False), (secondary, True))
+        },
         "max_abs_reset": metrics.get("max_abs_reset"),
-        "divergence": metrics.get("divergence"),
+        "non_finite": p.get("non_finite") or {},
+        "divergence": divergence,
         "probes": p.get("probes"),
         "leakage": p.get("leakage"),
         "environment": p.get("environment"),

@@ -49,6 +49,8 @@ def _cert_html(c: dict[str, Any]) -> str:
     env = c.get("environment") or {}
     b = c.get("bitwise") or {}
     verdict_class = "ok" if c["verdict"] == "PASS" else "bad"
+    n1, n2 = c.get("metric_names") or ("kl", "js")
+    label = f"{n1.upper()} / {n2.upper()}"
     rows = [
         [
             "verdict",
@@ -58,8 +60,8 @@ def _cert_html(c: dict[str, Any]) -> str:
         ["verifier key", f"{escape(c['verifier']['name'])} <code>{escape(c['verifier']['keyid'])}</code>"],
         ["certified", escape(str(c.get("finished_at") or c["recorded_at"]))],
         ["RF", _num(c.get("rf"))],
-        ["KL / JS adapted", f"{_num(c.get('kl_adapted'))} / {_num(c.get('js_adapted'))}"],
-        ["KL / JS after reset", f"{_num(c.get('kl_reset'))} / {_num(c.get('js_reset'))}"],
+        [f"{label} adapted", f"{_num(c.get(f'{n1}_adapted'))} / {_num(c.get(f'{n2}_adapted'))}"],
+        [f"{label} after reset", f"{_num(c.get(f'{n1}_reset'))} / {_num(c.get(f'{n2}_reset'))}"],
         [
             "bitwise restored",
             f"identity {_flag(b.get('identity'))}, state {_flag(b.get('state'))}, outputs {_flag(b.get('outputs'))}",
@@ -85,25 +87,27 @@ def _cert_html(c: dict[str, Any]) -> str:
             (c.get("leakage") or {}).get("threshold"),
         )
     if c.get("baselines"):
-        cats = ["KL after reset", "max |delta| after reset"]
-        comparison: dict[str, list[float | None]] = {"reversible (hooks)": [c.get("kl_reset"), c.get("max_abs_reset")]}
+        cats = [f"{n1.upper()} after reset", "max |delta| after reset"]
+        comparison: dict[str, list[float | None]] = {
+            "reversible (hooks)": [c.get(f"{n1}_reset"), c.get("max_abs_reset")]
+        }
         for bl in c["baselines"]:
-            comparison[f"{bl['baseline']} (mutation)"] = [bl.get("kl_reset"), bl.get("max_abs_reset")]
+            comparison[f"{bl['baseline']} (mutation)"] = [bl.get(f"{n1}_reset"), bl.get("max_abs_reset")]
         out += bars("Reversible versus mutation baseline: divergence after reset (log scale)", cats, comparison)
         out += _table(
             [
                 "baseline",
                 "RF",
-                "KL after reset",
+                f"{n1.upper()} after reset",
                 "max |delta| after reset",
-                "weights bitwise after W-=dW",
+                "weights bitwise after its reset",
                 "weight elements changed",
             ],
             [
                 [
                     escape(bl["baseline"]),
                     _num(bl.get("rf")),
-                    _num(bl.get("kl_reset")),
+                    _num(bl.get(f"{n1}_reset")),
                     _num(bl.get("max_abs_reset")),
                     _flag(bl.get("weights_bitwise_after_subtract")),
                     _num(bl.get("weight_elements_changed")),
@@ -251,17 +255,19 @@ def markdown(report: dict[str, Any]) -> str:
                     lines += [f"- certification that does not verify: {c.get('error')}", ""]
                     continue
                 b_ = c.get("bitwise") or {}
+                m1 = (c.get("metric_names") or ("kl", "js"))[0]
                 lines += [
                     f"- certification **{c['verdict']}** by {c['verifier']['name']} on {c.get('device')}, "
-                    f"{c.get('cycles')} cycles: RF {_num(c.get('rf'))}, KL adapted {_num(c.get('kl_adapted'))}, "
-                    f"KL after reset {_num(c.get('kl_reset'))}, bitwise identity {b_.get('identity')} "
+                    f"{c.get('cycles')} cycles: RF {_num(c.get('rf'))}, {m1.upper()} adapted "
+                    f"{_num(c.get(f'{m1}_adapted'))}, {m1.upper()} after reset {_num(c.get(f'{m1}_reset'))}, "
+                    f"bitwise identity {b_.get('identity')} "
                     f"state {b_.get('state')} outputs {b_.get('outputs')}"
                 ]
                 for bl in c.get("baselines") or []:
                     lines.append(
-                        f"  - baseline {bl['baseline']}: RF {_num(bl.get('rf'))}, KL after reset "
-                        f"{_num(bl.get('kl_reset'))}, weights bitwise after subtraction "
-                        f"{bl.get('weights_bitwise_after_subtract')}"
+                        f"  - baseline {bl['baseline']}: RF {_num(bl.get('rf'))}, {m1.upper()} after reset "
+                        f"{_num(bl.get(f'{m1}_reset'))}, weights bitwise after its reset "
+                        f"{bl.get('weights_bitwise_after_subtract')} (reset: {bl.get('reset')})"
                     )
             lines.append("")
     lines += ["## Keys", "", "| name | role | key id | state |", "| --- | --- | --- | --- |"]

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from revreg.artifacts.predicate import metric
 from revreg.durations import parse_duration
 from revreg.errors import InputError
 
@@ -190,8 +191,8 @@ def _min_cycles(n: int) -> Rule:
 
 def _min_effect(x: float) -> Rule:
     def check(p: dict[str, Any]) -> tuple[bool, str]:
-        effect = (p.get("metrics") or {}).get("kl_adapted")
-        return effect is not None and effect >= x, f"divergence while attached {effect} (minimum {x:g})"
+        name, effect = metric(p.get("metrics") or {}, "adapted")
+        return effect is not None and effect >= x, f"{name} while attached {effect} (minimum {x:g})"
 
     return _predicate_rule("min_effect", check)
 

@@ -1,10 +1,18 @@
-"""A full-state fingerprint of a live model: every parameter and buffer (persistent or not),
-the module tree with classes and object identities, hook dictionaries, attributes,
-requires_grad, dtype, device, storage and training flags. Two fingerprints differ exactly
-where the model's state differs, and `diff` names where."""
+"""A full-state fingerprint of a live model and of the process state that changes what it
+computes; two fingerprints differ exactly where that state differs, and `diff` names where.
+
+The threat model, what it covers and what no fingerprint can, is in docs/verifier.md.
+"""
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import random
+import struct
+import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,25 +35,121 @@ _HOOK_DICTS = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks",
-    "_global_forward_pre_hooks",
-    "_global_backward_hooks",
-    "_global_backward_pre_hooks",
-    "_global_forward_hooks_always_called",
-    "_global_module_registration_hooks",
-    "_global_parameter_registration_hooks",
-    "_global_buffer_registration_hooks",
-)
+# Captured through the tensor entries, so not again as attributes.
+_MODULE_INTERNALS = frozenset((*_HOOK_DICTS, "_parameters", "_buffers", "_modules", "training"))
+_TENSOR_HOOKS = ("_backward_hooks", "_post_accumulate_grad_hooks")
+# Containers longer than this are compared by identity and length only: model attributes are
+# small, and a vocabulary-sized list would make every fingerprint slow.
+_MAX_ITEMS = 4096
+_MAX_DEPTH = 6
+
+
+class Same:
+    """An object compared with `is`, held strongly so its address cannot be reused by another."""
+
+    __slots__ = ("obj", "text")
+
+    def __init__(self, obj: Any, text: str | None = None) -> None:
+        self.obj = obj
+        self.text = text if text is not None else _describe(obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Same) and self.obj is other.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Value:
+    """A plain value compared exactly: floats by their bits (NaN equals itself, -0.0 is not 0.0),
+    types by identity (1, 1.0 and True differ), containers element by element."""
+
+    key: Any
+    text: str
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+Token = Same | Value
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    name = getattr(obj, "__qualname__", None)
+    if isinstance(name, str) and callable(obj):
+        return f"{type(obj).__name__} {name}"
+    return f"<{type(obj).__qualname__}>"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 over dtype, shape and the raw bytes in C order (not the identity scheme: for
+    gradients and tensors kept as plain attributes, whatever their dtype)."""
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        h.update(memoryview(flat.to("cpu").numpy()))
+    return h.hexdigest()
+
+
+def _tensor_value(t: torch.Tensor) -> Value:
+    try:
+        digest = tensor_digest(t)
+    except (RuntimeError, TypeError):  # sparse, meta or other layouts without plain bytes
+        digest = f"unreadable {t.layout}"
+    return Value(("tensor", digest, str(t.device), t.stride()), f"tensor {t.dtype} {list(t.shape)} ({digest[:12]})")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between two fingerprints."""
+
+    subject: str  # "tensor NAME", "module PATH", "object PATH", "class NAME", "torch", ...
+    field: str
+    before: Token | None  # None: absent
+    after: Token | None
+
+    def __str__(self) -> str:
+        if self.field == "":
+            return f"{self.subject} was {'added' if self.before is None else 'removed'}"
+        if self.before is None or self.after is None:
+            return f"{self.subject}: {self.field} {'added' if self.before is None else 'removed'}"
+        if self.field == "bytes":
+            return f"{self.subject}: bytes changed"
+        b, a = _short(self.before.text), _short(self.after.text)
+        sep = ":" if self.field.startswith("hooks") else ""
+        if b == a:
+            return f"{self.subject}: {self.field} (replaced)"
+        return f"{self.subject}: {self.field}{sep} {b} -> {a}"
+
+
+_RANK = {"": 0, "bytes": 0, "object": 1, "class": 2, "tied with": 3, "storage shared with": 4, "dtype": 5}
 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    tensors: dict[str, str]  # name -> digest of dtype, shape and bytes (aliases share one)
+    tensors: dict[str, str]  # name -> identity leaf digest (aliases share one)
     identity_names: tuple[str, ...]  # state_dict names that make up the identity (aliases excluded)
-    tensor_meta: dict[str, tuple[Any, ...]]  # name -> (kind, dtype, device, shape, stride, requires_grad, data_ptr)
-    modules: dict[str, tuple[Any, ...]]  # path -> (class, object id, training, attributes, hooks)
-    global_hooks: tuple[Any, ...]
+    state: dict[str, dict[str, Token]]  # subject -> field -> token
+    aliases: dict[str, str]  # a later name -> the first name for the same memory
+
+    def canonical(self, name: str) -> str:
+        """The name a tensor has in the identity (the first of its aliases)."""
+        return self.aliases.get(name, name)
+
+    def tied(self, name: str) -> set[str]:
+        """The other names of the same tensor object."""
+        token = self.state.get(f"tensor {name}", {}).get("tied with")
+        return set(token.key) if isinstance(token, Value) else set()
 
     @property
     def identity(self) -> Identity:
@@ -54,87 +158,240 @@ class Fingerprint:
         root = root_digest("sha256", ((n, bytes.fromhex(self.tensors[n])) for n in self.identity_names))
         return Identity(f"sha256:{root.hex()}")
 
+    def changes(self, after: Fingerprint) -> list[Change]:
+        out = []
+        for subject in sorted(self.state.keys() | after.state.keys()):
+            mine, theirs = self.state.get(subject), after.state.get(subject)
+            if mine is None or theirs is None:
+                out.append(
+                    Change(subject, "", None if mine is None else Same(mine), None if theirs is None else Same(theirs))
+                )
+                continue
+            for f in sorted(mine.keys() | theirs.keys()):
+                if mine.get(f) != theirs.get(f):
+                    out.append(Change(subject, f, mine.get(f), theirs.get(f)))
+        # The cause before its consequences: a replaced object also changes the registries and
+        # attributes that hold it, and a report shows its first lines.
+        return sorted(
+            out, key=lambda c: (_RANK.get(c.field, 7 if not c.field.startswith("registered") else 8), c.subject)
+        )
+
     def diff(self, after: Fingerprint) -> list[str]:
         """What changed from this fingerprint to `after`, one line per difference."""
-        out = []
-        for label, mine, theirs in (
-            ("tensor", self.tensors, after.tensors),
-            ("tensor", self.tensor_meta, after.tensor_meta),
-            ("module", self.modules, after.modules),
-        ):
-            for name in sorted(mine.keys() - theirs.keys()):
-                out.append(f"{label} {name} was removed")
-            for name in sorted(theirs.keys() - mine.keys()):
-                out.append(f"{label} {name} was added")
-            for name in sorted(n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n]):
-                out.append(f"{label} {name}: {_what_changed(mine[name], theirs[name], label, mine is self.tensors)}")
-        if self.global_hooks != after.global_hooks:
-            out.append("global module hooks changed")
-        return sorted(set(out))
+        return [str(c) for c in self.changes(after)]
 
 
-_META_FIELDS = ("kind", "dtype", "device", "shape", "stride", "requires_grad", "storage")
-_MODULE_FIELDS = ("class", "object (replaced)", "training flag", "attributes", "hooks")
+class _Capture:
+    """One pass over a model: plain values by value, everything else by identity, and each
+    plain object (an HF config, say) captured once, under the path it was first reached by."""
 
+    def __init__(self) -> None:
+        self.state: dict[str, dict[str, Token]] = {}
+        self.seen: set[int] = set()
+        self.pending: list[tuple[str, Any, int]] = []
 
-def _what_changed(before: Any, after: Any, label: str, is_bytes: bool) -> str:
-    if is_bytes:
-        return "bytes changed"
-    fields = _META_FIELDS if label == "tensor" else _MODULE_FIELDS
-    changed = [f for f, a, b in zip(fields, before, after, strict=True) if a != b]
-    details = []
-    for field in changed:
-        i = fields.index(field)
-        if field in ("dtype", "requires_grad", "training flag", "class", "device"):
-            details.append(f"{field} {before[i]} -> {after[i]}")
-        elif field == "hooks":
-            details.append(
-                "hooks "
-                + ", ".join(
-                    f"{n}: {len(b)} -> {len(a)}" for (n, b), (_, a) in zip(before[i], after[i], strict=True) if a != b
+    def value(self, v: Any, path: str, depth: int = 0) -> Token:
+        if v is None or (isinstance(v, bool | int | str | bytes) and not isinstance(v, enum.Enum)):
+            return Value((type(v), v), _short(repr(v)))
+        if isinstance(v, float):
+            return Value((type(v), struct.pack("<d", v)), repr(v))
+        if isinstance(v, complex):
+            return Value((type(v), struct.pack("<dd", v.real, v.imag)), repr(v))
+        if isinstance(v, torch.Tensor):
+            return _tensor_value(v) if not isinstance(v, nn.Parameter) else Same(v, "a parameter")
+        if isinstance(v, torch.device | torch.Size):
+            return Value((type(v), str(v)), str(v))
+        if isinstance(v, enum.Enum | torch.dtype | torch.layout | torch.memory_format):
+            return Same(v, str(v))  # singletons
+        if isinstance(v, tuple | list | set | frozenset | dict) and depth < _MAX_DEPTH:
+            if len(v) > _MAX_ITEMS:
+                return Same(v, f"<{type(v).__name__} of {len(v)}>")
+            items: Any
+            if isinstance(v, dict):
+                items = tuple(
+                    (self.value(k, path, depth + 1), self.value(x, f"{path}.{k}", depth + 1)) for k, x in v.items()
                 )
+            elif isinstance(v, set | frozenset):
+                items = tuple(sorted((self.value(x, path, depth + 1) for x in v), key=lambda t: t.text))
+            else:
+                items = tuple(self.value(x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+            text = _short(repr(v))
+            # Mutable containers are also compared by identity: code elsewhere may hold them.
+            ident = () if isinstance(v, tuple | frozenset) else (Same(v),)
+            return Value((type(v), items, *ident), text)
+        if _is_plain_object(v) and id(v) not in self.seen:
+            self.seen.add(id(v))
+            self.pending.append((path, v, depth))
+        return Same(v)
+
+    def objects(self) -> None:
+        while self.pending:
+            path, obj, depth = self.pending.pop(0)
+            fields: dict[str, Token] = {"class": Same(type(obj))}
+            for k, v in vars(obj).items():
+                fields[f"attribute {k}"] = self.value(v, f"{path}.{k}", depth + 1)
+            self.state[f"object {path}"] = fields
+
+
+def _is_plain_object(v: Any) -> bool:
+    """Objects whose attributes are state (configs and the like), not code or model parts."""
+    if isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType) or callable(v):
+        return False
+    return hasattr(v, "__dict__")
+
+
+def _hooks(d: Any, cap: _Capture, path: str) -> Value:
+    if not d:
+        return Value((), "0")
+    items = tuple((cap.value(k, path), cap.value(fn, path)) for k, fn in d.items())
+    return Value(items, str(len(items)))
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    for n, p in model.named_parameters(remove_duplicate=False):
+        yield n, "param", p
+    for n, b in model.named_buffers(remove_duplicate=False):
+        yield n, "buffer", b
+
+
+def _global_state(cap: _Capture) -> dict[str, Token]:
+    g: dict[str, Any] = {
+        "grad mode": torch.is_grad_enabled(),
+        "inference mode": torch.is_inference_mode_enabled(),
+        "default dtype": torch.get_default_dtype(),
+        "default device": str(torch.get_default_device()),
+        "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
+        "deterministic warn only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "fill uninitialized memory": torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
+        "float32 matmul precision": torch.get_float32_matmul_precision(),
+        "threads": torch.get_num_threads(),
+        "anomaly detection": torch.is_anomaly_enabled(),
+        "cpu autocast": torch.is_autocast_enabled("cpu"),
+        "cuda autocast": torch.is_autocast_enabled("cuda"),
+        "cuda matmul tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cuda matmul fp16 reduced precision": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "cuda matmul bf16 reduced precision": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "cudnn enabled": torch.backends.cudnn.enabled,
+        "cudnn tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn benchmark": torch.backends.cudnn.benchmark,
+        "cudnn deterministic": torch.backends.cudnn.deterministic,
+        "mkldnn enabled": torch.backends.mkldnn.enabled,
+        "flash sdp": torch.backends.cuda.flash_sdp_enabled(),
+        "mem efficient sdp": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        "math sdp": torch.backends.cuda.math_sdp_enabled(),
+        "torch function modes": torch._C._len_torch_function_stack(),
+        "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
+    }
+    fields = {k: cap.value(v, "torch") for k, v in g.items()}
+    fields["cpu rng state"] = Value(tensor_digest(torch.get_rng_state()), "cpu generator state")
+    fields["default generator"] = Same(torch.default_generator, "torch.default_generator")
+    if torch.cuda.is_initialized():  # never initialise CUDA just to look at it
+        for i in range(torch.cuda.device_count()):
+            fields[f"cuda:{i} rng state"] = Value(
+                tensor_digest(torch.cuda.get_rng_state(i)), f"cuda:{i} generator state"
             )
-        elif field == "attributes":
-            added, removed = set(after[i]) - set(before[i]), set(before[i]) - set(after[i])
-            details.append(
-                "attributes"
-                + (f" added {sorted(added)}" if added else "")
-                + (f" removed {sorted(removed)}" if removed else "")
-            )
-        else:
-            details.append(field)
-    return "; ".join(details)
+    fields["python rng state"] = Value(hashlib.sha256(repr(random.getstate()).encode()).hexdigest(), "python state")
+    np = sys.modules.get("numpy")
+    if np is not None:
+        key = repr(np.random.get_state(legacy=False)).encode()
+        fields["numpy rng state"] = Value(hashlib.sha256(key).hexdigest(), "numpy global generator state")
+    module_globals = vars(torch.nn.modules.module)
+    for name in sorted(k for k in module_globals if k.startswith("_global_")):
+        v = module_globals[name]
+        fields[f"hooks {name}"] = _hooks(v, cap, "torch") if isinstance(v, dict) else cap.value(v, "torch")
+    return fields
+
+
+def _namespace(ns: Any, label: str) -> dict[str, Token]:
+    """What code resolves at call time: a replaced function under the same name is a change."""
+    return {f"name {k}": Same(v, f"{label}.{k}") for k, v in vars(ns).items() if not k.startswith("__")}
 
 
 def fingerprint(model: nn.Module, stream: bool | None = None) -> Fingerprint:
+    cap = _Capture()
     # state_dict first, so that aliases resolve to the names identity hashing keeps; then
     # every other parameter and buffer (non-persistent buffers, aliases by their other names).
     state = model.state_dict(keep_vars=True)
-    kinds = {n: "param" for n, _ in model.named_parameters(remove_duplicate=False)}
-    kinds |= {n: "buffer" for n, _ in model.named_buffers(remove_duplicate=False)}
-    named = list(state.items())
-    named += [(n, t) for n, t in model.named_parameters(remove_duplicate=False) if n not in state]
-    named += [(n, t) for n, t in model.named_buffers(remove_duplicate=False) if n not in state]
-    sources, aliases = tensor_sources(named, stream)
+    extra_state = {n: v for n, v in state.items() if not isinstance(v, torch.Tensor)}
+    named: list[tuple[str, str, torch.Tensor]] = [(n, "state", t) for n, t in state.items() if n not in extra_state]
+    listed = set(state)
+    for n, kind, t in _named_tensors(model):
+        if n not in listed:
+            named.append((n, kind, t))
+            listed.add(n)
+    kinds = {n: k for n, k, _ in _named_tensors(model)}
+    sources, aliases = tensor_sources(((n, t) for n, _, t in named), stream)
     digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
-    tensors = {name: digests[aliases.get(name, name)] for name, _ in named}
-    meta = {
-        name: (
-            kinds.get(name, "state"),
-            str(t.dtype),
-            str(t.device),
-            tuple(t.shape),
-            t.stride(),
-            bool(t.requires_grad),
-            t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(),
-        )
-        for name, t in named
-    }
-    identity_names = tuple(n for n in state if n not in aliases)
-    modules = {}
+    tensors = {name: digests[aliases.get(name, name)] for name, _, _ in named}
+    by_object: dict[int, list[str]] = {}
+    by_storage: dict[tuple[str, int], list[str]] = {}
+    for name, _, t in named:
+        by_object.setdefault(id(t), []).append(name)
+        if t.numel():
+            by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append(name)
+    for name, _, t in named:
+        others = tuple(sorted(n for n in by_object[id(t)] if n != name))
+        sharing = by_storage.get((str(t.device), t.untyped_storage().data_ptr()), []) if t.numel() else []
+        fields: dict[str, Token] = {
+            "bytes": Value(tensors[name], tensors[name][:12]),
+            "kind": cap.value(kinds.get(name, "state"), name),
+            "object": Same(t, "tensor object"),
+            "class": Same(type(t)),
+            "dtype": Same(t.dtype, str(t.dtype)),
+            "device": cap.value(t.device, name),
+            "shape": cap.value(tuple(t.shape), name),
+            "stride": cap.value(t.stride(), name),
+            "storage offset": cap.value(t.storage_offset(), name),
+            "storage": Value(t.untyped_storage().data_ptr(), "storage") if t.numel() else Value(None, "none"),
+            "requires_grad": cap.value(bool(t.requires_grad), name),
+            "version": cap.value(t._version, name),
+            "tied with": Value(others, ", ".join(others) or "nothing"),
+            "storage shared with": Value(
+                tuple(sorted(n for n in sharing if n not in others and n != name)),
+                ", ".join(sorted(n for n in sharing if n not in others and n != name)) or "nothing",
+            ),
+        }
+        grad = t.grad if t.is_leaf else None
+        fields["grad"] = Value(None, "None") if grad is None else _tensor_value(grad)
+        fields["grad object"] = Same(grad, "None" if grad is None else "a gradient tensor")
+        for h in _TENSOR_HOOKS:
+            fields[f"hooks {h}"] = _hooks(getattr(t, h, None), cap, name)
+        for k, v in vars(t).items():
+            if k not in _TENSOR_HOOKS:
+                fields[f"attribute {k}"] = cap.value(v, f"{name}.{k}")
+        cap.state[f"tensor {name}"] = fields
+    for name, v in extra_state.items():
+        cap.state[f"extra state {name}"] = {"value": cap.value(v, name)}
+    identity_names = tuple(n for n in state if n not in aliases and n not in extra_state)
+
+    classes: dict[type, None] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        hooks = tuple((d, tuple(getattr(module, d, {}).keys())) for d in _HOOK_DICTS)
-        attributes = tuple(sorted(k for k in vars(module) if k not in ("training",)))
-        modules[path or "<root>"] = (type(module).__qualname__, id(module), module.training, attributes, hooks)
-    global_hooks = tuple(tuple(getattr(torch.nn.modules.module, g, {}).keys()) for g in _GLOBAL_HOOKS)
-    return Fingerprint(tensors, identity_names, meta, modules, global_hooks)
+        path = path or "<root>"
+        mfields: dict[str, Token] = {
+            "object": Same(module, "module object"),
+            "class": Same(type(module)),
+            "training flag": cap.value(module.training, path),
+        }
+        for d in _HOOK_DICTS:
+            mfields[f"hooks {d}"] = _hooks(getattr(module, d, None), cap, path)
+        for registry in ("_parameters", "_buffers", "_modules"):
+            entries = getattr(module, registry, {})
+            mfields[f"registered {registry[1:]}"] = Value(
+                tuple((k, None if v is None else Same(v)) for k, v in entries.items()), ", ".join(entries) or "none"
+            )
+        for k, v in vars(module).items():
+            if k not in _MODULE_INTERNALS:
+                mfields[f"attribute {k}"] = cap.value(v, k if path == "<root>" else f"{path}.{k}")
+        cap.state[f"module {path}"] = mfields
+        for cls in type(module).__mro__:
+            if cls is not object:
+                classes.setdefault(cls)
+    cap.objects()
+    for cls in classes:
+        cap.state[f"class {_describe(cls)}"] = {
+            f"name {k}": Same(v, f"{cls.__qualname__}.{k}") for k, v in vars(cls).items() if k != "__dict__"
+        }
+    cap.state["torch"] = _global_state(cap)
+    cap.state["namespace torch.nn.functional"] = _namespace(torch.nn.functional, "F")
+    cap.state["class torch.Tensor"] = _namespace(torch.Tensor, "Tensor")
+    return Fingerprint(tensors, identity_names, cap.state, aliases)

@@ -1,16 +1,21 @@
 """Divergence between two runs of a probe set, as in arXiv 2603.02934.
 
-For logits: KL(f0 || f) and Jensen-Shannon over the softmax of the last dimension, computed in
-float64 from log-softmax, averaged over unmasked positions and then over probes. For embedding
-outputs: mean squared error and cosine distance. RF = 1 - D(f0, f_reset) / D(f0, f_adapted),
-clamped to [0, 1]; undefined (None) when the behavior is inert.
+For logits (`kl` probe sets): KL(f0 || f) and Jensen-Shannon over the softmax of the last
+dimension, in float64 from log-softmax, averaged over unmasked positions and then over probes.
+For embedding outputs (`mse`): mean squared error and cosine distance. RF = 1 - D(f0, f_reset) /
+D(f0, f_adapted), clamped to [0, 1]; undefined (None) when the behavior is inert or D is not
+finite. Non-finite outputs (-inf logits for impossible tokens) are legitimate: 0 * log 0 counts
+as 0, and an element that differs from one that is NaN or infinite is infinitely far.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from revreg.artifacts.predicate import METRIC_NAMES
 
 _TINY = torch.finfo(torch.float64).tiny
 _CHUNK_ELEMENTS = 1 << 16  # float64 elements per intermediate: 512 KiB, cache-resident
@@ -18,11 +23,43 @@ _CHUNK_ELEMENTS = 1 << 16  # float64 elements per intermediate: 512 KiB, cache-r
 
 @dataclass(frozen=True)
 class Divergence:
+    kind: str  # the probe set's divergence: "kl" or "mse"
     mean: float  # KL (kl) or MSE (mse), averaged over probes
-    js: float  # Jensen-Shannon (kl) or cosine distance (mse), averaged over probes
+    secondary: float  # Jensen-Shannon (kl) or cosine distance (mse), averaged over probes
     per_probe: tuple[float, ...]  # JS (kl) or MSE (mse) per probe: the leakage score after reset
-    max_abs: float  # largest |difference| of any output element
+    max_abs: float  # largest |difference| of any output element (inf where one side is not finite)
     bitwise_equal: bool
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return METRIC_NAMES[self.kind]
+
+    def named(self) -> dict[str, float]:
+        """The two divergences under their own names: {"kl": .., "js": ..} or {"mse": .., "cosine": ..}."""
+        primary, secondary = self.names
+        return {primary: self.mean, secondary: self.secondary}
+
+
+def failed_run(kind: str) -> Divergence:
+    """The divergence recorded for a run that raised: infinitely far from the base."""
+    return Divergence(kind, math.inf, math.inf, (), math.inf, False)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Byte equality: NaN equals a NaN with the same bits, -0.0 differs from +0.0."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.device != b.device:
+        b = b.to(a.device)
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| per element, 0 where the values are the same (inf - inf would be NaN), inf where
+    exactly one side is NaN or the difference is undefined."""
+    d = (a - b).abs()
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, torch.zeros_like(d), d.nan_to_num(nan=math.inf))
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -31,9 +68,15 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
         return values
     if mask is None:
         return values.reshape(values.shape[0], -1).mean(dim=1)
-    m = (mask != 0).to(values.dtype).reshape(values.shape[0], -1)
+    m = (mask != 0).reshape(values.shape[0], -1)
     v = values.reshape(values.shape[0], -1)
-    return (v * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    # where() rather than multiplication, so an infinite value at a masked position stays out.
+    return torch.where(m, v, torch.zeros_like(v)).sum(dim=1) / m.sum(dim=1).clamp_min(1).to(v.dtype)
+
+
+def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum over the last dimension of p * (log p - log q), with 0 * anything = 0."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(dim=-1)
 
 
 def _kl_js(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -51,13 +94,13 @@ def _kl_js(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     for start in range(0, p2.shape[0], rows):
         a, b = p2[start : start + rows].to(torch.float64), q2[start : start + rows].to(torch.float64)
         if a.numel():
-            max_abs = max(max_abs, float((a - b).abs().max()))
+            max_abs = max(max_abs, float(_abs_diff(a, b).max()))
         logp, logq = torch.log_softmax(a, dim=-1), torch.log_softmax(b, dim=-1)
         pp, qq = logp.exp(), logq.exp()
-        kl[start : start + rows] = (pp * (logp - logq)).sum(dim=-1)
+        kl[start : start + rows] = _xlogy_diff(pp, logp, logq)
         # log of m = (p + q) / 2; where both probabilities underflow, their terms are 0 anyway.
         logm = (0.5 * (pp + qq)).clamp_min_(_TINY).log_()
-        js[start : start + rows] = 0.5 * ((pp * (logp - logm)).sum(dim=-1) + (qq * (logq - logm)).sum(dim=-1))
+        js[start : start + rows] = 0.5 * (_xlogy_diff(pp, logp, logm) + _xlogy_diff(qq, logq, logm))
     return kl.reshape(lead), js.reshape(lead), max_abs
 
 
@@ -65,20 +108,22 @@ def compare(
     base: list[torch.Tensor], other: list[torch.Tensor], masks: list[torch.Tensor | None], kind: str
 ) -> Divergence:
     """Divergence of `other` from `base`, batch by batch (same batches, same shapes)."""
+    if kind not in METRIC_NAMES:
+        raise ValueError(f"unknown divergence {kind!r}")
     per_probe: list[torch.Tensor] = []
     means: list[torch.Tensor] = []
-    js_or_cos: list[torch.Tensor] = []
+    secondary: list[torch.Tensor] = []
     max_abs = 0.0
     equal = True
     for p, q, mask in zip(base, other, masks, strict=True):
         if p.shape != q.shape:
             raise ValueError(f"output shapes differ: {tuple(p.shape)} and {tuple(q.shape)}")
-        same = torch.equal(p, q)
+        same = bitwise_equal(p, q)
         equal = equal and same
         if same:  # exactly zero, not the rounding residue of log-softmax arithmetic
             zeros = torch.zeros(p.shape[0], dtype=torch.float64)
             means.append(zeros)
-            js_or_cos.append(zeros)
+            secondary.append(zeros)
             per_probe.append(zeros)
             continue
         if kind == "kl":
@@ -86,21 +131,23 @@ def compare(
             max_abs = max(max_abs, batch_max)
             kl_probe, js_probe = _masked_mean(kl.clamp_min(0), mask), _masked_mean(js.clamp_min(0), mask)
             means.append(kl_probe)
-            js_or_cos.append(js_probe)
+            secondary.append(js_probe)
             per_probe.append(js_probe)
         else:
             p64, q64 = p.detach().to(torch.float64), q.detach().to(torch.float64)
-            max_abs = max(max_abs, float((p64 - q64).abs().max()) if p64.numel() else 0.0)
-            mse = (p64 - q64).pow(2).mean(dim=-1)
+            diff = _abs_diff(p64, q64)
+            max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
+            mse = diff.pow(2).mean(dim=-1)
             cos = 1 - torch.nn.functional.cosine_similarity(p64, q64, dim=-1)
             mse_probe = _masked_mean(mse, mask)
             means.append(mse_probe)
-            js_or_cos.append(_masked_mean(cos, mask))
+            secondary.append(_masked_mean(cos, mask))
             per_probe.append(mse_probe)
     all_means = torch.cat(means)
     return Divergence(
+        kind,
         float(all_means.mean()),
-        float(torch.cat(js_or_cos).mean()),
+        float(torch.cat(secondary).mean()),
         tuple(float(x) for x in torch.cat(per_probe)),
         max_abs,
         equal,
@@ -108,6 +155,12 @@ def compare(
 
 
 def recoverability(adapted: Divergence, reset: Divergence, inert: bool) -> float | None:
-    if inert or adapted.mean <= 0:
+    """RF, or None where it is undefined: an inert behavior, or divergences that are not finite
+    numbers on both sides (inf / inf)."""
+    if inert or not adapted.mean > 0 or math.isnan(reset.mean):
+        return None
+    if reset.bitwise_equal:
+        return 1.0
+    if math.isinf(reset.mean) and math.isinf(adapted.mean):
         return None
     return min(1.0, max(0.0, 1.0 - reset.mean / adapted.mean))

@@ -1,8 +1,10 @@
-"""The verifier protocol (DESIGN.md): identity check, determinism self-check, k cycles of
-attach-run-unload with a full-state fingerprint after each, divergence metrics, verdict."""
+"""The verifier protocol (DESIGN.md): identity check, determinism self-check, a reference
+fingerprint after warm-up, k cycles of attach-run-unload with a full-state fingerprint after
+each, a re-check of the base before anything is blamed on the behavior, metrics, verdict."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,19 +17,17 @@ from torch import nn
 from revreg.artifacts.artifact import utc_timestamp
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey
-from revreg.errors import InputError
-from revreg.verifier.engine import Behavior, Engine, HookEngine
+from revreg.artifacts.predicate import SCHEMA_VERSION
+from revreg.errors import InputError, RevregError
+from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine
 from revreg.verifier.environment import environment
-from revreg.verifier.fingerprint import Fingerprint, fingerprint
-from revreg.verifier.metrics import Divergence, compare, recoverability
+from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
+from revreg.verifier.metrics import Divergence, bitwise_equal, compare, failed_run, recoverability
 from revreg.verifier.runner import Probes, run
 
 INERT_FLOOR = 1e-8  # below this divergence a behavior is treated as having no effect
 LEAKAGE_THRESHOLD = 1e-6  # the paper's "exact" threshold for per-probe divergence after reset
-
-
-# The divergence recorded for a run that raised: infinitely far from the base.
-FAILED_RUN = Divergence(float("inf"), float("inf"), (), float("inf"), False)
+RECHECK_RUNS = 3  # runs of the bare base when a cycle fails, before the behavior is blamed
 
 
 class BaseMismatch(InputError):
@@ -44,6 +44,22 @@ class CycleResult:
     state_diff: list[str]
     reset: Divergence
     timings: dict[str, float]
+    changes: list[Change] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class Stability:
+    """How the bare base behaves when run again after a failing cycle."""
+
+    self_changes: list[Change]  # state it changes by itself when it runs
+    runs: int
+    differ_from_base: int  # runs whose outputs are not those of the first base runs
+    agree: bool  # all runs gave the same outputs
+    broken: str | None  # the base no longer runs at all
+
+    @property
+    def outputs_unstable(self) -> bool:
+        return not self.agree or 0 < self.differ_from_base < self.runs
 
 
 @dataclass
@@ -73,11 +89,21 @@ class VerificationResult:
     def leakage_flagged(self) -> list[int]:
         if self.reset is None:
             return []
-        return [i for i, v in enumerate(self.reset.per_probe) if v > self.leakage_threshold]
+        return [i for i, v in enumerate(self.reset.per_probe) if not v <= self.leakage_threshold]
 
     def to_dict(self) -> dict[str, Any]:
-        """The certification predicate: JSON values only."""
-        return {
+        """The certification predicate: strict JSON values only. A metric that is not a finite
+        number is stored as null, and `non_finite` says which it was and what it was."""
+        kind = self.probes.get("divergence", "kl")
+        metrics: dict[str, Any] = {"rf": self.rf, "divergence": kind}
+        for phase, d in (("adapted", self.adapted), ("reset", self.reset)):
+            primary, secondary = d.names if d else _names(kind)
+            metrics[f"{primary}_{phase}"] = d.mean if d else None
+            metrics[f"{secondary}_{phase}"] = d.secondary if d else None
+            metrics[f"max_abs_{phase}"] = d.max_abs if d else None
+        primary = _names(kind)[0]
+        doc = {
+            "schema_version": SCHEMA_VERSION,
             "verdict": self.verdict,
             "reasons": self.reasons,
             "behavior": self.behavior,
@@ -91,16 +117,7 @@ class VerificationResult:
             },
             "determinism": self.determinism,
             "inert": self.inert,
-            "metrics": {
-                "rf": self.rf,
-                "kl_adapted": self.adapted.mean if self.adapted else None,
-                "js_adapted": self.adapted.js if self.adapted else None,
-                "max_abs_adapted": self.adapted.max_abs if self.adapted else None,
-                "kl_reset": self.reset.mean if self.reset else None,
-                "js_reset": self.reset.js if self.reset else None,
-                "max_abs_reset": self.reset.max_abs if self.reset else None,
-                "divergence": self.probes.get("divergence"),
-            },
+            "metrics": metrics,
             "leakage": {
                 "per_probe": list(self.reset.per_probe) if self.reset else [],
                 "threshold": self.leakage_threshold,
@@ -114,7 +131,7 @@ class VerificationResult:
                     "outputs_bitwise": c.outputs_bitwise,
                     "adapted_repeatable": c.adapted_repeatable,
                     "state_diff": c.state_diff[:20],
-                    "kl_reset": c.reset.mean,
+                    f"{primary}_reset": c.reset.mean,
                     "max_abs_reset": c.reset.max_abs,
                     "timings": c.timings,
                 }
@@ -125,6 +142,29 @@ class VerificationResult:
             "environment": self.environment,
             "finished_at": self.finished_at,
         }
+        non_finite: dict[str, str] = {}
+        clean = _strict_json(doc, "", non_finite)
+        if non_finite:
+            clean["non_finite"] = non_finite
+        return clean
+
+
+def _names(kind: str) -> tuple[str, str]:
+    from revreg.artifacts.predicate import metric_names
+
+    return metric_names(kind)
+
+
+def _strict_json(value: Any, path: str, non_finite: dict[str, str]) -> Any:
+    """A copy with every non-finite float replaced by None and recorded under its path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite[path] = repr(value)
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v, f"{path}.{k}" if path else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v, f"{path}[{i}]", non_finite) for i, v in enumerate(value)]
+    return value
 
 
 def check_base(
@@ -136,7 +176,9 @@ def check_base(
     behavior's base and the live model must hold every one of their tensors bit for bit, by
     name, as a parameter or a buffer (persistent or not: checkpoints written by older library
     versions keep buffers such as BERT's position_ids that newer ones no longer save), with no
-    state of its own beyond them. Without it, the live model's own identity must match.
+    state of its own beyond them. A tied tensor may be in the files under any of its names
+    (`safetensors.torch.save_model` keeps one). Without weights, the live model's own identity
+    must match.
     """
     expected = behavior.manifest.base
     label = f"{behavior.manifest.name}:{behavior.manifest.version}"
@@ -157,7 +199,7 @@ def check_base(
         raise InputError("verifying against blake3-bound bases is not supported yet; pack with a sha256 identity")
     leaves = {t.name: t.digest for t in weights.tensors}
     differ = sorted(n for n, d in leaves.items() if before.tensors.get(n) != d)
-    extra = sorted(n for n in before.identity_names if n not in leaves)
+    extra = sorted(n for n in before.identity_names if n not in leaves and not (before.tied(n) & leaves.keys()))
     if differ or extra:
         parts = ([f"{len(differ)} not held as in the files: {', '.join(differ[:5])}"] if differ else []) + (
             [f"{len(extra)} not in the files: {', '.join(extra[:5])}"] if extra else []
@@ -173,6 +215,67 @@ def _timed(timings: dict[str, float], key: str, start: float) -> float:
     return now
 
 
+def _describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _run_base(model: nn.Module, probes: Probes) -> list[torch.Tensor]:
+    try:
+        return run(model, probes)
+    except RevregError:
+        raise
+    except Exception as exc:  # a base that cannot run the probe set is bad input, not a finding
+        raise InputError(f"the base model does not run probe set {probes.name}: {_describe_error(exc)}") from exc
+
+
+def _attach(engine: Engine, model: nn.Module, behavior: Behavior) -> Attached:
+    try:
+        return engine.attach(model, behavior)
+    except RevregError:
+        raise
+    except Exception as exc:
+        m = behavior.manifest
+        raise InputError(f"cannot attach {m.name}:{m.version} to this model: {_describe_error(exc)}") from exc
+
+
+def _run_attached(model: nn.Module, probes: Probes, handle: Attached, behavior: Behavior) -> list[torch.Tensor]:
+    try:
+        return run(model, probes)
+    except RevregError:
+        raise
+    except Exception as exc:
+        m = behavior.manifest
+        raise InputError(
+            f"with {m.name}:{m.version} attached the model does not run the probes: {_describe_error(exc)}"
+        ) from exc
+    finally:
+        handle.unload()
+
+
+def _recheck(model: nn.Module, probes: Probes, base_out: list[torch.Tensor], runs: int) -> Stability:
+    """Run the bare base again: what it changes by itself, and whether its outputs repeat."""
+    first = fingerprint(model)
+    outs: list[list[torch.Tensor]] = []
+    broken = None
+    try:
+        for _ in range(runs):
+            outs.append(run(model, probes))
+    except Exception as exc:  # a model that no longer runs is a finding, reported by the caller
+        broken = _describe_error(exc)
+    second = fingerprint(model)
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(bitwise_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    return Stability(
+        self_changes=first.changes(second),
+        runs=len(outs),
+        differ_from_base=sum(not same(o, base_out) for o in outs),
+        agree=all(same(o, outs[0]) for o in outs),
+        broken=broken,
+    )
+
+
 def verify(
     model: nn.Module,
     behavior: Behavior,
@@ -184,16 +287,20 @@ def verify(
     baselines: Sequence[str] = (),
     inert_floor: float = INERT_FLOOR,
     weights: TensorManifest | None = None,
+    recheck_runs: int = RECHECK_RUNS,
 ) -> VerificationResult:
     if cycles < 1:
         raise InputError("--cycles must be at least 1")
+    from revreg.verifier.baselines import check_specs
+
+    check_specs(baselines)
     engine = engine or HookEngine()
     kind = probes.file.manifest.divergence
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    before = fingerprint(model)
+    pristine = fingerprint(model)
     t = _timed(timings, "fingerprint", t)
-    check_base(model, behavior, before, weights)
+    check_base(model, behavior, pristine, weights)
     m = behavior.manifest
     result = VerificationResult(
         verdict="PASS",
@@ -220,11 +327,21 @@ def verify(
         timings=timings,
     )
 
-    base_out = run(model, probes)
-    again = run(model, probes)
+    base_out = _run_base(model, probes)
+    again = _run_base(model, probes)
     t = _timed(timings, "run_base", t)
+    # The reference is taken after the base's own runs: state a model installs when it first
+    # runs (transformers' output-capturing hooks, say) is the base's, not the behavior's.
+    before = fingerprint(model)
+    t = _timed(timings, "fingerprint", t)
+    warmup = pristine.changes(before)
     repeat = compare(base_out, again, probes.masks, kind)
-    result.determinism = {"repeatable": repeat.bitwise_equal, "max_abs": repeat.max_abs}
+    result.determinism = {
+        "repeatable": repeat.bitwise_equal,
+        "max_abs": repeat.max_abs,
+        "warmup_changes": [str(c) for c in warmup][:20],
+    }
+    rewritten = [str(c) for c in warmup if c.subject.startswith("tensor ") and c.field == "bytes"]
     if not repeat.bitwise_equal:
         hint = (
             "set CUBLAS_WORKSPACE_CONFIG=:4096:8 before the process starts and run with --device cuda "
@@ -234,6 +351,14 @@ def verify(
         )
         result.determinism["reason"] = f"two runs of the base differ by up to {repeat.max_abs:.3g}; {hint}"
         result.verdict, result.reasons = "INCONCLUSIVE", [f"base model is not bitwise repeatable: {hint}"]
+    elif rewritten:
+        result.verdict = "INCONCLUSIVE"
+        result.reasons = [
+            "the base changed its own tensors when it ran, before any behavior was attached, so it is no "
+            f"longer the base it was bound to: {'; '.join(rewritten[:3])}"
+        ]
+    if result.verdict == "INCONCLUSIVE":
+        timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 6)
         result.finished_at = utc_timestamp()
         return result
 
@@ -242,71 +367,49 @@ def verify(
     for index in range(cycles):
         ct: dict[str, float] = {}
         c = time.perf_counter()
-        handle = engine.attach(model, behavior)
+        handle = _attach(engine, model, behavior)
         c = _timed(ct, "attach", c)
-        try:
-            adapted = run(model, probes)
-        finally:
-            c = _timed(ct, "run_adapted", c)
-            handle.unload()
-            c = _timed(ct, "unload", c)
+        adapted = _run_attached(model, probes, handle, behavior)
+        c = _timed(ct, "run_adapted_unload", c)
         after = fingerprint(model)
         c = _timed(ct, "fingerprint", c)
         try:
             reset_out: list[torch.Tensor] | None = run(model, probes)
             broken = None
         except Exception as exc:  # a model broken by unload is a finding, not a crash of the verifier
-            reset_out, broken = None, f"{type(exc).__name__}: {exc}"
+            reset_out, broken = None, _describe_error(exc)
         c = _timed(ct, "run_reset", c)
         if first_adapted is None:
             first_adapted = adapted
             result.adapted = compare(base_out, adapted, probes.masks, kind)
-        reset = compare(base_out, reset_out, probes.masks, kind) if reset_out is not None else FAILED_RUN
-        diff = before.diff(after) + ([f"the model no longer runs the probes ({broken})"] if broken else [])
+        reset = compare(base_out, reset_out, probes.masks, kind) if reset_out is not None else failed_run(kind)
+        changes = before.changes(after)
+        diff = [str(ch) for ch in changes] + ([f"the model no longer runs the probes ({broken})"] if broken else [])
         result.cycles.append(
             CycleResult(
                 index=index,
                 identity_restored=after.identity == before.identity,
                 state_restored=not diff,
                 outputs_bitwise=reset.bitwise_equal,
-                adapted_repeatable=all(torch.equal(a, b) for a, b in zip(first_adapted, adapted, strict=True)),
+                adapted_repeatable=all(bitwise_equal(a, b) for a, b in zip(first_adapted, adapted, strict=True)),
                 state_diff=diff,
                 reset=reset,
                 timings=ct,
+                changes=changes,
             )
         )
-        if worst_reset is None or reset.mean > worst_reset.mean or reset.max_abs > worst_reset.max_abs:
+        if worst_reset is None or not reset.mean <= worst_reset.mean or not reset.max_abs <= worst_reset.max_abs:
             worst_reset = reset
         for k, v in ct.items():
             timings[k] = round(timings.get(k, 0.0) + v, 6)
-        if diff or not reset.bitwise_equal:
+        cy = result.cycles[-1]
+        if diff or not reset.bitwise_equal or not cy.adapted_repeatable:
             break  # the model is no longer the base: later cycles would measure a different model
     result.reset = worst_reset
     assert result.adapted is not None and worst_reset is not None
     result.inert = result.adapted.bitwise_equal or result.adapted.mean < inert_floor
     result.rf = recoverability(result.adapted, worst_reset, result.inert)
-
-    reasons = []
-    for cy in result.cycles:
-        if not cy.identity_restored:
-            changed = [d for d in cy.state_diff if d.endswith("bytes changed")]
-            reasons.append(f"cycle {cy.index}: base identity not restored ({'; '.join(changed[:3])})")
-        if not cy.state_restored:
-            reasons.append(f"cycle {cy.index}: model state not restored: {'; '.join(cy.state_diff[:3])}")
-        if not cy.outputs_bitwise:
-            reasons.append(
-                f"cycle {cy.index}: probe outputs after unload differ from the base "
-                f"(max |delta| {cy.reset.max_abs:.3g})"
-            )
-        if not cy.adapted_repeatable:
-            reasons.append(f"cycle {cy.index}: outputs with the behavior attached differ from cycle 0")
-    if result.inert:
-        reasons.append(
-            f"inert: the behavior does not change the probe outputs (divergence "
-            f"{result.adapted.mean:.3g} < {inert_floor:g}); rollback of an invisible change proves nothing"
-        )
-    if reasons:
-        result.verdict, result.reasons = "FAIL", sorted(set(reasons), key=reasons.index)
+    result.verdict, result.reasons = _verdict(result, model, probes, base_out, recheck_runs, inert_floor)
 
     if baselines:
         from revreg.verifier.baselines import run_baseline
@@ -320,8 +423,68 @@ def verify(
     return result
 
 
+def _verdict(
+    result: VerificationResult,
+    model: nn.Module,
+    probes: Probes,
+    base_out: list[torch.Tensor],
+    recheck_runs: int,
+    inert_floor: float,
+) -> tuple[str, list[str]]:
+    """FAIL for what the behavior left behind; INCONCLUSIVE where the bare base, run again,
+    shows the same change by itself (it rewrites its own state, or its outputs do not repeat)."""
+    failing = [
+        cy for cy in result.cycles if not cy.state_restored or not cy.outputs_bitwise or not cy.adapted_repeatable
+    ]
+    reasons: list[str] = []
+    own: list[str] = []
+    if failing:
+        stability = _recheck(model, probes, base_out, recheck_runs)
+        base_fields = {(ch.subject, ch.field) for ch in stability.self_changes}
+        if stability.self_changes:
+            own.append(
+                "the base changes its own state whenever it runs, without the behavior: "
+                + "; ".join(str(ch) for ch in stability.self_changes[:3])
+            )
+        if stability.outputs_unstable:
+            own.append(
+                f"the base alone is not repeatable: of {stability.runs} more runs after unload, "
+                f"{stability.differ_from_base} differ from its first runs"
+            )
+        for cy in failing:
+            blamed = [ch for ch in cy.changes if (ch.subject, ch.field) not in base_fields]
+            lines = [str(ch) for ch in blamed] + [d for d in cy.state_diff if d.startswith("the model no longer")]
+            if blamed and not cy.identity_restored:
+                changed = [d for d in lines if d.endswith("bytes changed")]
+                reasons.append(f"cycle {cy.index}: base identity not restored ({'; '.join(changed[:3])})")
+            if lines:
+                reasons.append(f"cycle {cy.index}: model state not restored: {'; '.join(lines[:5])}")
+            if not stability.outputs_unstable:
+                if not cy.outputs_bitwise:
+                    reasons.append(
+                        f"cycle {cy.index}: probe outputs after unload differ from the base "
+                        f"(max |delta| {cy.reset.max_abs:.3g})"
+                    )
+                if not cy.adapted_repeatable:
+                    reasons.append(f"cycle {cy.index}: outputs with the behavior attached differ from cycle 0")
+    adapted = result.adapted
+    if result.inert and adapted is not None:
+        reasons.append(
+            f"inert: the behavior does not change the probe outputs (divergence "
+            f"{adapted.mean:.3g} < {inert_floor:g}); rollback of an invisible change proves nothing"
+        )
+    if reasons:
+        return "FAIL", sorted(set(reasons), key=reasons.index) + own
+    if own:
+        return "INCONCLUSIVE", own
+    if failing:  # cannot happen: a failing cycle is either blamed or explained by the base
+        return "INCONCLUSIVE", ["a cycle failed, but neither the behavior nor the base could be shown to cause it"]
+    return "PASS", []
+
+
 def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     """The result table shown by `revreg verify` and `revreg certify`."""
+    from revreg.artifacts.predicate import metric
 
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.3g}"
@@ -329,10 +492,11 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     def rf(x: float | None) -> str:
         # RF close to 1 hides the residue that matters, so show it: 1 - 7.5e-14, not 1.
         if x is None:
-            return "undefined (inert)"
+            return "undefined"
         return "1 (exact)" if x == 1.0 else f"1 - {1.0 - x:.2g}" if x > 0.99 else f"{x:.4f}"
 
     d = result.to_dict()
+    m = d["metrics"]
     rows = [
         ("verdict", result.verdict),
         ("behavior", f"{result.behavior['name']}:{result.behavior['version']}"),
@@ -342,31 +506,33 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     ]
     if result.cycles:
         b = d["bitwise"]
+
+        def pair(phase: str) -> str:
+            (n1, v1), (n2, v2) = metric(m, phase), metric(m, phase, secondary=True)
+            return f"{n1.upper()} {f(v1)}  {n2.upper()} {f(v2)}  max|d| {f(m[f'max_abs_{phase}'])}"
+
         rows += [
             ("cycles", str(len(result.cycles))),
             ("bitwise", f"identity {b['identity']}, state {b['state']}, outputs {b['outputs']}"),
-            ("RF", rf(result.rf)),
-            (
-                "adapted",
-                f"KL {f(d['metrics']['kl_adapted'])}  JS {f(d['metrics']['js_adapted'])}  "
-                f"max|d| {f(d['metrics']['max_abs_adapted'])}",
-            ),
-            (
-                "after reset",
-                f"KL {f(d['metrics']['kl_reset'])}  JS {f(d['metrics']['js_reset'])}  "
-                f"max|d| {f(d['metrics']['max_abs_reset'])}",
-            ),
+            ("RF", rf(result.rf) + (" (inert)" if result.inert else "")),
+            ("adapted", pair("adapted")),
+            ("after reset", pair("reset")),
             (
                 "leakage",
                 f"{len(result.leakage_flagged)} of {result.probes['count']} probes above {result.leakage_threshold:g}",
             ),
         ]
-    for bl in result.baselines:
+        rows += [("non-finite", f"{k} = {v}") for k, v in d.get("non_finite", {}).items() if k.startswith("metrics.")]
+    for bl in d["baselines"]:
+        if bl.get("refused"):
+            rows.append((f"baseline {bl['baseline']}", f"refused: {bl['refused']}"))
+            continue
+        name, reset_value = metric(bl, "reset", divergence=bl.get("divergence"))
         rows.append(
             (
                 f"baseline {bl['baseline']}",
-                f"RF {rf(bl['rf'])}  KL reset {f(bl['kl_reset'])}  max|d| reset {f(bl['max_abs_reset'])}  "
-                f"weights restored by subtraction: {bl['weights_bitwise_after_subtract']}",
+                f"RF {rf(bl['rf'])}  {name.upper()} reset {f(reset_value)}  max|d| reset {f(bl['max_abs_reset'])}  "
+                f"identity restored by its reset: {bl['identity_after_reset']}  (reset: {bl['reset']})",
             )
         )
     rows.append(("time", f"{result.timings.get('total', 0):.2f} s"))
