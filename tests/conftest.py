@@ -20,6 +20,14 @@ from revreg.cli.main import cli
 CREATED = "2026-01-01T00:00:00Z"
 
 
+def minimal_predicate(digest: str, verdict: str = "PASS", finished_at: str | None = None) -> dict:
+    """The least a certification predicate must say: the verdict, what ran, and when it ended."""
+    from datetime import UTC, datetime
+
+    when = finished_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {"verdict": verdict, "behavior": {"digest": digest}, "finished_at": when}
+
+
 def tiny_gpt2(seed: int = 0):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -30,7 +30,7 @@ from revreg.registry.api import (
 from revreg.registry.locate import open_registry
 from revreg.registry.service import Registry
 from revreg.registry.tokens import Tokens
-from tests.conftest import CREATED, make_artifact
+from tests.conftest import CREATED, make_artifact, minimal_predicate
 from tests.server_helpers import running
 
 TOY = "revreg.verifier.toy:build"
@@ -71,7 +71,7 @@ def _trust(api: RegistryAPI, keys_dir: Path) -> None:
 
 
 def _certify(api: RegistryAPI, info: VersionInfo, keys_dir: Path, verdict: str = "PASS") -> VersionInfo:
-    predicate = {"verdict": verdict, "behavior": {"digest": info.digest}}
+    predicate = minimal_predicate(info.digest, verdict)
     envelope = sign_certification(info.ref, info.digest, predicate, Keyring(keys_dir).signer("vera"))
     return api.record_certification(info.pinned, envelope)
 
@@ -187,7 +187,7 @@ def test_queue_requests_are_pinned_and_complete_once(backend: Backend, keys_dir:
     assert claimed.lease_owner is not None and claimed.lease_owner.endswith("w1")
     assert api.claim_request("w2", 60) is None
     assert api.renew_lease(claimed.id, "w1", 60) and not api.renew_lease(claimed.id, "w2", 60)
-    envelope = sign_certification(v1.ref, v1.digest, {"verdict": "PASS"}, Keyring(keys_dir).signer("vera"))
+    envelope = sign_certification(v1.ref, v1.digest, minimal_predicate(v1.digest), Keyring(keys_dir).signer("vera"))
     assert api.complete_request(claimed.id, "w2", envelope) is None  # not the lease holder
     recorded = api.complete_request(claimed.id, "w1", envelope)
     assert recorded is not None and recorded.ref == v1.ref and recorded.state == "certified"

@@ -12,12 +12,14 @@ from revreg.artifacts.keys import Keyring
 from revreg.errors import IntegrityError, SignatureError
 from revreg.registry.policy import GateError
 from revreg.registry.service import ConflictError, NotFound, Registry, StateError
-from tests.conftest import make_artifact
+from tests.conftest import make_artifact, minimal_predicate
 
 
 def certify(reg: Registry, keys_dir: Path, ref: str, verdict: str = "PASS", key: str = "vera") -> None:
     info = reg.resolve(ref)
-    envelope = sign_certification(info.ref, info.digest, {"verdict": verdict}, Keyring(keys_dir).signer(key))
+    envelope = sign_certification(
+        info.ref, info.digest, minimal_predicate(info.digest, verdict), Keyring(keys_dir).signer(key)
+    )
     reg.record_certification(ref, envelope)
 
 
@@ -100,10 +102,14 @@ def test_certification_must_come_from_a_verifier_key_about_this_digest(
 ):
     registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
     info = registry.resolve("demo:1.0.0")
-    by_publisher = sign_certification(info.ref, info.digest, {"verdict": "PASS"}, Keyring(keys_dir).signer("alice"))
+    by_publisher = sign_certification(
+        info.ref, info.digest, minimal_predicate(info.digest), Keyring(keys_dir).signer("alice")
+    )
     with pytest.raises(SignatureError, match="unknown key"):
         registry.record_certification("demo:1.0.0", by_publisher)
-    other = sign_certification(info.ref, "sha256:" + "0" * 64, {"verdict": "PASS"}, Keyring(keys_dir).signer("vera"))
+    other = sign_certification(
+        info.ref, "sha256:" + "0" * 64, minimal_predicate("sha256:" + "0" * 64), Keyring(keys_dir).signer("vera")
+    )
     with pytest.raises(IntegrityError, match="about sha256:0000"):
         registry.record_certification("demo:1.0.0", other)
     assert registry.resolve("demo:1.0.0").state == "pending"
