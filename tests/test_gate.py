@@ -93,6 +93,7 @@ def test_a_revoked_verifier_fails_no_revoked_keys(run, certified, tmp_path: Path
     result = run("gate", "toy:1.0.0", "--policy", _policy(tmp_path, GOOD_POLICY), env=certified)
     assert result.exit_code == 1
     assert "FAIL  no_revoked_keys  revoked: vera" in result.stdout
+    assert "FAIL  certified        toy:1.0.0 has no certification by a trusted, unrevoked verifier key" in result.stdout
 
 
 def test_behavior_without_certification_fails_certified(run, toy, keys_dir: Path, tmp_path: Path):
@@ -101,7 +102,7 @@ def test_behavior_without_certification_fails_certified(run, toy, keys_dir: Path
         run(*args, env=env)
     result = run("gate", "toy:1.0.0", "--policy", _policy(tmp_path, "[policy]\nmin_cycles = 1\n"), env=env)
     assert result.exit_code == 1
-    assert "FAIL  certified        toy:1.0.0 has no certification by a known verifier key" in result.stdout
+    assert "FAIL  certified        toy:1.0.0 is pending; only a certified or published version passes" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ from revreg.registry.models import (
     Tag,
     Version,
 )
-from revreg.registry.policy import PublishGate, RequirePassingCertification
+from revreg.registry.policy import PublishGate, RequirePassingCertification, newest, signed_time
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
     BlobStore,
@@ -527,6 +527,19 @@ class Registry:
         cert = verify_certification(text, self.trusted("verifier", session=s))
         if cert.subject_digest != v.digest:
             raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
+        recorded = list(
+            s.scalars(select(Certification.envelope).where(Certification.version_id == v.id).order_by(Certification.id))
+        )
+        if text in recorded:
+            return self._info(s, v)  # the same evidence again: nothing changes
+        # The newest verdict decides the state; evidence older than it changes nothing.
+        current = newest(recorded, self.trusted("verifier", include_revoked=True, session=s), v.digest)
+        if current is not None and signed_time(cert) < signed_time(current):
+            raise StateError(
+                f"{v.behavior.name}:{v.version} has a newer certification (finished {current.finished_at}, "
+                f"{current.verdict}); an older one ({cert.finished_at or 'undated'}, {cert.verdict}) changes nothing: "
+                "run a new certification"
+            )
         s.add(
             Certification(
                 version_id=v.id,
