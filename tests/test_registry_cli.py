@@ -56,7 +56,7 @@ def test_lifecycle_through_the_cli(run, keys_dir: Path, tmp_path: Path, artifact
 
     assert cli("yank", "demo:1.0.0", "--reason", "regression in eval").exit_code == 0
     gone = cli("pull", "demo:1.0.0", "-o", tmp_path / "again.safetensors")
-    assert gone.exit_code == 2 and "is yanked, not published" in gone.stderr
+    assert gone.exit_code == 2 and "was yanked" in gone.stderr and "--allow-yanked" in gone.stderr
 
     assert "chain intact" in cli("audit", "verify").stdout
     assert "version.yank demo:1.0.0" in cli("audit", "log").stdout

@@ -51,7 +51,7 @@ LORA_LAYERS = ("linear", "embedding")
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InputError(
             f"invalid behavior name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no path separators)"
@@ -60,7 +60,7 @@ def check_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise InputError(f"invalid version {version!r}: use letters, digits, '.', '_', '+' or '-' (at most 64)")
     return version
 
@@ -193,7 +193,7 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
     used: set[str] = set()
     targets: set[tuple[str, str]] = set()
     for a in attachments:
-        if not isinstance(a.target, str) or not TARGET_RE.match(a.target):
+        if not isinstance(a.target, str) or not TARGET_RE.fullmatch(a.target):
             raise InputError(f"attachment target {a.target!r} is not a module path like 'h.0.attn'")
         if (a.target, a.kind) in targets:
             raise InputError(f"two {a.kind} attachments on {a.target}")

@@ -46,13 +46,13 @@ def new_hasher(algorithm: str) -> Hasher:
 
 
 def parse_identity(text: str) -> Identity:
-    if not _IDENTITY_RE.match(text):
+    if not _IDENTITY_RE.fullmatch(text):
         raise InputError(f"{text!r} is not an identity (expected sha256:<64 hex> or blake3:<64 hex>)")
     return Identity(text)
 
 
 def looks_like_identity(text: str) -> bool:
-    return bool(_IDENTITY_RE.match(text))
+    return bool(_IDENTITY_RE.fullmatch(text))
 
 
 def _str(value: str) -> bytes:

@@ -70,7 +70,7 @@ class ProbeManifest:
         return m
 
     def check(self) -> None:
-        if not NAME_RE.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise InputError(f"invalid probe set name {self.name!r}: lowercase letters, digits, '.', '_', '-'")
         if self.output not in OUTPUTS:
             raise InputError(f"probe output must be one of {', '.join(OUTPUTS)}, not {self.output!r}")

@@ -110,15 +110,16 @@ def push(files: tuple[Path, ...], registry: str | None) -> None:
     help="File (safetensors) or directory (peft) to create.",
 )
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "peft"]), default="safetensors", show_default=True)
-@click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are not published.")
+@click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are pending, certified or rejected.")
+@click.option("--allow-yanked", is_flag=True, help="Also pull a yanked version (recorded in the audit log).")
 @registry_option
-def pull(ref: str, output: Path, fmt: str, allow_unpublished: bool, registry: str | None) -> None:
+def pull(ref: str, output: Path, fmt: str, allow_unpublished: bool, allow_yanked: bool, registry: str | None) -> None:
     """Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.
 
     The digest, signature and (for published versions) certification are checked before
     anything is written to the output, which appears complete or not at all.
     """
-    info = _open(registry).pull(ref, output, fmt, allow_unpublished)
+    info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
     click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
 
 

@@ -168,11 +168,18 @@ class RemoteRegistry:
         doc = self._upload("/v1/artifacts", path)
         return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
 
-    def pull(self, ref: str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False) -> VersionInfo:
+    def pull(
+        self,
+        ref: str,
+        dest: Path,
+        fmt: str = "safetensors",
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
+    ) -> VersionInfo:
         check_format(fmt)
         info = self.resolve(ref)
         publishers = self.trusted("publisher")
-        params = {"ref": info.pinned, "allow_unpublished": allow_unpublished}
+        params = {"ref": info.pinned, "allow_unpublished": allow_unpublished, "allow_yanked": allow_yanked}
         deliver(
             info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
         )

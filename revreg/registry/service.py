@@ -209,10 +209,15 @@ class Registry:
         keyid = keyid_of(key)
         text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         with self.transaction() as s:
+            revoked = self._revoked(s, [keyid])
+            if revoked is not None:
+                # Revocation is of the key, in every role, for good: it can never be trusted again.
+                raise ConflictError(
+                    f"key {revoked.name} ({keyid}) was revoked ({revoked.revoked_reason}); revocation is permanent "
+                    "in every role: generate a new key"
+                )
             row = s.scalars(select(Key).where(Key.keyid == keyid, Key.role == role)).first()
             if row is not None:
-                if row.revoked_at is not None:
-                    raise ConflictError(f"key {row.name} ({keyid}) was revoked as {role}; revocation is permanent")
                 return self._key_record(row)
             row = Key(keyid=keyid, name=name, role=role, public_pem=text, added_at=_now(), added_by=self.actor)
             s.add(row)
@@ -341,6 +346,11 @@ class Registry:
                     _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                     _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                     behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
+                    if s.scalars(select(Tag.id).where(Tag.behavior_id == behavior.id, Tag.tag == m.version)).first():
+                        raise StateError(
+                            f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
+                            "a version and a tag never share a name: pick another version"
+                        )
                     s.add(
                         Version(
                             behavior_id=behavior.id,
@@ -600,7 +610,7 @@ class Registry:
         """Point a tag at a version. Moving a tag to a version pushed before the one it points at
         is a downgrade (a rollback attack on `latest`), refused unless explicitly allowed."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        if not VERSION_RE.match(tag):
+        if not VERSION_RE.fullmatch(tag):
             raise InputError(f"invalid tag {tag!r}: use letters, digits, '.', '_', '+' or '-'")
         with self.transaction() as s:
             v = self.find_version(s, ref)
@@ -638,13 +648,18 @@ class Registry:
             return self._info(s, v)
 
     # -- pull --------------------------------------------------------------------------------
-    def check_pull(self, ref: Ref | str, allow_unpublished: bool = False) -> VersionInfo:
-        """Everything a version must satisfy before its bytes may leave the registry."""
+    def check_pull(self, ref: Ref | str, allow_unpublished: bool = False, allow_yanked: bool = False) -> VersionInfo:
+        """Everything a version must satisfy before its bytes may leave the registry. A yanked
+        version needs its own flag (unpublished is not enough), and each such pull is audited."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         with self.reading() as s:
             v = self.find_version(s, ref)
             info = self._info(s, v)
-            if info.state != "published" and not allow_unpublished:
+            if info.state == "yanked" and not allow_yanked:
+                raise StateError(
+                    f"{info.ref} was yanked ({info.yank_reason}); pass --allow-yanked to pull it anyway (audited)"
+                )
+            if info.state not in ("published", "yanked") and not allow_unpublished:
                 raise StateError(
                     f"{info.ref} is {info.state}, not published (pass --allow-unpublished to pull it anyway)"
                 )
@@ -652,14 +667,22 @@ class Registry:
                 raise SignatureError(f"{info.ref} is signed by revoked key {info.signer_name} ({info.signer_keyid})")
             if info.state == "published":
                 self._gate(s, v)
+        if info.state == "yanked":
+            with self.transaction() as s:
+                audit.append(s, self.actor, "version.pull-yanked", info.ref, {"digest": info.digest})
         return info
 
     def pull(
-        self, ref: Ref | str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
+        self,
+        ref: Ref | str,
+        dest: Path,
+        fmt: str = "safetensors",
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
     ) -> VersionInfo:
         """Copy a version out, checking digest, signature and certification before anything
         reaches `dest`; `dest` appears complete or not at all."""
-        info = self.check_pull(ref, allow_unpublished)
+        info = self.check_pull(ref, allow_unpublished, allow_yanked)
         check_format(fmt)
         publishers = self.trusted("publisher")
         dest = Path(dest)

@@ -73,12 +73,12 @@ class Tokens:
 
     def create(self, name: str, scopes: list[str], expires: timedelta | None = None) -> tuple[str, TokenInfo]:
         """A new token; the secret is returned once and never stored."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InputError(f"invalid token name {name!r}: letters, digits, '.', '_' or '-'")
         if not scopes:
             raise InputError("a token needs at least one --scope, e.g. read:* or push:team-a")
         for scope in scopes:
-            if not _SCOPE.match(scope):
+            if not _SCOPE.fullmatch(scope):
                 raise InputError(
                     f"invalid scope {scope!r}: use ACTION:NAMESPACE with ACTION one of "
                     f"{', '.join(ACTIONS)} and NAMESPACE a name or *"

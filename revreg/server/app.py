@@ -265,11 +265,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/artifact")
     def artifact(
-        who: Principal, ref: Annotated[str, Query(max_length=512)], allow_unpublished: bool = False
+        who: Principal,
+        ref: Annotated[str, Query(max_length=512)],
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
     ) -> Response:
         """Download a version's artifact; supports Range requests so an interrupted pull resumes."""
         who.require("read", name_of(ref))
-        info = registry.check_pull(ref, allow_unpublished)
+        info = registry_actor(who).check_pull(ref, allow_unpublished, allow_yanked)
         return blob_response(info.digest, {"X-Revreg-Ref": info.ref})
 
     @app.post("/v1/tags")
