@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,41 +25,9 @@ from revreg.registry.api import (
     from_json,
     to_json,
 )
-from revreg.registry.locate import open_registry
-from revreg.registry.service import Registry
-from revreg.registry.tokens import Tokens
-from tests.conftest import CREATED, make_artifact, minimal_predicate
-from tests.server_helpers import running
+from tests.conftest import CREATED, Backend, make_artifact, minimal_predicate
 
 TOY = "revreg.verifier.toy:build"
-
-
-@dataclass
-class Backend:
-    kind: str
-    api: RegistryAPI  # what the contract tests speak to
-    sql: Registry  # the database behind it, to check effects independently
-    location: str  # what --registry takes
-    env: dict[str, str]
-
-
-@pytest.fixture(params=["sqlite", "postgresql", "http"])
-def backend(request, tmp_path: Path, keys_dir: Path) -> Iterator[Backend]:
-    Keyring(keys_dir).generate("vera")
-    if request.param == "postgresql":
-        location, store = request.getfixturevalue("pg_url"), str(tmp_path / "blobs")
-    else:
-        location, store = str(tmp_path / "registry"), None
-    sql = Registry.init(location, store, actor="tester")
-    if request.param == "http":
-        secret, _ = Tokens(sql).create("ci", ["admin:*"])
-        with running(sql) as url:
-            from revreg.registry.remote import RemoteRegistry
-
-            yield Backend("http", RemoteRegistry(url, secret), sql, url, {"REVREG_TOKEN": secret})
-    else:
-        yield Backend(request.param, open_registry(location, actor="tester"), sql, location, {})
-    sql.engine.dispose()
 
 
 def _trust(api: RegistryAPI, keys_dir: Path) -> None:

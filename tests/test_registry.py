@@ -93,7 +93,7 @@ def test_lifecycle_publish_needs_a_passing_certification(registry: Registry, key
     assert registry.yank("demo:1.0.0", "bad outputs").state == "yanked"
     with pytest.raises(StateError, match="yanked; it cannot become published"):
         registry.publish("demo:1.0.0")
-    with pytest.raises(StateError, match="was yanked \(bad outputs\); pass --allow-yanked"):
+    with pytest.raises(StateError, match=r"was yanked \(bad outputs\); pass --allow-yanked"):
         registry.pull("demo:1.0.0", tmp_path / "p.safetensors")
 
 

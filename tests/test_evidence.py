@@ -1,0 +1,383 @@
+"""The evidence chain, attacked: every way the independent review talked revreg's evidence
+around, on SQLite, PostgreSQL and (where it applies) over HTTP. Each test failed on the code
+before the fix."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from revreg.artifacts.artifact import SIGNATURE_KEY, open_artifact, read_tensors, verify_artifact
+from revreg.artifacts.attestation import PAYLOAD_TYPE, sign_certification, statement, verify_certification
+from revreg.artifacts.dsse import Envelope, sign
+from revreg.artifacts.keys import Keyring
+from revreg.artifacts.safetensors_io import read_header, write_safetensors
+from revreg.errors import FormatError, RevregError
+from revreg.registry.api import ConflictError, GateError, RegistryAPI, StateError, VersionInfo
+from tests.conftest import Backend, make_artifact, minimal_predicate
+
+
+def _trust(api: RegistryAPI, keys_dir: Path) -> None:
+    ring = Keyring(keys_dir)
+    api.trust_key(ring.public_pem("alice"), "alice", "publisher")
+    api.trust_key(ring.public_pem("vera"), "vera", "verifier")
+
+
+def _cert(info: VersionInfo, keys_dir: Path, verdict: str, at: str) -> bytes:
+    return sign_certification(
+        info.ref, info.digest, minimal_predicate(info.digest, verdict, at), Keyring(keys_dir).signer("vera")
+    )
+
+
+T0, T1, T2, T3 = (f"2026-12-01T0{h}:00:00Z" for h in (1, 2, 3, 4))
+
+
+# -- certify signs what it ran ---------------------------------------------------------------
+def test_a_statement_whose_predicate_names_another_behavior_is_never_accepted(
+    backend: Backend, keys_dir: Path, tmp_path: Path
+):
+    api = backend.api
+    _trust(api, keys_dir)
+    v1 = api.push(make_artifact(tmp_path / "1.safetensors", keys_dir, "1.0.0")).version
+    v2 = api.push(make_artifact(tmp_path / "2.safetensors", keys_dir, "2.0.0", seed=3)).version
+    # What the review built: subject v2, predicate "I ran v1", signed by a trusted verifier.
+    forged = sign(
+        statement(v2.ref, v2.digest, minimal_predicate(v1.digest)), PAYLOAD_TYPE, Keyring(keys_dir).signer("vera")
+    ).to_json()
+    with pytest.raises(FormatError, match="predicate says the verifier ran"):
+        api.record_certification(v2.pinned, forged)
+    with pytest.raises(FormatError, match="predicate says the verifier ran"):
+        sign_certification(v2.ref, v2.digest, minimal_predicate(v1.digest), Keyring(keys_dir).signer("vera"))
+    assert api.resolve(v2.ref).state == "pending"
+    with pytest.raises(StateError):
+        api.publish(v2.ref)
+
+
+# -- the newest verdict wins -------------------------------------------------------------------
+def test_an_older_pass_never_outweighs_a_newer_fail(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    old_pass = _cert(info, keys_dir, "PASS", T1)
+    assert api.record_certification(info.pinned, old_pass).state == "certified"
+    assert api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T2)).state == "rejected"
+    # The review's replay: the old PASS posted again. Already recorded: nothing changes.
+    assert api.record_certification(info.pinned, old_pass).state == "rejected"
+    # Another PASS, signed but finished before the FAIL: older evidence changes nothing.
+    with pytest.raises(StateError, match="has a newer certification"):
+        api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T0))
+    assert api.resolve(info.ref).state == "rejected"
+    with pytest.raises(StateError, match="rejected"):
+        api.publish(info.ref)
+    assert len(api.show(info.ref).certifications) == 2
+    # A new run that passes is the way back.
+    assert api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T3)).state == "certified"
+    assert api.publish(info.ref).state == "published"
+
+
+def test_a_newer_fail_withdraws_a_published_version_from_pull(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1))
+    api.publish(info.ref)
+    api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T2))
+    with pytest.raises(GateError, match="newest certification.*says FAIL"):
+        api.pull(info.ref, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_publish_gate_reads_the_newest_certification_not_any_pass(keys_dir: Path):
+    from revreg.registry.policy import RequirePassingCertification
+
+    ring = Keyring(keys_dir)
+    ring.generate("vera")
+    digest = "sha256:" + "ab" * 32
+    signer = ring.signer("vera")
+    older_pass = sign_certification("x:1", digest, minimal_predicate(digest, "PASS", T1), signer).decode()
+    newer_fail = sign_certification("x:1", digest, minimal_predicate(digest, "FAIL", T2), signer).decode()
+    gate = RequirePassingCertification()
+    # Whatever the record order, the FAIL finished last.
+    for envelopes in ([older_pass, newer_fail], [newer_fail, older_pass]):
+        with pytest.raises(GateError, match="says FAIL"):
+            gate.verify("x:1", digest, envelopes, ring.trusted())
+
+
+# -- the CI gate reads state -------------------------------------------------------------------
+def _gated(backend: Backend, run, keys_dir: Path, tmp_path: Path) -> tuple[dict[str, str], Path, VersionInfo]:
+    _trust(backend.api, keys_dir)
+    info = backend.api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    backend.api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1))
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[policy]\nverifiers = ["vera"]\nmax_age = "3650d"\n')
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    assert run("gate", info.ref, "--policy", policy, env=env).exit_code == 0
+    return env, policy, info
+
+
+def test_the_gate_fails_a_yanked_version(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    env, policy, info = _gated(backend, run, keys_dir, tmp_path)
+    backend.api.publish(info.ref)
+    backend.api.yank(info.ref, "bad outputs in production")
+    result = run("gate", info.ref, "--policy", policy, env=env)
+    assert result.exit_code == 1 and "is yanked; only a certified or published version passes" in result.stdout
+
+
+def test_the_gate_fails_a_rejected_version(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    env, policy, info = _gated(backend, run, keys_dir, tmp_path)
+    backend.api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T2))
+    result = run("gate", info.ref, "--policy", policy, env=env)
+    assert result.exit_code == 1 and "is rejected" in result.stdout
+
+
+def test_a_revoked_verifier_never_counts_even_without_a_rule(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    env, policy, info = _gated(backend, run, keys_dir, tmp_path)
+    policy.write_text("[policy]\n")  # no revocation rule at all
+    backend.api.revoke_key("vera", "leaked")
+    result = run("gate", info.ref, "--policy", policy, env=env)
+    assert result.exit_code == 1
+    assert "FAIL  no_revoked_keys  revoked: vera" in result.stdout
+    policy.write_text("[policy]\nno_revoked_keys = false\n")
+    refused = run("gate", info.ref, "--policy", policy, env=env)
+    assert refused.exit_code == 2 and "revoked keys never count" in refused.stderr
+
+
+def test_a_gate_judged_before_the_certification_fails_max_age(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    env, policy, info = _gated(backend, run, keys_dir, tmp_path)
+    result = run("gate", info.ref, "--policy", policy, "--at", "2026-12-01T00:30:00Z", env=env)
+    assert (
+        result.exit_code == 1 and "FAIL  max_age" in result.stdout and "after the time the gate judges" in result.stdout
+    )
+
+
+# -- revocation is final -----------------------------------------------------------------------
+def test_a_revoked_key_cannot_be_trusted_again_in_any_role(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    ring = Keyring(keys_dir)
+    api.trust_key(ring.public_pem("alice"), "alice", "publisher")
+    api.revoke_key("alice", "left the company")
+    for role in ("publisher", "verifier"):
+        with pytest.raises(ConflictError, match="revocation is permanent in every role"):
+            api.trust_key(ring.public_pem("alice"), "alice-again", role)
+    assert set(api.trusted("verifier")) == set()
+    # Her certifications would not be evidence either.
+    api.trust_key(ring.public_pem("vera"), "vera", "verifier")
+    api.trust_key(ring.public_pem("vera"), "vera", "publisher")
+    info = api.push(make_artifact(tmp_path / "v.safetensors", keys_dir, key="vera")).version
+    by_alice = sign_certification(info.ref, info.digest, minimal_predicate(info.digest), ring.signer("alice"))
+    with pytest.raises(RevregError, match="unknown key"):
+        api.record_certification(info.pinned, by_alice)
+
+
+# -- canonical envelopes -----------------------------------------------------------------------
+def _rewrap(artifact: Path, out: Path, envelope_text: str) -> Path:
+    """The same tensors and manifest with another envelope string in the header."""
+    header = read_header(artifact)
+    metadata = {**header.metadata, SIGNATURE_KEY: envelope_text}
+    write_safetensors(out, read_tensors(artifact), metadata)
+    return out
+
+
+def _variants(text: str) -> dict[str, str]:
+    doc = json.loads(text)
+    sig = doc["signatures"][0]
+    raw = base64.b64decode(sig["sig"])
+    return {
+        "indented": json.dumps(doc, indent=2, sort_keys=True),
+        "reordered keys": json.dumps({k: doc[k] for k in reversed(sorted(doc))}, separators=(",", ":")),
+        "unknown field": json.dumps({**doc, "note": "hi"}, sort_keys=True, separators=(",", ":")),
+        "bogus second signature": json.dumps(
+            {**doc, "signatures": [sig, {"keyid": "x", "sig": "AAAA"}]}, sort_keys=True, separators=(",", ":")
+        ),
+        "extra field in signature": json.dumps(
+            {**doc, "signatures": [{**sig, "cert": ""}]}, sort_keys=True, separators=(",", ":")
+        ),
+        "url-safe base64": text.replace(sig["sig"], base64.urlsafe_b64encode(raw).decode())
+        if base64.urlsafe_b64encode(raw) != base64.b64encode(raw)
+        else text.replace(sig["sig"], sig["sig"].rstrip("=")),
+        "unpadded base64": text.replace(sig["sig"], sig["sig"].rstrip("=")),
+    }
+
+
+def test_a_rewrapped_envelope_is_refused_everywhere_and_locks_nobody_out(
+    backend: Backend, run, keys_dir: Path, tmp_path: Path
+):
+    _trust(backend.api, keys_dir)
+    genuine = make_artifact(tmp_path / "genuine.safetensors", keys_dir)
+    text = read_header(genuine).metadata[SIGNATURE_KEY]
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    for label, variant in _variants(text).items():
+        assert variant != text, label
+        copy = _rewrap(genuine, tmp_path / f"{label}.safetensors", variant)
+        with pytest.raises(FormatError):
+            verify_artifact(open_artifact(copy), Keyring(keys_dir).trusted())
+        inspected = run("inspect", copy)
+        assert inspected.exit_code != 0 and "signature OK" not in inspected.stdout, label
+        pushed = run("push", copy, env=env)
+        assert pushed.exit_code != 0, label
+    # Nothing was taken: the genuine file still pushes as demo:1.0.0.
+    assert backend.api.push(genuine).created
+
+
+def _flips(text: str) -> list[str]:
+    """Every base64 character of `text`'s payload and signature, replaced by each character whose
+    6-bit value differs in exactly one bit (the whole tamper surface of the envelope's bytes)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    doc = json.loads(text)
+    out = []
+    for field in (doc["payload"], doc["signatures"][0]["sig"]):
+        start = text.index(field)
+        for i, ch in enumerate(field):
+            if ch == "=":
+                continue
+            value = alphabet.index(ch)
+            for bit in range(6):
+                j = start + i
+                out.append(text[:j] + alphabet[value ^ (1 << bit)] + text[j + 1 :])
+    return out
+
+
+def test_every_bit_of_every_base64_character_of_an_artifact_envelope_is_refused(keys_dir: Path, tmp_path: Path):
+    genuine = make_artifact(tmp_path / "genuine.safetensors", keys_dir)
+    trusted = Keyring(keys_dir).trusted()
+    text = read_header(genuine).metadata[SIGNATURE_KEY]
+    manifest = open_artifact(genuine).manifest.to_bytes()
+    flips = _flips(text)
+    accepted = []
+    for variant in flips:
+        try:
+            envelope = Envelope.from_json(variant)
+            if envelope.payload != manifest:
+                raise FormatError("covers a different manifest")
+            from revreg.artifacts.dsse import verify
+
+            verify(envelope, envelope.payload_type, trusted)
+        except RevregError:
+            continue
+        accepted.append(variant)
+    assert len(flips) > 1000 and accepted == []
+    # And end to end through the file, for the signature's characters (the last ones carry the
+    # padding bits the review found accepted).
+    sig = json.loads(text)["signatures"][0]["sig"]
+    for k, variant in enumerate(v for v in flips if sig not in v):
+        copy = _rewrap(genuine, tmp_path / f"flip{k % 4}.safetensors", variant)
+        with pytest.raises(RevregError):
+            verify_artifact(open_artifact(copy), trusted)
+
+
+def test_every_bit_of_every_base64_character_of_a_certification_is_refused(keys_dir: Path):
+    Keyring(keys_dir).generate("vera")
+    ring = Keyring(keys_dir)
+    digest = "sha256:" + "cd" * 32
+    text = sign_certification("x:1", digest, minimal_predicate(digest, "PASS", T1), ring.signer("vera")).decode()
+    flips = _flips(text)
+    accepted = 0
+    for variant in flips:
+        try:
+            verify_certification(variant, ring.trusted())
+            accepted += 1
+        except RevregError:
+            pass
+    assert len(flips) > 1000 and accepted == 0
+
+
+# -- the evidence can be had, and says what was signed -----------------------------------------
+def test_show_json_carries_the_signed_envelopes(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    envelope = _cert(info, keys_dir, "PASS", T1)
+    api.record_certification(info.pinned, envelope)
+    shown = run("show", info.ref, "--json", env={"REVREG_REGISTRY": backend.location, **backend.env})
+    (cert,) = json.loads(shown.stdout)["certifications"]
+    assert cert["envelope"].encode() == envelope
+    assert verify_certification(cert["envelope"], Keyring(keys_dir).trusted()).subject_digest == info.digest
+
+
+# -- smaller holes -----------------------------------------------------------------------------
+def test_pull_refuses_bytes_signed_for_another_name_or_version(backend: Backend, keys_dir: Path, tmp_path: Path):
+    from sqlalchemy import text
+
+    api = backend.api
+    _trust(api, keys_dir)
+    a = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir, "1.0.0")).version
+    b = api.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "1.1.0", seed=4)).version
+    for info in (a, b):
+        api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1))
+        api.publish(info.ref)
+    # An edit of the database: demo:1.1.0's row now points at demo:1.0.0's blob.
+    with backend.sql.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE versions SET digest = :a, size = :s WHERE version = '1.1.0'"), {"a": a.digest, "s": a.size}
+        )
+    with pytest.raises(RevregError):
+        api.pull("demo:1.1.0", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_version_and_a_tag_never_share_a_name(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    api.push(make_artifact(tmp_path / "a.safetensors", keys_dir, "1.0.0"))
+    api.tag("demo:1.0.0", "stable")
+    with pytest.raises(StateError, match="would shadow the tag 'stable'"):
+        api.push(make_artifact(tmp_path / "s.safetensors", keys_dir, "stable", seed=2))
+    assert api.resolve("demo:stable").version == "1.0.0"
+    with pytest.raises(RevregError, match="cannot shadow"):
+        api.tag("demo:1.0.0", "1.0.0")
+
+
+@pytest.mark.parametrize("bad", ["demo\n", "demo:1.0.0\n", "de\nmo"])
+def test_names_and_versions_are_matched_to_the_end(bad: str):
+    from revreg.registry.refs import parse_ref
+
+    with pytest.raises(RevregError):
+        parse_ref(bad)
+
+
+def test_names_with_a_trailing_newline_are_refused_at_pack(keys_dir: Path, tmp_path: Path):
+    from revreg.artifacts.artifact import check_name, check_version
+
+    for check, value in ((check_name, "demo\n"), (check_version, "1.0.0\n")):
+        with pytest.raises(RevregError):
+            check(value)
+
+
+def test_unpublished_is_not_yanked(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    api.yank(info.ref, "withdrawn")
+    with pytest.raises(StateError, match="--allow-yanked"):
+        api.pull(info.ref, tmp_path / "o.safetensors", allow_unpublished=True)
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    assert run("pull", info.ref, "-o", tmp_path / "o.safetensors", "--allow-yanked", env=env).exit_code == 0
+    assert api.audit_log(info.ref)[-1].action == "version.pull-yanked"
+
+
+def test_verifier_signed_fields_are_escaped_in_the_html_report(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    hostile = "<script>alert(1)</script>"
+    predicate = {
+        **minimal_predicate(info.digest, "PASS", T1),
+        "device": hostile,
+        "cycles": hostile,
+        "reasons": [hostile],
+        "metric_names": [hostile, hostile],
+        "probes": {"name": hostile, "digest": hostile},
+        "environment": {hostile: hostile},
+        "leakage": {"per_probe": [hostile, 0.1], "threshold": hostile},
+        "baselines": [{"baseline": hostile, "leakage_per_probe": [hostile]}],
+    }
+    envelope = sign_certification(info.ref, info.digest, predicate, Keyring(keys_dir).signer("vera"))
+    api.record_certification(info.pinned, envelope)
+    out = tmp_path / "report.html"
+    result = run("audit", "report", "-o", out, env={"REVREG_REGISTRY": backend.location, **backend.env})
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
