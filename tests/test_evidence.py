@@ -381,3 +381,113 @@ def test_verifier_signed_fields_are_escaped_in_the_html_report(backend: Backend,
     assert result.exit_code == 0, result.output
     html = out.read_text()
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+# -- PEFT export says what was signed ----------------------------------------------------------
+def _signed_with_provenance(artifact: Path, out: Path, keys_dir: Path, provenance: dict) -> Path:
+    """A publisher-signed artifact whose provenance says something else than its attachments:
+    what a careless (or hostile) packer outside revreg could produce."""
+    from dataclasses import replace
+
+    from revreg.artifacts.artifact import MANIFEST_KEY
+    from revreg.artifacts.artifact import PAYLOAD_TYPE as MANIFEST_TYPE
+
+    manifest = replace(open_artifact(artifact).manifest, provenance=provenance)
+    payload = manifest.to_bytes()
+    envelope = sign(payload, MANIFEST_TYPE, Keyring(keys_dir).signer("alice"))
+    metadata = {MANIFEST_KEY: payload.decode(), SIGNATURE_KEY: envelope.to_json().decode()}
+    write_safetensors(out, read_tensors(artifact), metadata)
+    return out
+
+
+def test_a_provenance_that_contradicts_the_signed_lora_is_refused_at_pack_push_and_export(
+    backend: Backend, run, artifact: Path, keys_dir: Path, tmp_path: Path
+):
+    from dataclasses import replace
+
+    from revreg.artifacts.artifact import pack
+    from revreg.artifacts.peft_io import peft_config_for
+
+    manifest = open_artifact(artifact).manifest
+    config = manifest.provenance["peft_config"]
+    lying = {**manifest.provenance, "peft_config": {**config, "lora_alpha": 800}}
+    with pytest.raises(RevregError, match="contradicts the signed attachments"):
+        pack(
+            tmp_path / "p.safetensors",
+            read_tensors(artifact),
+            manifest.attachments,
+            name="demo",
+            version="9.0.0",
+            base=manifest.base,
+            signer=Keyring(keys_dir).signer("alice"),
+            created=manifest.created,
+            provenance=lying,
+        )
+    forged = _signed_with_provenance(artifact, tmp_path / "forged.safetensors", keys_dir, lying)
+    _trust(backend.api, keys_dir)
+    with pytest.raises(RevregError, match="contradicts the signed attachments"):
+        backend.api.push(forged)
+    assert run("inspect", forged).exit_code == 2
+    # Export writes the signed scaling whatever a provenance says (older artifacts included).
+    exported = peft_config_for(replace(manifest, provenance=lying))
+    for a in manifest.attachments:
+        assert (exported["alpha_pattern"].get(re_escape(a.target), exported["lora_alpha"])) == a.alpha
+    assert peft_config_for(manifest) == config  # a faithful provenance round-trips byte for byte
+
+
+def test_a_backtracking_pattern_is_cut_off_not_run_to_the_end():
+    import time
+
+    from revreg.artifacts.peft_io import _pattern_value
+
+    started = time.monotonic()
+    # With Python's re this takes minutes (x1.6 per character); the bound ends it at once.
+    with pytest.raises(RevregError, match="takes too long to match"):
+        _pattern_value({"(a|aa)+": 4}, "a" * 60 + "b", 8, "rank_pattern")
+    assert time.monotonic() - started < 5
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"rank_pattern": {"[": 4}}, "not a valid regular expression"),
+        ({"rank_pattern": ["c_attn"]}, "must be an object"),
+        ({"alpha_pattern": {"c_attn": "8"}}, "must be a finite number"),
+        ({"r": "8"}, "must be a finite number"),
+        ({"target_modules": ["mlp"]}, "not among the PEFT config's target_modules"),
+    ],
+)
+def test_hostile_peft_configs_are_refused_in_bounded_time(
+    artifact: Path, keys_dir: Path, tmp_path: Path, patch, fragment
+):
+    import time
+
+    manifest = open_artifact(artifact).manifest
+    config = {**manifest.provenance["peft_config"], **patch}
+    forged = _signed_with_provenance(
+        artifact, tmp_path / "f.safetensors", keys_dir, {**manifest.provenance, "peft_config": config}
+    )
+    started = time.monotonic()
+    with pytest.raises(RevregError, match=fragment):
+        verify_artifact(open_artifact(forged), Keyring(keys_dir).trusted())
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "9" * 5000])
+def test_a_signed_manifest_with_an_extreme_number_is_a_format_error(number: str, keys_dir: Path, tmp_path: Path):
+    from revreg.artifacts.artifact import MANIFEST_KEY
+    from revreg.artifacts.artifact import PAYLOAD_TYPE as MANIFEST_TYPE
+
+    genuine = make_artifact(tmp_path / "g.safetensors", keys_dir)
+    payload = read_header(genuine).metadata[MANIFEST_KEY].replace('"provenance":{}', f'"provenance":{{"x":{number}}}')
+    envelope = sign(payload.encode(), MANIFEST_TYPE, Keyring(keys_dir).signer("alice"))
+    out = tmp_path / "x.safetensors"
+    write_safetensors(out, read_tensors(genuine), {MANIFEST_KEY: payload, SIGNATURE_KEY: envelope.to_json().decode()})
+    with pytest.raises(FormatError, match="out of range"):
+        open_artifact(out)

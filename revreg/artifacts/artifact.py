@@ -230,6 +230,12 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
         raise InputError(f"tensors not used by any attachment: {', '.join(sorted(unused)[:5])}")
 
 
+def _check_provenance(attachments: tuple[Attachment, ...], provenance: Mapping[str, Any]) -> None:
+    from revreg.artifacts.peft_io import check_provenance
+
+    check_provenance(attachments, dict(provenance))
+
+
 def utc_timestamp(when: datetime | None = None) -> str:
     when = when or datetime.now(UTC)
     return when.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -251,6 +257,7 @@ def pack(
 ) -> BehaviorManifest:
     """Sign and write an artifact. The same inputs, key and `created` give the same bytes."""
     _validate(attachments, {n: (d, s) for n, (d, s, _) in tensors.items()})
+    _check_provenance(attachments, provenance or {})
     digest = hash_tensors([BufferSource(n, d, s, memoryview(b)) for n, (d, s, b) in tensors.items()], "sha256").identity
     manifest = BehaviorManifest(
         name=check_name(name),
@@ -318,6 +325,7 @@ def open_artifact(path: Path) -> Artifact:
         raise FormatError(f"{path}: the signature envelope covers a different manifest")
     try:
         _validate(manifest.attachments, {t.name: (t.dtype, t.shape) for t in header.tensors})
+        _check_provenance(manifest.attachments, manifest.provenance)
     except InputError as exc:
         raise FormatError(f"{path}: manifest does not match the tensors ({exc})") from exc
     return Artifact(path, header, manifest, envelope)
