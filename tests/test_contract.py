@@ -300,6 +300,7 @@ def test_cli_verbs_work_against_every_location(backend: Backend, run, toy, keys_
     assert "toy" in ok("base list")
     assert "toy:1.0.0" in ok("ls")
     assert json.loads(ok("show", "toy:1.0.0", "--json"))["info"]["state"] == "pending"
+    assert ok("attestations", "toy:1.0.0") == ""
     verified = run("verify", "toy:1.0.0", "--base", toy["base"], "--factory", TOY, "--probes", "toy-probes",
                    "--cycles", "1", env=env)  # fmt: skip
     covered.add("verify")

@@ -491,3 +491,33 @@ def test_a_signed_manifest_with_an_extreme_number_is_a_format_error(number: str,
     write_safetensors(out, read_tensors(genuine), {MANIFEST_KEY: payload, SIGNATURE_KEY: envelope.to_json().decode()})
     with pytest.raises(FormatError, match="out of range"):
         open_artifact(out)
+
+
+def test_exported_certifications_verify_with_securesystemslib(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    """An auditor's own tooling checks the evidence: JSON lines of DSSE envelopes, verified by
+    securesystemslib against the verifier's public key under revreg's key id."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from securesystemslib.dsse import Envelope as SslibEnvelope
+    from securesystemslib.signer import SSlibKey
+
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1))
+    api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T2))
+    out = tmp_path / "demo.intoto.jsonl"
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    assert run("attestations", info.ref, "-o", out, env=env).exit_code == 0
+    ring = Keyring(keys_dir)
+    key = SSlibKey.from_crypto(load_pem_public_key(ring.public_pem("vera")), keyid=ring.signer("vera").keyid)
+    verdicts = []
+    for line in out.read_text().splitlines():
+        envelope = SslibEnvelope.from_dict(json.loads(line))
+        assert set(envelope.verify([key], 1)) == {key.keyid}
+        statement_doc = json.loads(envelope.payload)
+        assert statement_doc["_type"] == "https://in-toto.io/Statement/v1"
+        assert "sha256:" + statement_doc["subject"][0]["digest"]["sha256"] == info.digest
+        verdicts.append(statement_doc["predicate"]["verdict"])
+    assert verdicts == ["PASS", "FAIL"]
+    # Standard output by default, the same bytes.
+    assert run("attestations", info.ref, env=env).stdout == out.read_text()

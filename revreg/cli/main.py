@@ -65,6 +65,7 @@ def _register() -> None:
         registry_cmds.pull,
         registry_cmds.ls,
         registry_cmds.show,
+        registry_cmds.attestations,
         registry_cmds.tag,
         registry_cmds.publish,
         registry_cmds.yank,

@@ -191,6 +191,36 @@ def show(ref: str, as_json: bool, registry: str | None) -> None:
 
 @click.command()
 @click.argument("ref")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the JSON lines here (e.g. NAME.intoto.jsonl) instead of standard output.",
+)
+@registry_option
+def attestations(ref: str, output: Path | None, registry: str | None) -> None:
+    """Export REF's certifications as DSSE envelopes, one JSON line each, oldest first.
+
+    Each line is the envelope exactly as the verifier signed it: an in-toto Statement v1 about
+    the artifact's sha256 digest, with revreg's predicate, signed with Ed25519. The key id is
+    revreg's (`sha256:` of the public key's DER); `revreg keys export` gives the public key. Any
+    DSSE verifier (securesystemslib, in-toto tooling, cosign's DSSE support) checks them.
+    """
+    from revreg.artifacts.safetensors_io import atomic_output
+
+    detail = _open(registry).show(ref)
+    lines = "".join(c.envelope + "\n" for c in detail.certifications)
+    if output is None:
+        click.echo(lines, nl=False)
+        return
+    with atomic_output(output) as fh:
+        fh.write(lines.encode("utf-8"))
+    click.echo(f"wrote {len(detail.certifications)} certifications of {detail.info.ref} to {output}", err=True)
+
+
+@click.command()
+@click.argument("ref")
 @click.argument("tag_name", metavar="TAG")
 @click.option("--allow-downgrade", is_flag=True, help="Allow moving the tag to an older version (audited).")
 @registry_option
