@@ -521,3 +521,73 @@ def test_exported_certifications_verify_with_securesystemslib(backend: Backend, 
     assert verdicts == ["PASS", "FAIL"]
     # Standard output by default, the same bytes.
     assert run("attestations", info.ref, env=env).stdout == out.read_text()
+
+
+# -- the audit log, anchored -------------------------------------------------------------------
+def _rewrite_chain(sql, edit_seq: int | None = None, drop_last: bool = False) -> None:
+    """What someone with write access to the database can do: change a row (or drop the last),
+    then recompute every hash and the head so the chain is consistent again."""
+    from sqlalchemy import text as sql_text
+
+    from revreg.registry.audit import GENESIS, entry_hash
+
+    with sql.engine.begin() as conn:
+        if drop_last:
+            conn.execute(sql_text("DELETE FROM audit_log WHERE seq = (SELECT MAX(seq) FROM audit_log)"))
+        if edit_seq is not None:
+            conn.execute(sql_text("UPDATE audit_log SET actor = 'someone-else' WHERE seq = :s"), {"s": edit_seq})
+        rows = conn.execute(
+            sql_text("SELECT seq, at, actor, action, subject, details FROM audit_log ORDER BY seq")
+        ).all()
+        prev = GENESIS
+        for seq, at, actor, action, subject, details in rows:
+            h = entry_hash(prev, seq, at, actor, action, subject, details)
+            conn.execute(
+                sql_text("UPDATE audit_log SET prev_hash = :p, hash = :h WHERE seq = :s"), {"p": prev, "h": h, "s": seq}
+            )
+            prev = h
+        conn.execute(
+            sql_text("UPDATE settings SET value = :v WHERE key = 'audit_head'"), {"v": f"{rows[-1][0]}:{prev}"}
+        )
+
+
+@pytest.mark.parametrize("attack", ["edit", "drop-last"])
+def test_a_checkpoint_detects_a_consistently_rewritten_chain(
+    backend: Backend, run, keys_dir: Path, tmp_path: Path, attack: str
+):
+    Keyring(keys_dir).generate("auditor")
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    _trust(backend.api, keys_dir)
+    backend.api.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    point = tmp_path / "checkpoint.dsse.json"
+    assert run("audit", "checkpoint", "--key", "auditor", "-o", point, env=env).exit_code == 0
+    covered = backend.api.audit_verify().rows
+    check = ("audit", "verify", "--checkpoint", point, "--checkpoint-key", "auditor")
+    assert run(*check, env=env).exit_code == 0
+    backend.api.tag("demo:1.0.0", "latest")  # a row after the checkpoint
+    if attack == "edit":
+        _rewrite_chain(backend.sql, edit_seq=2)
+    else:
+        _rewrite_chain(backend.sql, drop_last=True)  # the tag row
+        _rewrite_chain(backend.sql, drop_last=True)  # and a covered one
+    # The chain alone cannot see it: that is the documented limit ...
+    alone = run("audit", "verify", env=env)
+    assert alone.exit_code == 0 and "chain intact" in alone.stdout
+    # ... the checkpoint, kept outside the database, does.
+    result = run(*check, env=env)
+    assert result.exit_code == 1, result.output
+    assert ("rewritten" if attack == "edit" else "rows were deleted") in result.stderr
+    assert covered >= 3
+
+
+def test_a_checkpoint_by_another_key_or_tampered_is_refused(backend: Backend, run, keys_dir: Path, tmp_path: Path):
+    ring = Keyring(keys_dir)
+    ring.generate("auditor")
+    ring.generate("mallory")
+    env = {"REVREG_REGISTRY": backend.location, **backend.env}
+    _trust(backend.api, keys_dir)
+    point = tmp_path / "c.json"
+    assert run("audit", "checkpoint", "--key", "mallory", "-o", point, env=env).exit_code == 0
+    refused = run("audit", "verify", "--checkpoint", point, "--checkpoint-key", "auditor", env=env)
+    assert refused.exit_code != 0 and "unknown key" in refused.stderr
+    assert run("audit", "verify", "--checkpoint", point, env=env).exit_code == 2

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option
+from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
 from revreg.errors import CheckFailed, InputError
 from revreg.registry.api import to_json
 from revreg.registry.locate import open_registry, require_local
@@ -285,14 +285,106 @@ def audit() -> None:
     """Read and verify the registry's hash-chained audit log."""
 
 
+def _public_key(key: str, keys_dir: Path | None) -> dict[str, Any]:
+    """A keyring name or a PEM public key file, as trust anchors by key id."""
+    from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
+
+    path = Path(key)
+    if path.is_file():
+        public = load_public_pem(path.read_bytes(), path.name)
+        return {keyid_of(public): TrustedKey(path.stem, keyid_of(public), public)}
+    return {k.keyid: k for k in keyring(keys_dir).trusted().values() if k.name == key} or _no_key(key)
+
+
+def _no_key(key: str) -> dict[str, Any]:
+    raise InputError(f"no key {key!r}: give a keyring name or a PEM public key file")
+
+
 @audit.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A signed checkpoint (from `revreg audit checkpoint`) the log must still match (repeatable).",
+)
+@click.option(
+    "--checkpoint-key",
+    default=None,
+    metavar="NAME|PEM",
+    help="The key that signs checkpoints: a keyring name or a PEM public key file.",
+)
 @registry_option
-def audit_verify(registry: str | None) -> None:
-    """Check the audit chain; exit 1 naming the first edited, deleted or reordered row."""
-    verdict = _open(registry).audit_verify()
+@keys_dir_option
+def audit_verify(
+    checkpoints: tuple[Path, ...], checkpoint_key: str | None, registry: str | None, keys_dir: Path | None
+) -> None:
+    """Check the audit chain; exit 1 naming the first edited, deleted or reordered row.
+
+    The chain alone cannot see a rewrite that recomputes every hash (anyone who can write the
+    database can do that). With --checkpoint it also checks that the log still holds the head a
+    key outside the database signed: any rewrite of the rows a checkpoint covers is detected.
+    """
+    from revreg.registry.checkpoint import check_against, read_checkpoint
+
+    if checkpoints and checkpoint_key is None:
+        raise InputError("--checkpoint needs --checkpoint-key (the key that signed it)")
+    reg = _open(registry)
+    verdict = reg.audit_verify()
     if not verdict.ok:
         raise CheckFailed(f"audit log broken: {verdict.problem}")
+    if checkpoints:
+        assert checkpoint_key is not None
+        trusted = _public_key(checkpoint_key, keys_dir)
+        entries = reg.audit_log()
+        for path in checkpoints:
+            try:
+                text = path.read_bytes()
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+            point = read_checkpoint(text.rstrip(b"\n"), trusted)  # one envelope per file, newline-terminated
+            check_against(point, entries)
+            click.echo(f"checkpoint {path.name}: rows 1..{point.length} as signed at {point.time}")
     click.echo(f"audit log OK: {verdict.rows} rows, chain intact")
+
+
+@audit.command("checkpoint")
+@click.option("--key", "key_name", required=True, help="The key that signs the checkpoint (keyring name).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Checkpoint file to write; keep it outside the registry (CI artifacts, git, a ticket).",
+)
+@passphrase_env_option
+@registry_option
+@keys_dir_option
+def audit_checkpoint(
+    key_name: str, output: Path, passphrase_env: str | None, registry: str | None, keys_dir: Path | None
+) -> None:
+    """Sign the audit log's current head (length, head hash, time) with a key outside the database.
+
+    `revreg audit verify --checkpoint FILE --checkpoint-key KEY` later detects any rewrite of
+    the rows it covers, even one that recomputes the whole chain.
+    """
+    import os
+
+    from revreg.artifacts.artifact import utc_timestamp
+    from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
+    from revreg.artifacts.safetensors_io import atomic_output
+    from revreg.registry.checkpoint import make_checkpoint
+
+    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    reg = _open(registry)
+    verdict = reg.audit_verify()
+    if not verdict.ok:
+        raise CheckFailed(f"audit log broken: {verdict.problem}; not signing a broken chain")
+    envelope = make_checkpoint(reg.audit_log(), reg.describe(), utc_timestamp(), signer)
+    with atomic_output(output) as fh:
+        fh.write(envelope + b"\n")
+    click.echo(f"checkpoint of {verdict.rows} rows signed by {signer.name} -> {output}")
 
 
 @audit.command("log")
