@@ -15,7 +15,7 @@ from revreg.artifacts.attestation import PAYLOAD_TYPE, sign_certification, state
 from revreg.artifacts.dsse import Envelope, sign
 from revreg.artifacts.keys import Keyring
 from revreg.artifacts.safetensors_io import read_header, write_safetensors
-from revreg.errors import FormatError, RevregError
+from revreg.errors import FormatError, IntegrityError, RevregError
 from revreg.registry.api import ConflictError, GateError, RegistryAPI, StateError, VersionInfo
 from tests.conftest import Backend, make_artifact, minimal_predicate
 
@@ -591,3 +591,64 @@ def test_a_checkpoint_by_another_key_or_tampered_is_refused(backend: Backend, ru
     refused = run("audit", "verify", "--checkpoint", point, "--checkpoint-key", "auditor", env=env)
     assert refused.exit_code != 0 and "unknown key" in refused.stderr
     assert run("audit", "verify", "--checkpoint", point, env=env).exit_code == 2
+
+
+# -- client-side trust -------------------------------------------------------------------------
+def _compromised_server(backend: Backend, keys_dir: Path, tmp_path: Path) -> tuple[VersionInfo, VersionInfo]:
+    """A genuine published version, and one that whoever controls the server slipped in: signed
+    and certified by a key the server was made to trust."""
+    ring = Keyring(keys_dir)
+    ring.generate("mallory")
+    _trust(backend.api, keys_dir)
+    genuine = backend.api.push(make_artifact(tmp_path / "g.safetensors", keys_dir, "1.0.0")).version
+    backend.api.record_certification(genuine.pinned, _cert(genuine, keys_dir, "PASS", T1))
+    backend.api.publish(genuine.ref)
+    backend.sql.trust_key(ring.public_pem("mallory"), "mallory", "publisher")
+    backend.sql.trust_key(ring.public_pem("mallory"), "mallory", "verifier")
+    bad_file = make_artifact(tmp_path / "m.safetensors", keys_dir, "6.6.6", seed=9, key="mallory")
+    bad = backend.sql.push(bad_file).version
+    predicate = minimal_predicate(bad.digest, "PASS", T1)
+    backend.sql.record_certification(
+        bad.pinned, sign_certification(bad.ref, bad.digest, predicate, ring.signer("mallory"))
+    )
+    backend.sql.publish(bad.ref)
+    return genuine, bad
+
+
+@pytest.mark.parametrize("backend", ["http"], indirect=True)
+def test_a_client_with_pinned_keys_refuses_what_a_compromised_server_trusts(
+    backend: Backend, keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from revreg.registry.remote import RemoteRegistry
+
+    genuine, bad = _compromised_server(backend, keys_dir, tmp_path)
+    ring = Keyring(keys_dir)
+    # Without pins the client can only check against the server's keys: the documented limit.
+    backend.api.pull(bad.ref, tmp_path / "unpinned.safetensors")
+    monkeypatch.setenv("REVREG_PIN_PUBLISHERS", ring.signer("alice").keyid)
+    monkeypatch.setenv("REVREG_PIN_VERIFIERS", f" {ring.signer('vera').keyid} ,")
+    pinned = RemoteRegistry(backend.location, backend.env["REVREG_TOKEN"])
+    with pytest.raises(RevregError, match="pinned in REVREG_PIN_VERIFIERS"):
+        pinned.pull(bad.ref, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    assert pinned.pull(genuine.ref, tmp_path / "good.safetensors").digest == genuine.digest
+    # An unpublished version is not gated, but its signer still has to be pinned.
+    backend.sql.trust_key(ring.public_pem("mallory"), "mallory", "publisher")
+    other = backend.sql.push(make_artifact(tmp_path / "o.safetensors", keys_dir, "7.0.0", seed=7, key="mallory"))
+    with pytest.raises(RevregError, match="unknown key"):
+        pinned.pull(other.version.ref, tmp_path / "o-out.safetensors", allow_unpublished=True)
+
+
+@pytest.mark.parametrize("backend", ["http"], indirect=True)
+def test_a_server_that_serves_a_key_under_another_id_is_refused(backend: Backend, keys_dir: Path, tmp_path: Path):
+    from sqlalchemy import text
+
+    ring = Keyring(keys_dir)
+    ring.generate("mallory")
+    _trust(backend.api, keys_dir)
+    with backend.sql.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE keys SET public_pem = :p WHERE name = 'alice'"), {"p": ring.public_pem("mallory").decode()}
+        )
+    with pytest.raises(IntegrityError, match="but that public key is"):
+        backend.api.trusted("publisher")

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from revreg import errors
-from revreg.artifacts.keys import TrustedKey, load_public_pem
+from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.registry.api import (
     ERRORS_BY_NAME,
     AuditEntryInfo,
@@ -36,6 +36,19 @@ from revreg.registry.delivery import check_format, deliver
 BLOCK = 1 << 20
 RESUME_ATTEMPTS = 5
 T = TypeVar("T")
+# Key ids (sha256:… of the public key, as `revreg keys list` prints them) this client trusts,
+# comma-separated; when set, the server's word on who is trusted is not taken.
+PIN_ENV = {"publisher": "REVREG_PIN_PUBLISHERS", "verifier": "REVREG_PIN_VERIFIERS"}
+
+
+def pins_from_env() -> dict[str, frozenset[str]]:
+    pins = {}
+    for role, var in PIN_ENV.items():
+        raw = os.environ.get(var, "")
+        ids = frozenset(p.strip() for p in raw.split(",") if p.strip())
+        if ids:
+            pins[role] = ids
+    return pins
 
 
 def _check_url(url: str) -> str:
@@ -58,8 +71,15 @@ def _list(cls: type[T], docs: Any) -> list[T]:
 
 
 class RemoteRegistry:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 600.0,
+        pins: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.url = _check_url(url)
+        self.pins = pins_from_env() if pins is None else pins
         secret = token or os.environ.get("REVREG_TOKEN")
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
@@ -148,10 +168,22 @@ class RemoteRegistry:
         return _list(KeyRecord, self._call("GET", "/v1/keys"))
 
     def trusted(self, role: str, include_revoked: bool = False) -> dict[str, TrustedKey]:
+        """The server's trust anchors for a role, each re-derived from its public key (a key id
+        that is not the key's own digest is refused); with pins for the role, only the pinned ones:
+        the server cannot add a key this client does not already trust."""
         rows = self._call("GET", "/v1/keys/pem", params={"role": role, "include_revoked": include_revoked})
-        return {
-            r["keyid"]: TrustedKey(r["name"], r["keyid"], load_public_pem(r["pem"].encode(), r["name"])) for r in rows
-        }
+        keys = {}
+        for r in rows:
+            public = load_public_pem(str(r["pem"]).encode(), str(r["name"]))
+            if keyid_of(public) != r["keyid"]:
+                raise errors.IntegrityError(
+                    f"{self.url} serves key {r['name']} as {r['keyid']}, but that public key is {keyid_of(public)}"
+                )
+            keys[r["keyid"]] = TrustedKey(r["name"], r["keyid"], public)
+        pinned = self.pins.get(role)
+        if pinned is None:
+            return keys
+        return {keyid: key for keyid, key in keys.items() if keyid in pinned}
 
     # -- bases -------------------------------------------------------------------------------
     def register_base(self, path: Path, name: str | None = None) -> tuple[BaseInfo, bool]:
@@ -180,10 +212,26 @@ class RemoteRegistry:
         info = self.resolve(ref)
         publishers = self.trusted("publisher")
         params = {"ref": info.pinned, "allow_unpublished": allow_unpublished, "allow_yanked": allow_yanked}
+        if info.state == "published":
+            self._check_certified(info)
         deliver(
             info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
         )
         return info
+
+    def _check_certified(self, info: VersionInfo) -> None:
+        """The publish gate again, on this side: the newest certification by a verifier this client
+        trusts (pinned, or the server's) must say PASS about exactly these bytes."""
+        from revreg.registry.policy import RequirePassingCertification
+
+        certifications = self.show(info.pinned).certifications
+        try:
+            RequirePassingCertification().verify(
+                info.ref, info.digest, [c.envelope for c in certifications], self.trusted("verifier")
+            )
+        except errors.RevregError as exc:
+            where = " pinned in REVREG_PIN_VERIFIERS" if "verifier" in self.pins else ""
+            raise errors.SignatureError(f"{exc} (checked by this client against the verifier keys{where})") from exc
 
     def resolve(self, ref: str) -> VersionInfo:
         return from_json(VersionInfo, self._call("GET", "/v1/resolve", params={"ref": str(ref)}))
