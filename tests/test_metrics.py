@@ -51,3 +51,43 @@ def test_rf_is_one_for_exact_reset_undefined_when_inert_and_clamped():
     assert recoverability(adapted, exact, inert=False) == 1.0
     assert recoverability(adapted, exact, inert=True) is None
     assert recoverability(adapted, worse, inert=False) == 0.0
+
+
+def test_bitwise_equality_compares_bytes_not_values():
+    from revreg.verifier.metrics import bitwise_equal
+
+    nan = torch.tensor([float("nan"), 1.0])
+    assert bitwise_equal(nan, nan.clone()) and not torch.equal(nan, nan.clone())
+    assert not bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0])) and torch.equal(
+        torch.tensor([0.0]), torch.tensor([-0.0])
+    )
+    assert not bitwise_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+
+
+def test_outputs_that_differ_only_in_the_sign_of_zero_are_not_bitwise_equal():
+    d = compare([torch.tensor([[[0.0, 1.0]]])], [torch.tensor([[[-0.0, 1.0]]])], [None], "kl")
+    assert not d.bitwise_equal and d.mean == 0 and d.max_abs == 0
+
+
+def test_minus_inf_logits_count_as_zero_probability():
+    base = torch.tensor([[[0.0, 1.0, -math.inf]]])
+    same_support = torch.tensor([[[1.0, 0.0, -math.inf]]])
+    d = compare([base], [same_support], [None], "kl")
+    assert math.isfinite(d.mean) and d.mean > 0 and math.isfinite(d.secondary) and d.max_abs == 1.0
+    lost = torch.tensor([[[0.0, -math.inf, -math.inf]]])  # a possible token made impossible
+    d = compare([base], [lost], [None], "kl")
+    assert d.mean == math.inf and 0 < d.secondary <= math.log(2) and d.max_abs == math.inf
+
+
+def test_divergences_are_named_after_what_they_measure():
+    x, y = [torch.zeros(1, 2, 3)], [torch.ones(1, 2, 3)]
+    assert compare(x, y, [None], "kl").names == ("kl", "js")
+    assert set(compare(x, y, [None], "mse").named()) == {"mse", "cosine"}
+
+
+def test_rf_is_undefined_when_both_divergences_are_infinite():
+    from revreg.verifier.metrics import failed_run
+
+    adapted = compare([torch.tensor([[[0.0, 1.0]]])], [torch.tensor([[[0.0, -math.inf]]])], [None], "kl")
+    assert adapted.mean == math.inf
+    assert recoverability(adapted, failed_run("kl"), inert=False) is None

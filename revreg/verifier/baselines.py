@@ -185,7 +185,12 @@ def run_baseline(
     for n, t in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(t), []).append(n)
     copies = _install_copies(steps)
-    untied = sorted(names[id(orig)][0] for _, _, orig, _ in copies.values() if len(names[id(orig)]) > 1)
+    paths = {id(mod): path for path, mod in model.named_modules()}
+    tied = []
+    for module, param, orig, _ in copies.values():
+        own = f"{paths[id(module)]}.{param}"
+        if len(names[id(orig)]) > 1:
+            tied.append(f"{own} (tied with {', '.join(n for n in names[id(orig)] if n != own)})")
     try:
         _apply(steps, undo=False)
         mutated = run(model, probes)
@@ -221,7 +226,7 @@ def run_baseline(
         "identity_after_reset_is_base": identity_after == before.identity,
         "weight_elements_changed": changed,
         "max_abs_weight_error": max_weight,
-        "tied_merged_once": untied,
+        "tied_merged_once": sorted(tied),  # mutated in a private copy: the other uses keep the base weight
         "leakage_per_probe": list(reset.per_probe),
         "restored_from_snapshot": not leftover,
         "left_after_restore": leftover[:20],

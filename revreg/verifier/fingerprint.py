@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, hash_tensors, root_digest
 from revreg.artifacts.sources import tensor_sources
 
@@ -265,6 +266,8 @@ def _global_state(cap: _Capture) -> dict[str, Token]:
         "fill uninitialized memory": torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
         "float32 matmul precision": torch.get_float32_matmul_precision(),
         "threads": torch.get_num_threads(),
+        # torch has a setter and no getter: a denormal that survives a multiply says it is off.
+        "flush denormal": bool((torch.tensor([1e-39]) * 1.0).item() == 0.0),
         "anomaly detection": torch.is_anomaly_enabled(),
         "cpu autocast": torch.is_autocast_enabled("cpu"),
         "cuda autocast": torch.is_autocast_enabled("cuda"),
@@ -320,8 +323,13 @@ def fingerprint(model: nn.Module, stream: bool | None = None) -> Fingerprint:
             named.append((n, kind, t))
             listed.add(n)
     kinds = {n: k for n, k, _ in _named_tensors(model)}
-    sources, aliases = tensor_sources(((n, t) for n, _, t in named), stream)
+    # Dtypes outside the identity scheme (complex128, say) still get a digest of their bytes,
+    # so a model changed into one is a finding rather than a crash; in an identity they make a
+    # leaf no checkpoint has, so such a base is refused by the identity check.
+    scheme = [(n, t) for n, _, t in named if str(t.dtype) in TORCH_TO_SAFETENSORS]
+    sources, aliases = tensor_sources(scheme, stream)
     digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
+    digests |= {n: tensor_digest(t) for n, _, t in named if str(t.dtype) not in TORCH_TO_SAFETENSORS}
     tensors = {name: digests[aliases.get(name, name)] for name, _, _ in named}
     by_object: dict[int, list[str]] = {}
     by_storage: dict[tuple[str, int], list[str]] = {}

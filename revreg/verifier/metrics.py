@@ -59,7 +59,7 @@ def _abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     exactly one side is NaN or the difference is undefined."""
     d = (a - b).abs()
     same = (a == b) | (a.isnan() & b.isnan())
-    return torch.where(same, torch.zeros_like(d), d.nan_to_num(nan=math.inf))
+    return torch.where(same, torch.zeros_like(d), d.nan_to_num(nan=math.inf, posinf=math.inf))
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -75,8 +75,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum over the last dimension of p * (log p - log q), with 0 * anything = 0."""
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(dim=-1)
+    """sum over the last dimension of p * (log p - log q), with 0 * anything = 0 (a NaN p, from
+    a NaN or +inf logit, stays NaN: that divergence is not a number)."""
+    return torch.where(p == 0, torch.zeros_like(p), p * (logp - logq)).sum(dim=-1)
 
 
 def _kl_js(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -198,7 +198,7 @@ def check_base(
     if weights.algorithm != "sha256":
         raise InputError("verifying against blake3-bound bases is not supported yet; pack with a sha256 identity")
     leaves = {t.name: t.digest for t in weights.tensors}
-    differ = sorted(n for n, d in leaves.items() if before.tensors.get(n) != d)
+    differ = sorted(n for n, d in leaves.items() if before.tensors.get(n) != d and _leaf_as(model, n, before) != d)
     extra = sorted(n for n in before.identity_names if n not in leaves and not (before.tied(n) & leaves.keys()))
     if differ or extra:
         parts = ([f"{len(differ)} not held as in the files: {', '.join(differ[:5])}"] if differ else []) + (
@@ -207,6 +207,22 @@ def check_base(
         raise BaseMismatch(
             f"the loaded model does not hold exactly the base weights ({'; '.join(parts)}); refusing to run"
         )
+
+
+def _leaf_as(model: nn.Module, name: str, before: Fingerprint) -> str | None:
+    """The identity leaf of an aliased tensor under this name of it (a fingerprint keeps the
+    leaf under the first name only, and a leaf digest includes the name)."""
+    if name not in before.aliases:
+        return None
+    from revreg.artifacts.identity import hash_tensors
+    from revreg.artifacts.sources import tensor_sources
+
+    tensor = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    if tensor is None:
+        tensor = dict(model.named_buffers(remove_duplicate=False)).get(name)
+    if tensor is None:
+        return None
+    return hash_tensors(tensor_sources([(name, tensor)])[0]).tensors[0].digest
 
 
 def _timed(timings: dict[str, float], key: str, start: float) -> float:
@@ -250,6 +266,14 @@ def _run_attached(model: nn.Module, probes: Probes, handle: Attached, behavior: 
         ) from exc
     finally:
         handle.unload()
+
+
+def _same_shapes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b, strict=True))
+
+
+def _shapes(outs: list[torch.Tensor]) -> str:
+    return ", ".join(str(list(o.shape)) for o in outs[:2]) + (", ..." if len(outs) > 2 else "")
 
 
 def _recheck(model: nn.Module, probes: Probes, base_out: list[torch.Tensor], runs: int) -> Stability:
@@ -381,7 +405,15 @@ def verify(
         c = _timed(ct, "run_reset", c)
         if first_adapted is None:
             first_adapted = adapted
+            if not _same_shapes(base_out, adapted):
+                raise InputError(
+                    f"{m.name}:{m.version} changes the shape of the probe outputs "
+                    f"({_shapes(base_out)} -> {_shapes(adapted)}); there is nothing to compare"
+                )
             result.adapted = compare(base_out, adapted, probes.masks, kind)
+        if reset_out is not None and not _same_shapes(base_out, reset_out):
+            broken = f"its outputs changed shape: {_shapes(base_out)} -> {_shapes(reset_out)}"
+            reset_out = None
         reset = compare(base_out, reset_out, probes.masks, kind) if reset_out is not None else failed_run(kind)
         changes = before.changes(after)
         diff = [str(ch) for ch in changes] + ([f"the model no longer runs the probes ({broken})"] if broken else [])

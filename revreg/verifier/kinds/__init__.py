@@ -3,12 +3,14 @@ hook. Each kind takes the behavior's own tensors and never touches the module's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from revreg.artifacts.artifact import Attachment
+from revreg.errors import InputError
 from revreg.verifier.kinds.ia3 import ia3_hook
 from revreg.verifier.kinds.lora import lora_hook
 from revreg.verifier.kinds.steer import steer_hook
@@ -18,10 +20,20 @@ HookFactory = Callable[[nn.Module, Attachment, dict[str, torch.Tensor]], Callabl
 KINDS: dict[str, HookFactory] = {"lora": lora_hook, "ia3": ia3_hook, "steer": steer_hook}
 
 
-def first_output(output: object, change: Callable[[torch.Tensor], torch.Tensor]) -> object:
-    """Apply `change` to a module's output, or to the first element of a tuple output."""
+def first_output(output: object, change: Callable[[torch.Tensor], torch.Tensor], target: str = "") -> object:
+    """Apply `change` to a module's output: a tensor, the first element of a tuple, or the first
+    field of a transformers ModelOutput (a new one: the module's own output is never written)."""
     if isinstance(output, torch.Tensor):
         return change(output)
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
         return (change(output[0]), *output[1:])
-    raise TypeError(f"cannot modify a module output of type {type(output).__name__}")
+    if isinstance(output, Mapping) and hasattr(output, "to_tuple") and output:
+        key = next(iter(output))
+        if isinstance(output[key], torch.Tensor):
+            changed = copy.copy(output)
+            changed[key] = change(output[key])  # ModelOutput sets the field and the key together
+            return changed
+    raise InputError(
+        f"cannot attach to {target or 'this module'}: its output is a {type(output).__name__}, "
+        "not a tensor, a tuple starting with one, or a ModelOutput whose first field is one"
+    )

@@ -22,6 +22,6 @@ def ia3_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tensor
         return (y * scale).to(y.dtype)
 
     def hook(mod: nn.Module, args: tuple[object, ...], output: object) -> object:
-        return first_output(output, change)
+        return first_output(output, change, att.target)
 
     return hook

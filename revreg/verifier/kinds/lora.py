@@ -46,7 +46,7 @@ def lora_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tenso
                 )
                 return (y + (after_a @ emb_b) * scaling).to(y.dtype)
 
-            return first_output(output, change)
+            return first_output(output, change, att.target)
 
         return embedding_hook
 
@@ -62,7 +62,7 @@ def lora_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tenso
             h = F.linear(F.linear(x.to(a.dtype), a), b)
             return (y + h * scaling).to(y.dtype)
 
-        return first_output(output, change)
+        return first_output(output, change, att.target)
 
     return linear_hook
 

@@ -22,6 +22,6 @@ def steer_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tens
         return (y + vector).to(y.dtype)
 
     def hook(mod: nn.Module, args: tuple[object, ...], output: object) -> object:
-        return first_output(output, change)
+        return first_output(output, change, att.target)
 
     return hook
