@@ -231,7 +231,7 @@ class RemoteRegistry:
             )
         except errors.RevregError as exc:
             where = " pinned in REVREG_PIN_VERIFIERS" if "verifier" in self.pins else ""
-            raise errors.SignatureError(f"{exc} (checked by this client against the verifier keys{where})") from exc
+            raise type(exc)(f"{exc} (checked by this client against the verifier keys{where})") from exc
 
     def resolve(self, ref: str) -> VersionInfo:
         return from_json(VersionInfo, self._call("GET", "/v1/resolve", params={"ref": str(ref)}))
