@@ -402,17 +402,35 @@ def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
 
 
 @click.command()
-@click.option("--prune", is_flag=True, help="Delete orphan blobs and staging files left by interrupted writes.")
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Delete orphan blobs and staging files left by interrupted writes (only those older than --grace "
+    "that no live writer holds).",
+)
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="With --prune: how old an orphan must be before it counts as abandoned.",
+)
 @json_option
 @registry_option
-def fsck(prune: bool, as_json: bool, registry: str | None) -> None:
-    """Check every blob against its digest and every row against its blob (exit 1 on problems)."""
-    report = _open(registry).fsck(prune)
+def fsck(prune: bool, grace: str, as_json: bool, registry: str | None) -> None:
+    """Check every blob against its digest and every row against its blob (exit 1 on problems).
+
+    Safe beside running pushes: --prune never deletes a file a live push still holds, nor one
+    younger than --grace, and re-checks the rows right before each deletion.
+    """
+    from revreg.durations import parse_duration
+
+    report = _open(registry).fsck(prune, parse_duration(grace, "--grace").total_seconds())
     if as_json:
         click.echo(json.dumps(to_json(report), indent=1))
     else:
         for w in report.warnings:
-            click.echo(f"warning: {w}{' (pruned)' if prune else ''}")
+            click.echo(f"warning: {w}")
         for p in report.problems:
             click.echo(f"PROBLEM: {p}")
         click.echo(

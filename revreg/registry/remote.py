@@ -328,7 +328,7 @@ class RemoteRegistry:
     def audit_verify(self) -> ChainVerdict:
         return from_json(ChainVerdict, self._call("GET", "/v1/audit/verify"))
 
-    def fsck(self, prune: bool = False) -> FsckReport:
+    def fsck(self, prune: bool = False, grace: float = 3600.0) -> FsckReport:
         if prune:
             raise Unsupported("fsck --prune runs on the server's machine, not over HTTP")
         return from_json(FsckReport, self._call("GET", "/v1/fsck"))

@@ -61,6 +61,7 @@ from revreg.registry.models import (
 from revreg.registry.policy import PublishGate, RequirePassingCertification, newest, signed_time
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
+    DEFAULT_GRACE,
     BlobStore,
     StagedBlob,
     check_digest,
@@ -339,6 +340,7 @@ class Registry:
                 raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
             existing = self._existing(m.name, m.version, staged.digest)
             if existing is not None:
+                self._restore_blob(staged, existing.ref)
                 return PushResult(existing, False)
             self.store.commit(staged)
             try:
@@ -376,9 +378,19 @@ class Registry:
             except ConflictError as exc:
                 existing = self._existing(m.name, m.version, staged.digest)
                 if existing is not None:
+                    self._restore_blob(staged, existing.ref)
                     return PushResult(existing, False)
                 raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
         return PushResult(self.resolve(Ref(m.name, m.version)), True)
+
+    def _restore_blob(self, staged: StagedBlob, subject: str) -> None:
+        """The version is recorded; if its blob went missing (lost, or pruned by an older revreg),
+        the bytes just checked put it back instead of answering "already present" over a hole."""
+        if self.store.exists(staged.digest):
+            return
+        self.store.commit(staged)
+        with self.transaction() as s:
+            audit.append(s, self.actor, "blob.restore", subject, {"digest": staged.digest})
 
     def _existing(self, name: str, version: str, digest: str) -> VersionInfo | None:
         """The version if it exists with these bytes; ConflictError if with other bytes."""
@@ -713,8 +725,9 @@ class Registry:
             manifest = read_probes(staged.path).manifest
             with self.reading() as s:
                 row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).first()
-                if row is not None:
-                    return self._probe_info(row), False
+            if row is not None:
+                self._restore_blob(staged, f"probes:{row.name}")
+                return self._probe_info(row), False
             self.store.commit(staged)
             with self.transaction() as s:
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
@@ -826,13 +839,21 @@ class Registry:
         with self.reading() as s:
             return audit.verify(s)
 
-    def fsck(self, prune: bool = False) -> FsckReport:
+    def fsck(self, prune: bool = False, grace: float = DEFAULT_GRACE) -> FsckReport:
+        """Check every blob against its digest and every row against its blob. With `prune`,
+        delete only what is provably abandoned: an orphan blob or staging file older than `grace`
+        seconds that no live writer holds, re-checked against the rows at the moment of deletion.
+        A push in flight is never touched, so no acknowledged version can lose its blob."""
         problems: list[str] = []
         warnings: list[str] = []
         with self.reading() as s:
             rows = {b.digest: b.size for b in s.scalars(select(Blob))}
-            versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
-        on_disk = set(self.store.digests())
+        on_disk: set[str] = set()
+        for name in self.store.digests():
+            try:
+                on_disk.add(check_digest(name))
+            except InputError:
+                warnings.append(f"stray object {name!r} in the blob store is not a blob; left alone")
         checked = 0
         for digest in sorted(on_disk):
             with self.store.open(digest) as fh:
@@ -843,16 +864,32 @@ class Registry:
             elif digest in rows and rows[digest] != size:
                 problems.append(f"blob {digest} has {size} bytes, its row says {rows[digest]}")
             elif digest not in rows:
-                warnings.append(f"blob {digest} has no row (left by an interrupted push)")
-                if prune:
-                    self.store.remove(digest)
+                if not prune:
+                    warnings.append(f"blob {digest} has no row (left by an interrupted push, or a push in flight)")
+                    continue
+                with self.store.orphan(digest, grace) as gone:
+                    if gone and not self._has_blob_row(digest):
+                        self.store.remove(digest)
+                        warnings.append(f"blob {digest} had no row (left by an interrupted push): pruned")
+                    else:
+                        warnings.append(f"blob {digest} has no row yet: younger than the grace period or in use, kept")
+        with self.reading() as s:
+            rows = {b.digest: b.size for b in s.scalars(select(Blob))}
+            versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
         for digest in sorted(rows.keys() - on_disk):
-            problems.append(f"blob row {digest} has no file in the store")
+            if not self.store.exists(digest):
+                problems.append(f"blob row {digest} has no file in the store (push the artifact again to restore it)")
         for v, name in versions:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
-        for partial in sorted(self.store.staging_dir.glob("*.partial")):
-            warnings.append(f"staging file {partial.name} left by an interrupted write")
-            if prune:
+        for partial, gone in self.store.stale_staging(grace):
+            if prune and gone:
                 partial.unlink(missing_ok=True)
+                warnings.append(f"staging file {partial.name} left by an interrupted write: pruned")
+            else:
+                warnings.append(f"staging file {partial.name} (an interrupted write, or one in flight)")
         return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))
+
+    def _has_blob_row(self, digest: str) -> bool:
+        with self.reading() as s:
+            return s.get(Blob, digest) is not None

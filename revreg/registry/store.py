@@ -3,10 +3,12 @@ visible only when complete: written to a temporary name, fsynced, checked, renam
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import queue
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -20,6 +22,38 @@ from revreg.errors import InputError, IntegrityError
 BLOCK = 4 << 20
 PIPELINE_BLOCKS = 4
 FLUSH_EVERY = 64 << 20
+# fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
+# live writer holds it: a push keeps a shared lock on its file from the first byte until its row
+# has committed (the lock follows the file through the rename into the store).
+DEFAULT_GRACE = 3600.0
+
+
+def writer_lock(path: Path) -> int:
+    """Open `path` and take a shared lock that marks it as in use by a live writer; the lock
+    lasts until the returned descriptor is closed (or the process dies)."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextmanager
+def abandoned(path: Path, grace: float) -> Iterator[bool]:
+    """Whether `path` is provably abandoned: older than `grace` seconds and locked by no live
+    writer. While the caller acts on a True, it holds the exclusive lock, so no writer can take it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield time.time() - os.fstat(fd).st_mtime >= grace
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -44,15 +78,32 @@ class BlobStore(ABC):
 
     @contextmanager
     def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
-        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed."""
+        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed.
+        The file is writer-locked for the whole block, through commit and the caller's row."""
         tmp = self.staging_path()
+        lock = None
         try:
             with open(tmp, "xb", buffering=0) as sink:
+                lock = writer_lock(tmp)
                 digest, size = copy_hashing(source, sink, durable=True)
                 os.fsync(sink.fileno())
             yield StagedBlob(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
+            if lock is not None:
+                os.close(lock)
+
+    @contextmanager
+    def orphan(self, digest: str, grace: float) -> Iterator[bool]:
+        """Whether a blob without a row may be deleted now (see `abandoned`)."""
+        yield False
+
+    def stale_staging(self, grace: float) -> Iterator[tuple[Path, bool]]:
+        """Staging files, each with whether it is abandoned (old and unlocked); a True holds the
+        lock until the next item is asked for."""
+        for path in sorted(self.staging_dir.glob("*.partial")) if self.staging_dir.is_dir() else []:
+            with abandoned(path, grace) as gone:
+                yield path, gone
 
     @abstractmethod
     def create(self) -> None:
@@ -196,6 +247,11 @@ class FileBlobStore(BlobStore):
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+
+    @contextmanager
+    def orphan(self, digest: str, grace: float) -> Iterator[bool]:
+        with abandoned(self.path(digest), grace) as gone:
+            yield gone
 
     def describe(self) -> str:
         return str(self.root)
