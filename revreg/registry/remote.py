@@ -110,7 +110,7 @@ class RemoteRegistry:
         self._raise(response)
         return response.json()
 
-    def _upload(self, path: str, file: Path) -> Any:
+    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
         file = Path(file)
         try:
             with open(file, "rb") as fh:
@@ -130,6 +130,7 @@ class RemoteRegistry:
             "X-Revreg-Digest": "sha256:" + h.hexdigest(),
             "Content-Length": str(size),
             "Content-Type": "application/octet-stream",
+            **(extra or {}),
         }
         return self._call("PUT", path, content=body(), headers=headers)
 
@@ -197,7 +198,19 @@ class RemoteRegistry:
 
     # -- versions ----------------------------------------------------------------------------
     def push(self, path: Path) -> PushResult:
-        doc = self._upload("/v1/artifacts", path)
+        """Ask first (is this name ours to push, is this exact version stored already?), then
+        upload naming the behavior, so the server authorizes before it reads the body."""
+        from revreg.artifacts.artifact import file_digest, open_artifact
+
+        try:
+            name = open_artifact(Path(path)).manifest.name
+            digest = file_digest(Path(path))
+        except OSError as exc:
+            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+        check = self._call("POST", "/v1/uploads/check", json={"name": name, "digest": digest})
+        if check.get("stored"):
+            return PushResult(from_json(VersionInfo, check["version"]), False)
+        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": name})
         return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
 
     def pull(

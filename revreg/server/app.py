@@ -4,9 +4,11 @@ the server authenticates, checks scopes, streams bytes and maps errors to HTTP s
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
 # definition time, including the Principal dependency defined inside create_app.
 
+import asyncio
 import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -18,65 +20,149 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import revreg
+from revreg.artifacts.artifact import check_name
 from revreg.artifacts.identity import TensorManifest
-from revreg.errors import IntegrityError, RevregError
-from revreg.registry.api import AuthError, http_status, to_json
+from revreg.errors import InputError, IntegrityError, RevregError
+from revreg.registry.api import AuthError, NotFound, http_status, to_json
 from revreg.registry.db import HEAD
 from revreg.registry.refs import parse_ref
 from revreg.registry.service import Registry
-from revreg.registry.store import FileBlobStore, StagedBlob, check_digest
+from revreg.registry.store import FileBlobStore, StagedBlob, check_digest, writer_lock
 from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
 UPLOAD_PATHS = ("/v1/artifacts", "/v1/probes")
 
 
-class BodyLimit:
-    """Refuse bodies over a limit (413) before reading them whole: JSON endpoints get MAX_JSON,
-    uploads the server's --max-upload. Counts streamed bytes too, not only Content-Length."""
+MAX_HEADERS = 16 << 10  # bytes of request headers, all together
+READ_TIMEOUT = 60.0  # seconds a request body may stall between two chunks
+MAX_UPLOADS = 32  # uploads in flight on this server
+MAX_UPLOADS_PER_TOKEN = 4
 
-    def __init__(self, app: ASGIApp, max_upload: int) -> None:
-        self.app, self.max_upload = app, max_upload
+
+async def _refuse(send: Send, status: int, kind: str, message: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer at once and close: the body (if any) is never read."""
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The server's front door, before any endpoint and before a byte of any body is read:
+    header size; authentication (401 for a missing, unknown, expired or revoked token); for
+    uploads, the scope for the name the request declares (X-Revreg-Name) and a cap on uploads
+    in flight; then body limits that hold for chunked bodies too (413), and a read timeout
+    between chunks (408). A refused request costs a header parse and one token lookup."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        tokens: Tokens,
+        anonymous: TokenInfo | None,
+        max_upload: int,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
+        self.app, self.tokens, self.anonymous, self.max_upload = app, tokens, anonymous, max_upload
+        self.read_timeout = read_timeout
+        self.uploads: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        limit = self.max_upload if scope["path"] in UPLOAD_PATHS else MAX_JSON
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+            await _refuse(send, 431, "HeadersTooLarge", f"request headers over {MAX_HEADERS} bytes")
             return
-        seen = 0
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        try:
+            who = await self._authenticate(scope, headers.get(b"authorization"))
+            upload = scope["path"] in UPLOAD_PATHS
+            if upload:
+                self._authorize_upload(scope["path"], who, headers)
+        except RevregError as exc:
+            status = http_status(exc)
+            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            await _refuse(send, status, type(exc).__name__, str(exc), extra)
+            return
+        scope.setdefault("state", {})["revreg_principal"] = who
+        limit = self.max_upload if upload else MAX_JSON
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or len(declared) > 20 or int(declared) > limit):
+            await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+            return
+        if upload:
+            total = sum(self.uploads.values())
+            if total >= MAX_UPLOADS or self.uploads.get(who.name, 0) >= MAX_UPLOADS_PER_TOKEN:
+                await _refuse(
+                    send, 429, "TooManyUploads", "too many uploads in flight; retry later", [(b"retry-after", b"5")]
+                )
+                return
+            self.uploads[who.name] = self.uploads.get(who.name, 0) + 1
+        try:
+            await self._bounded(scope, receive, send, limit)
+        finally:
+            if upload:
+                self.uploads[who.name] -= 1
+
+    async def _authenticate(self, scope: Scope, authorization: bytes | None) -> TokenInfo:
+        if authorization is None:
+            if self.anonymous is not None and scope["method"] in ("GET", "HEAD"):
+                return self.anonymous
+            raise AuthError("authentication required: send Authorization: Bearer <token>")
+        try:
+            text = authorization.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise AuthError("the Authorization header is not ASCII") from exc
+        scheme, _, secret = text.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthError("use Authorization: Bearer <token>")
+        return await run_in_threadpool(self.tokens.authenticate, secret.strip())
+
+    @staticmethod
+    def _authorize_upload(path: str, who: TokenInfo, headers: dict[bytes, bytes]) -> None:
+        if path == "/v1/probes":
+            who.require("push")
+            return
+        raw = headers.get(b"x-revreg-name")
+        if raw is None:
+            raise InputError("an upload names the behavior it pushes: send X-Revreg-Name (revreg >= 0.2 does)")
+        who.require("push", check_name(raw.decode("ascii", "replace")))
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        seen, refused = 0, False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
+            except TimeoutError:
+                refused = True
+                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
+                return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge(limit)
+                # Answer 413 now; the endpoint sees a disconnect and cleans up, its own reply is dropped.
+                refused = True
+                await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
+        async def guarded(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
 
 
-class _TooLarge(Exception):
-    pass
+ANONYMOUS = TokenInfo("anonymous", ("read:*",), datetime(2026, 1, 1, tzinfo=UTC), None, False)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"error":{{"type":"PayloadTooLarge","message":"request body over the limit of {limit} bytes"}}}}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+class UploadCheckBody(BaseModel):
+    name: str = Field(max_length=128)
+    digest: str = Field(max_length=80)
 
 
 class RefBody(BaseModel):
@@ -145,7 +231,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         description="Signed, certified, reversible model behaviors. Authenticate with "
         "`Authorization: Bearer <token>` (see `revreg tokens`).",
     )
-    anonymous = TokenInfo("anonymous", ("read:*",), datetime.now(UTC), None, False)
+    anonymous = ANONYMOUS
 
     @app.exception_handler(RevregError)
     async def revreg_error(request: Request, exc: RevregError) -> JSONResponse:
@@ -153,7 +239,10 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status, headers=headers)
 
-    async def principal(authorization: Annotated[str | None, Header()] = None) -> TokenInfo:
+    async def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> TokenInfo:
+        checked = request.scope.get("state", {}).get("revreg_principal")
+        if isinstance(checked, TokenInfo):
+            return checked  # the Guard authenticated this request before its body was read
         if not authorization:
             if anonymous_read:
                 return anonymous
@@ -223,6 +312,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         size = 0
         try:
             with open(path, "xb") as sink:
+                request.state.revreg_lock = writer_lock(path)
                 async for chunk in request.stream():
                     h.update(chunk)
                     sink.write(chunk)
@@ -244,24 +334,50 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         return StagedBlob(path, received, size)
 
     async def with_upload(request: Request, digest: str | None, store: Callable[[StagedBlob], Any]) -> Any:
-        staged = await receive_upload(request, digest)
         try:
-            return await run_in_threadpool(store, staged)
+            staged = await receive_upload(request, digest)
+            try:
+                return await run_in_threadpool(store, staged)
+            finally:
+                staged.path.unlink(missing_ok=True)
         finally:
-            staged.path.unlink(missing_ok=True)
+            lock = getattr(request.state, "revreg_lock", None)
+            if lock is not None:
+                os.close(lock)  # the writer lock lasts until the row has committed (or nothing was stored)
 
     @app.put("/v1/artifacts")
     async def push(
-        request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
+        request: Request,
+        who: Principal,
+        x_revreg_digest: Annotated[str | None, Header()] = None,
+        x_revreg_name: Annotated[str | None, Header(max_length=128)] = None,
     ) -> dict[str, Any]:
-        """Upload a signed artifact (the raw file as the body)."""
+        """Upload a signed artifact (the raw file as the body). `X-Revreg-Name` names the behavior
+        before the body is read (the push scope is checked on it); the manifest must agree."""
         reg = registry_actor(who)
+
+        def authorize(name: str) -> None:
+            if x_revreg_name is not None and name != x_revreg_name:
+                raise InputError(f"the upload declared {x_revreg_name!r} but the artifact is {name!r}")
+            who.require("push", name)
+
         result = await with_upload(
-            request,
-            x_revreg_digest,
-            lambda staged: reg.push_staged(staged, "upload", authorize=lambda name: who.require("push", name)),
+            request, x_revreg_digest, lambda staged: reg.push_staged(staged, "upload", authorize)
         )
         return {"created": result.created, "version": to_json(result.version)}
+
+    @app.post("/v1/uploads/check")
+    def upload_check(who: Principal, body: UploadCheckBody) -> dict[str, Any]:
+        """Before an upload: is the client allowed to push this name, and is this exact version
+        already stored (then the body need not be sent at all)?"""
+        who.require("push", check_name(body.name))
+        check_digest(body.digest)
+        try:
+            info = registry.resolve(f"{body.name}@{body.digest}")
+        except NotFound:
+            return {"stored": False, "version": None}
+        stored = registry.store.exists(body.digest)
+        return {"stored": stored, "version": to_json(info) if stored else None}
 
     @app.get("/v1/artifact")
     def artifact(
@@ -425,5 +541,9 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     return app
 
 
-def asgi(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30) -> ASGIApp:
-    return BodyLimit(create_app(registry, anonymous_read, max_upload), max_upload)
+def asgi(
+    registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30, read_timeout: float = READ_TIMEOUT
+) -> ASGIApp:
+    anonymous = ANONYMOUS if anonymous_read else None
+    app = create_app(registry, anonymous_read, max_upload)
+    return Guard(app, Tokens(registry), anonymous, max_upload, read_timeout)

@@ -1,0 +1,162 @@
+"""`revreg serve` under hostile requests: refused before a byte of body is read, bounded for
+chunked bodies, stalled bodies and parked uploads, and nothing staged or held afterwards.
+Raw sockets on a real loopback server, so what is measured is what the server really reads."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from revreg.registry.service import Registry
+from revreg.registry.tokens import Tokens
+from tests.server_helpers import running
+
+
+@pytest.fixture
+def hostile(registry: Registry):
+    t = Tokens(registry)
+    tokens = {name: t.create(name, scopes)[0] for name, scopes in {"reader": ["read:*"], "ci": ["push:*"]}.items()}
+    with running(registry, anonymous_read=True, read_timeout=1.0) as url:
+        yield {"url": url, "tokens": tokens, "registry": registry}
+
+
+def _send_head(url: str, head: str) -> tuple[socket.socket, float]:
+    parts = urlsplit(url)
+    s = socket.create_connection((parts.hostname, parts.port))
+    s.sendall(head.replace("HOST", parts.netloc).encode())
+    return s, time.monotonic()
+
+
+def _status(s: socket.socket, timeout: float = 10) -> int:
+    s.settimeout(timeout)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def _staging_empty(registry: Registry) -> bool:
+    staging = registry.store.staging_dir
+    return not staging.is_dir() or list(staging.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [("", 401), ("Authorization: Bearer rvr_not-a-token\r\n", 401), ("READER", 403)],
+)
+def test_an_upload_is_refused_before_its_body_is_read(hostile, auth: str, expected: int):
+    """The review's case: a read-only token (or none) made the server stage up to 64 GiB. Now
+    the answer comes right after the headers: the promised gigabyte is never sent."""
+    auth = auth.replace("READER", f"Authorization: Bearer {hostile['tokens']['reader']}\r\n")
+    s, _ = _send_head(
+        hostile["url"],
+        f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\n{auth}X-Revreg-Name: demo\r\n"
+        f"X-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: {1 << 30}\r\n\r\n",
+    )
+    assert _status(s) == expected
+    assert _staging_empty(hostile["registry"])
+
+
+def test_an_upload_must_name_what_it_pushes(hostile):
+    s, _ = _send_head(
+        hostile["url"],
+        f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\nAuthorization: Bearer {hostile['tokens']['ci']}\r\n"
+        f"X-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: 100\r\n\r\n",
+    )
+    assert _status(s) == 400
+
+
+def test_a_json_body_is_never_read_for_an_unauthenticated_request(hostile):
+    """300 parked connections with 1 MB of JSON each held memory: now each is answered at the
+    headers and closed."""
+    s, _ = _send_head(
+        hostile["url"],
+        "POST /v1/publish HTTP/1.1\r\nHost: HOST\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {1 << 20}\r\n\r\n",
+    )
+    assert _status(s) == 401
+
+
+def test_chunked_bodies_over_the_limit_get_413_not_500(hostile):
+    token = hostile["tokens"]["ci"]
+    big = (b"\0" * (1 << 20) for _ in range(80))  # 80 MiB, chunked, over the 64 MiB test limit
+    response = httpx.put(
+        f"{hostile['url']}/v1/artifacts",
+        content=big,
+        headers={"Authorization": f"Bearer {token}", "X-Revreg-Name": "demo", "X-Revreg-Digest": "sha256:" + "0" * 64},
+    )
+    assert response.status_code == 413
+    json_big = httpx.post(
+        f"{hostile['url']}/v1/publish",
+        content=(b" " * (1 << 16) for _ in range(20)),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert json_big.status_code == 413
+    time.sleep(0.2)
+    assert _staging_empty(hostile["registry"])
+
+
+def test_headers_over_16_kib_are_refused(hostile):
+    response = httpx.get(
+        f"{hostile['url']}/v1/versions",
+        headers={"Authorization": f"Bearer {hostile['tokens']['reader']}", "X-Padding": "a" * 100_000},
+    )
+    assert response.status_code in (400, 431)
+
+
+def test_a_stalled_body_is_cut_off_and_its_staging_file_released(hostile):
+    s, _ = _send_head(
+        hostile["url"],
+        f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\nAuthorization: Bearer {hostile['tokens']['ci']}\r\n"
+        f"X-Revreg-Name: demo\r\nX-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: 1000000\r\n\r\n",
+    )
+    s.sendall(b"\0" * 1000)  # then nothing: a slowloris upload
+    assert _status(s, timeout=15) == 408
+    deadline = time.monotonic() + 10
+    while not _staging_empty(hostile["registry"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _staging_empty(hostile["registry"])
+
+
+def test_parked_uploads_are_capped_per_token(hostile):
+    from revreg.server.app import MAX_UPLOADS_PER_TOKEN
+
+    head = (
+        f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\nAuthorization: Bearer {hostile['tokens']['ci']}\r\n"
+        f"X-Revreg-Name: demo\r\nX-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    parked = []
+    for _ in range(MAX_UPLOADS_PER_TOKEN):
+        s, _ = _send_head(hostile["url"], head)
+        s.sendall(b"\0" * 100)
+        parked.append(s)
+    time.sleep(0.3)
+    extra, _ = _send_head(hostile["url"], head)
+    assert _status(extra) == 429
+    for s in parked:
+        s.close()
+
+
+def test_remote_push_preflight_gives_a_clean_scope_error(hostile, keys_dir: Path, tmp_path: Path):
+    from revreg.artifacts.keys import Keyring
+    from revreg.registry.api import ScopeError
+    from revreg.registry.remote import RemoteRegistry
+    from tests.conftest import make_artifact
+
+    hostile["registry"].trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, size=1 << 20)
+    with pytest.raises(ScopeError, match="has no push scope"):
+        RemoteRegistry(hostile["url"], hostile["tokens"]["reader"]).push(art)
+    pusher = RemoteRegistry(hostile["url"], hostile["tokens"]["ci"])
+    assert pusher.push(art).created
+    # Already stored: answered by the preflight, the body is not sent again.
+    assert not pusher.push(art).created
