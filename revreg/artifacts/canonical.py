@@ -43,17 +43,36 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+def _no_surrogates(value: Any) -> None:
+    """JSON escapes can spell lone surrogates (\\ud800), which no UTF-8 text can hold."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise FormatError("string with a lone surrogate code point (not valid Unicode text)") from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def strict_loads(data: bytes | str, what: str) -> Any:
     """Parse JSON refusing duplicate keys, NaN/Infinity, numbers that overflow to infinity and
     integers of absurd length; errors name `what`."""
     try:
-        return json.loads(
+        doc = json.loads(
             data,
             object_pairs_hook=_no_duplicates,
             parse_constant=_no_constants,
             parse_float=_finite_float,
             parse_int=_bounded_int,
         )
+        _no_surrogates(doc)
+        return doc
     except FormatError as exc:
         raise FormatError(f"{what}: {exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

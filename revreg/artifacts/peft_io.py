@@ -65,13 +65,36 @@ def _number(value: Any, what: str) -> float:
     return float(value)
 
 
+_ESCAPABLE = set(".dDwWsS\\-[]()|*+?^$")
+
+
+def _check_pattern(key: str, what: str) -> None:
+    """Patterns are PEFT's, which Python's `re` evaluates; they are matched here with the regex
+    package (for its time bound), so only syntax both read the same way is accepted: no `{…}`
+    (fuzzy matching and counted repeats differ), no `(?…)` groups, only plain escapes."""
+    if len(key) > MAX_PATTERN:
+        raise InputError(f"PEFT {what} key is over {MAX_PATTERN} characters")
+    chars = iter(key)
+    for ch in chars:
+        if ch == "\\":
+            if next(chars, "") not in _ESCAPABLE:
+                raise InputError(f"PEFT {what} key {key[:60]!r} uses an escape revreg does not evaluate")
+        elif ch == "{" or ch == "}" or not (ch.isascii() and (ch.isalnum() or ch in "_.-|()*+?^$[]")):
+            raise InputError(f"PEFT {what} key {key[:60]!r} uses regular-expression syntax revreg does not evaluate")
+    if "(?" in key:
+        raise InputError(f"PEFT {what} key {key[:60]!r} uses a (?...) group revreg does not evaluate")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise InputError(f"PEFT {what} key {key[:60]!r} is not a valid regular expression ({exc})") from exc
+
+
 def _pattern_value(patterns: Any, target: str, default: Any, what: str) -> Any:
     """PEFT's rule: the first pattern key that matches the end of the module path gives the value."""
     if not isinstance(patterns, dict):
         raise InputError(f"PEFT {what} must be an object of pattern -> number, got {type(patterns).__name__}")
     for key, value in patterns.items():
-        if len(key) > MAX_PATTERN:
-            raise InputError(f"PEFT {what} key is over {MAX_PATTERN} characters")
+        _check_pattern(key, what)
         try:
             hit = regex.match(rf"(.*\.)?({key})$", target, timeout=PATTERN_TIMEOUT)
         except regex.error as exc:
@@ -86,6 +109,7 @@ def _pattern_value(patterns: Any, target: str, default: Any, what: str) -> Any:
 def _targets_match(target_modules: Any, target: str) -> bool:
     """Whether PEFT's target_modules (a list of names or a regex string) selects `target`."""
     if isinstance(target_modules, str):
+        _check_pattern(target_modules, "target_modules")
         try:
             return regex.fullmatch(target_modules, target, timeout=PATTERN_TIMEOUT) is not None
         except (regex.error, TimeoutError) as exc:

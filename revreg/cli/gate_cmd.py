@@ -18,9 +18,10 @@ def _at(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError as exc:
-        raise InputError(f"--at {value!r} is not an ISO 8601 time") from exc
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InputError(f"--at {value!r} is not an ISO 8601 time within years 1-9999 UTC") from exc
 
 
 @click.command()
@@ -39,7 +40,13 @@ def _at(value: str | None) -> datetime | None:
     default=None,
     help="Also write JUnit XML here: one test case per rule.",
 )
-@click.option("--at", "at", default=None, metavar="ISO8601", help="Evaluate as of this time (default: now).")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="ISO8601",
+    help="The clock the max_age rule reads (default: now); state and certifications are today's.",
+)
 @json_option
 @registry_option
 def gate(

@@ -335,8 +335,14 @@ def audit_verify(
         raise CheckFailed(f"audit log broken: {verdict.problem}")
     if checkpoints:
         assert checkpoint_key is not None
+        from revreg.registry.chain import recompute
+
         trusted = _public_key(checkpoint_key, keys_dir)
         entries = reg.audit_log()
+        # Recomputed here from the rows themselves: a server's own verdict is not taken on trust.
+        broken = recompute(entries)
+        if broken is not None:
+            raise CheckFailed(f"audit log broken: {broken}")
         for path in checkpoints:
             try:
                 text = path.read_bytes()

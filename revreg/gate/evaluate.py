@@ -40,8 +40,9 @@ class GateReport:
 
 def _when(text: Any, fallback: datetime) -> datetime:
     try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         return fallback
 
 

@@ -15,7 +15,16 @@ from revreg.artifacts.keys import TrustedKey
 from revreg.errors import RevregError
 from revreg.registry.api import GateError
 
-__all__ = ["GateError", "PublishGate", "RequirePassingCertification", "newest", "newest_index", "signed_time"]
+__all__ = [
+    "EPOCH",
+    "GateError",
+    "PublishGate",
+    "RequirePassingCertification",
+    "newest",
+    "newest_index",
+    "signed_time",
+    "statement_key",
+]
 
 
 class PublishGate(Protocol):
@@ -24,13 +33,28 @@ class PublishGate(Protocol):
     ) -> Certification: ...
 
 
+EPOCH = datetime.min.replace(tzinfo=UTC)
+
+
 def signed_time(cert: Certification) -> datetime:
-    """The verifier's signed finish time; a certification that does not say sorts first."""
+    """The verifier's signed finish time, in UTC; one that is missing, malformed or out of range
+    sorts first (and is refused when recorded)."""
     try:
         when = datetime.fromisoformat(cert.finished_at.replace("Z", "+00:00"))
-    except ValueError:
-        return datetime.min.replace(tzinfo=UTC)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return EPOCH
+
+
+def statement_key(envelope: str) -> tuple[bytes, tuple[str, ...]]:
+    """What a certification says and who said it, however the envelope is spelled."""
+    from revreg.artifacts.dsse import Envelope
+
+    try:
+        parsed = Envelope.from_json(envelope)
+    except RevregError:
+        return (envelope.encode("utf-8", "replace"), ())
+    return parsed.payload, tuple(sorted(s.keyid for s in parsed.signatures))
 
 
 def newest_index(
@@ -38,8 +62,8 @@ def newest_index(
 ) -> tuple[int, Certification] | None:
     """The version's current verdict and its place in `envelopes` (record order): of the
     certifications of exactly `digest` by one of `verifiers` (others are not evidence), the one the
-    verifier finished last; ties go to the one recorded last."""
-    best: tuple[datetime, int, Certification] | None = None
+    verifier finished last; on a tie a verdict other than PASS wins (fail closed), then the later record."""
+    best: tuple[tuple[datetime, bool, int], int, Certification] | None = None
     for index, envelope in enumerate(envelopes):
         try:
             cert = verify_certification(envelope, verifiers)
@@ -47,8 +71,10 @@ def newest_index(
             continue
         if cert.subject_digest != digest:
             continue
-        if best is None or (signed_time(cert), index) >= best[:2]:
-            best = (signed_time(cert), index, cert)
+        # Ties in time go to a verdict that is not PASS (fail closed), then to the later record.
+        key = (signed_time(cert), not cert.passed, index)
+        if best is None or key >= best[0]:
+            best = (key, index, cert)
     return (best[1], best[2]) if best else None
 
 

@@ -26,6 +26,7 @@ from revreg.registry.api import (
     ProbeSetInfo,
     PushResult,
     Request,
+    StateError,
     Unsupported,
     VersionDetail,
     VersionInfo,
@@ -223,14 +224,32 @@ class RemoteRegistry:
     ) -> VersionInfo:
         check_format(fmt)
         info = self.resolve(ref)
+        self._check_answer(ref, info, allow_unpublished, allow_yanked)
         publishers = self.trusted("publisher")
         params = {"ref": info.pinned, "allow_unpublished": allow_unpublished, "allow_yanked": allow_yanked}
-        if info.state == "published":
+        if info.state == "published" or ("verifier" in self.pins and not allow_unpublished):
             self._check_certified(info)
         deliver(
             info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
         )
         return info
+
+    def _check_answer(self, ref: str, info: VersionInfo, allow_unpublished: bool, allow_yanked: bool) -> None:
+        """What the server resolved must be what was asked for, in a state this pull accepts:
+        checked here, so a server cannot hand out another version or an unpublished one."""
+        from revreg.registry.refs import parse_ref
+
+        wanted = parse_ref(ref)
+        if (
+            info.name != wanted.name
+            or (wanted.digest is not None and info.digest != wanted.digest)
+            or (wanted.selector is not None and wanted.selector not in (info.version, *info.tags))
+        ):
+            raise errors.IntegrityError(f"asked {self.url} for {ref}, it answered with {info.ref} ({info.digest})")
+        if info.state == "yanked" and not allow_yanked:
+            raise StateError(f"{info.ref} was yanked ({info.yank_reason}); pass --allow-yanked to pull it anyway")
+        if info.state not in ("published", "yanked") and not allow_unpublished:
+            raise StateError(f"{info.ref} is {info.state}, not published (pass --allow-unpublished to pull it anyway)")
 
     def _check_certified(self, info: VersionInfo) -> None:
         """The publish gate again, on this side: the newest certification by a verifier this client

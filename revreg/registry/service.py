@@ -12,14 +12,15 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from revreg.artifacts.artifact import VERSION_RE, open_artifact, verify_artifact
@@ -27,7 +28,7 @@ from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
-from revreg.errors import InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
+from revreg.errors import FormatError, InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
 from revreg.registry import audit
 from revreg.registry.api import (
     BaseInfo,
@@ -58,7 +59,7 @@ from revreg.registry.models import (
     Tag,
     Version,
 )
-from revreg.registry.policy import PublishGate, RequirePassingCertification, newest, signed_time
+from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
     DEFAULT_GRACE,
@@ -88,6 +89,14 @@ def default_actor() -> str:
     except (KeyError, OSError):
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}"
+
+
+# How far ahead of this server's clock a verifier's signed finish time may be.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _first_line(error: object) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _now() -> datetime:
@@ -169,8 +178,11 @@ class Registry:
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only session (queue and tokens build on it)."""
-        with Session(self.engine) as session:
-            yield session
+        try:
+            with Session(self.engine) as session:
+                yield session
+        except DataError as exc:
+            raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
 
     @staticmethod
     def _recorded_store(loc: Location) -> str | None:
@@ -198,6 +210,9 @@ class Registry:
         except SAIntegrityError as exc:
             # Two writers raced on a unique constraint; the loser's transaction was rolled back.
             raise ConflictError(f"the registry changed concurrently ({exc.orig}); retry") from exc
+        except DataError as exc:
+            # A value the database cannot hold (a NUL byte in PostgreSQL text, an integer out of range).
+            raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
         except OperationalError as exc:
             raise RevregError(f"registry database error: {exc.orig or exc}") from exc
 
@@ -207,6 +222,10 @@ class Registry:
             raise InputError(f"role must be one of {', '.join(ROLES)}")
         check_key_name(name)
         key = load_public_pem(pem, name)
+        if not isinstance(key, Ed25519PublicKey):
+            # Ed25519 signatures have one valid encoding; ECDSA's have several (DER or raw, s or
+            # n - s), which would let anyone re-spell a recorded signature.
+            raise InputError(f"key {name} is {type(key).__name__}: a registry trusts Ed25519 keys only")
         keyid = keyid_of(key)
         text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         with self.transaction() as s:
@@ -546,20 +565,30 @@ class Registry:
         certification and the end of its lease together)."""
         text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
         v = self._locked(s, ref)
-        cert = verify_certification(text, self.trusted("verifier", session=s))
+        verifiers = self.trusted("verifier", session=s)
+        cert = verify_certification(text, verifiers)
         if cert.subject_digest != v.digest:
             raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
+        finished = signed_time(cert)
+        if finished == EPOCH or finished > _now() + CLOCK_SKEW:
+            raise FormatError(
+                f"the certification's finished_at {cert.finished_at!r} is missing, malformed or in the future; "
+                "a verdict's place in the version's history is its signed finish time"
+            )
         recorded = list(
             s.scalars(select(Certification.envelope).where(Certification.version_id == v.id).order_by(Certification.id))
         )
-        if text in recorded:
-            return self._info(s, v)  # the same evidence again: nothing changes
-        # The newest verdict decides the state; evidence older than it changes nothing.
-        current = newest(recorded, self.trusted("verifier", include_revoked=True, session=s), v.digest)
-        if current is not None and signed_time(cert) < signed_time(current):
+        # The same statement by the same key again (however its envelope is spelled) is a no-op.
+        statement = statement_key(text)
+        if any(statement_key(r) == statement for r in recorded):
+            return self._info(s, v)
+        # The newest verdict decides the state; evidence older than it changes nothing. Only
+        # unrevoked verifiers count here, exactly as in the publish gate.
+        current = newest(recorded, verifiers, v.digest)
+        if current is not None and finished < signed_time(current):
             raise StateError(
                 f"{v.behavior.name}:{v.version} has a newer certification (finished {current.finished_at}, "
-                f"{current.verdict}); an older one ({cert.finished_at or 'undated'}, {cert.verdict}) changes nothing: "
+                f"{current.verdict}); an older one ({cert.finished_at}, {cert.verdict}) changes nothing: "
                 "run a new certification"
             )
         s.add(
@@ -571,8 +600,10 @@ class Registry:
                 created_at=_now(),
             )
         )
+        verdict = newest([*recorded, text], verifiers, v.digest)
+        assert verdict is not None
         if v.state != "published":
-            self._transition(s, v, "certified" if cert.passed else "rejected")
+            self._transition(s, v, "certified" if verdict.passed else "rejected")
         audit.append(
             s,
             self.actor,

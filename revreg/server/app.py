@@ -10,9 +10,10 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -158,6 +159,9 @@ class Guard:
 
 
 ANONYMOUS = TokenInfo("anonymous", ("read:*",), datetime(2026, 1, 1, tzinfo=UTC), None, False)
+
+
+RequestId = Annotated[int, FastAPIPath(ge=1, le=2**31 - 1)]
 
 
 class UploadCheckBody(BaseModel):
@@ -419,7 +423,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/keys/pem")
     def key_pems(
-        who: Principal, role: Annotated[str, Query(max_length=16)], include_revoked: bool = False
+        who: Principal, role: Annotated[Literal["publisher", "verifier"], Query()], include_revoked: bool = False
     ) -> list[dict[str, str]]:
         who.require("read")
         from cryptography.hazmat.primitives import serialization
@@ -507,18 +511,18 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         return None if request is None else to_json(request)
 
     @app.post("/v1/queue/{request_id}/renew")
-    def renew(who: Principal, request_id: int, body: ClaimBody) -> dict[str, bool]:
+    def renew(who: Principal, request_id: RequestId, body: ClaimBody) -> dict[str, bool]:
         who.require("certify")
         return {"held": registry.renew_lease(request_id, owner(who, body.worker), body.lease)}
 
     @app.post("/v1/queue/{request_id}/complete")
-    def complete(who: Principal, request_id: int, body: CompleteBody) -> dict[str, Any] | None:
+    def complete(who: Principal, request_id: RequestId, body: CompleteBody) -> dict[str, Any] | None:
         who.require("certify")
         info = registry_actor(who).complete_request(request_id, owner(who, body.worker), body.envelope)
         return None if info is None else to_json(info)
 
     @app.post("/v1/queue/{request_id}/fail")
-    def fail(who: Principal, request_id: int, body: FailBody) -> dict[str, bool]:
+    def fail(who: Principal, request_id: RequestId, body: FailBody) -> dict[str, bool]:
         who.require("certify")
         registry_actor(who).fail_request(request_id, owner(who, body.worker), body.message)
         return {"ok": True}
