@@ -652,3 +652,189 @@ def test_a_server_that_serves_a_key_under_another_id_is_refused(backend: Backend
         )
     with pytest.raises(IntegrityError, match="but that public key is"):
         backend.api.trusted("publisher")
+
+
+# -- found by the red team after the first round of fixes ----------------------------------------
+def test_a_future_dated_pass_cannot_lock_the_verdict(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    for when in ("9999-12-31T23:59:59Z", "not a time", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(FormatError, match="missing, malformed or in the future"):
+            api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", when))
+    undated = sign_certification(
+        info.ref,
+        info.digest,
+        {"verdict": "PASS", "behavior": {"digest": info.digest}},
+        Keyring(keys_dir).signer("vera"),
+    )
+    with pytest.raises(FormatError, match="finished_at"):
+        api.record_certification(info.pinned, undated)
+    assert api.resolve(info.ref).state == "pending"
+
+
+def test_a_revoked_verifiers_evidence_does_not_block_an_honest_verdict(
+    backend: Backend, keys_dir: Path, tmp_path: Path
+):
+    api = backend.api
+    ring = Keyring(keys_dir)
+    ring.generate("mallory")
+    _trust(api, keys_dir)
+    api.trust_key(ring.public_pem("mallory"), "mallory", "verifier")
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1))
+    api.publish(info.ref)
+    late = sign_certification(info.ref, info.digest, minimal_predicate(info.digest, "PASS", T3), ring.signer("mallory"))
+    api.record_certification(info.pinned, late)
+    api.revoke_key("mallory", "compromised")
+    # vera's FAIL finished before mallory's PASS, but mallory no longer counts.
+    api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T2))
+    with pytest.raises(GateError, match="says FAIL"):
+        api.pull(info.ref, tmp_path / "o.safetensors")
+
+
+def test_a_pass_and_a_fail_in_the_same_second_fail_closed(backend: Backend, keys_dir: Path, tmp_path: Path):
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    fail = _cert(info, keys_dir, "FAIL", T1)
+    api.record_certification(info.pinned, fail)
+    assert api.record_certification(info.pinned, _cert(info, keys_dir, "PASS", T1)).state == "rejected"
+    with pytest.raises(StateError):
+        api.publish(info.ref)
+
+
+def test_a_registry_trusts_ed25519_keys_only(backend: Backend):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(RevregError, match="Ed25519 keys only"):
+        backend.api.trust_key(pem, "ecdsa-verifier", "verifier")
+
+
+@pytest.mark.parametrize("key", [r"h\.1\.attn\.(?:c_atXn){e<=1}", "c_at{2}n", r"(?i)C_ATTN", r"\p{L}+"])
+def test_peft_patterns_that_re_and_regex_read_differently_are_refused(
+    artifact: Path, keys_dir: Path, tmp_path: Path, key: str
+):
+    manifest = open_artifact(artifact).manifest
+    config = {**manifest.provenance["peft_config"], "alpha_pattern": {key: 3}}
+    forged = _signed_with_provenance(
+        artifact, tmp_path / "f.safetensors", keys_dir, {**manifest.provenance, "peft_config": config}
+    )
+    with pytest.raises(RevregError, match="does not evaluate"):
+        verify_artifact(open_artifact(forged), Keyring(keys_dir).trusted())
+
+
+def test_lone_surrogates_are_format_errors(keys_dir: Path, tmp_path: Path):
+    from revreg.artifacts.canonical import strict_loads
+
+    for text in ('{"a": "\\ud800"}', '["\\udfff"]', '{"\\ud800": 1}'):
+        with pytest.raises(FormatError, match="lone surrogate"):
+            strict_loads(text, "test")
+    Keyring(keys_dir).generate("vera")
+    with pytest.raises(FormatError):
+        verify_certification('{"payload":"\\ud800","payloadType":"x","signatures":[]}', Keyring(keys_dir).trusted())
+
+
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"])
+def test_gate_times_at_the_edge_of_the_calendar_are_one_line(backend: Backend, run, keys_dir, tmp_path, at: str):
+    env, policy, info = _gated(backend, run, keys_dir, tmp_path)
+    result = run("gate", info.ref, "--policy", policy, "--at", at, env=env)
+    assert result.exit_code == 2 and "within years 1-9999" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["http"], indirect=True)
+def test_a_lying_server_cannot_hand_out_another_version_or_an_unpublished_one(
+    backend: Backend, keys_dir: Path, tmp_path: Path
+):
+    """The client checks the server's answer itself: same name, the version or digest asked
+    for, and a state this pull accepts."""
+    from revreg.registry.api import VersionInfo as Info
+
+    api = backend.api
+    _trust(api, keys_dir)
+    info = api.push(make_artifact(tmp_path / "a.safetensors", keys_dir, "2.0.0")).version
+    api.record_certification(info.pinned, _cert(info, keys_dir, "FAIL", T1))
+    rejected = api.resolve(info.ref)
+    with pytest.raises(StateError, match="rejected, not published"):
+        api._check_answer("demo:2.0.0", rejected, False, False)
+    with pytest.raises(IntegrityError, match="it answered with demo:2.0.0"):
+        api._check_answer("demo:3.0.0", rejected, True, False)
+    other = Info(**{**rejected.__dict__, "name": "other"})
+    with pytest.raises(IntegrityError):
+        api._check_answer("demo", other, True, False)
+    yanked = Info(**{**rejected.__dict__, "state": "yanked"})
+    with pytest.raises(StateError, match="--allow-yanked"):
+        api._check_answer("demo:2.0.0", yanked, True, False)
+
+
+@pytest.mark.parametrize("backend", ["http"], indirect=True)
+def test_server_answers_4xx_to_out_of_range_ids_nul_bytes_and_bad_roles(backend: Backend, keys_dir: Path):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {backend.env['REVREG_TOKEN']}"}
+    url = backend.location
+    for action in ("renew", "complete", "fail"):
+        body = {"worker": "w", "lease": 10, "envelope": "{}", "message": "x"}
+        r = httpx.post(f"{url}/v1/queue/1180591620717411303424/{action}", json=body, headers=headers)
+        assert 400 <= r.status_code < 500, (action, r.status_code)
+    for path in ("/v1/probes/digest?ref=p%00", "/v1/audit/log?subject=a%00", "/v1/versions?name=a%00"):
+        assert httpx.get(url + path, headers=headers).status_code < 500, path
+    r = httpx.post(f"{url}/v1/keys/revoke", json={"key": "a\x00", "reason": "x\x00"}, headers=headers)
+    assert 400 <= r.status_code < 500
+    assert httpx.get(f"{url}/v1/keys/pem?role=bogus", headers=headers).status_code == 422
+
+
+def test_a_worker_survives_a_result_the_registry_refuses(backend: Backend, keys_dir: Path, tmp_path: Path, toy):
+    """The verifier key is revoked while the worker runs: its request ends failed with the
+    reason instead of the worker dying with the request left running."""
+    from revreg.certification.worker import process
+
+    api = backend.api
+    _trust(api, keys_dir)
+    v1 = api.push(toy["artifact"]).version
+    probes = api.push_probes(toy["probes"])[0].digest
+    api.request_certification(v1.ref, str(toy["base"]), probes, "revreg.verifier.toy:build", cycles=1)
+    claimed = api.claim_request("w", 60)
+    assert claimed is not None
+    api.revoke_key("vera", "rotated mid-run")
+    assert process(api, claimed, Keyring(keys_dir).signer("vera"), "w") is None
+    (failed,) = api.requests("failed")
+    assert failed.id == claimed.id and "the registry refused the result" in (failed.result or "")
+    assert api.requests("running") == []
+
+
+def test_nul_bytes_are_input_errors_on_every_backend(backend: Backend):
+    """PostgreSQL text cannot hold NUL: the database's refusal is a clean InputError, never a crash."""
+    api = backend.api
+    for call in (
+        lambda: api.audit_log("a\x00"),
+        lambda: api.probe_digest("p\x00"),
+        lambda: api.revoke_key("k\x00", "r\x00"),
+        lambda: api.ls("a\x00"),
+    ):
+        try:
+            call()
+        except RevregError as exc:
+            assert exc.exit_code == 2, exc
+
+
+def test_a_client_recomputes_the_chain_it_is_served(backend: Backend, keys_dir: Path, tmp_path: Path):
+    """A checkpoint is checked against rows the client hashes itself, so a server cannot keep the
+    signed head while serving rewritten rows before it."""
+    from dataclasses import replace
+
+    from revreg.registry.chain import recompute
+
+    _trust(backend.api, keys_dir)
+    backend.api.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    entries = backend.api.audit_log()
+    assert recompute(entries) is None
+    forged = [*entries[:1], replace(entries[1], actor="someone-else"), *entries[2:]]
+    assert "does not hash" in (recompute(forged) or "")
+    assert "missing" in (recompute(entries[1:]) or "")
