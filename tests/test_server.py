@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from revreg.artifacts.keys import Keyring
 from revreg.registry.service import Registry
@@ -36,7 +37,12 @@ def served(registry: Registry, keys_dir: Path):
             "ci": ["read:*", "push:*", "certify:*", "publish:*"],
         }.items()
     }
-    secrets["expired"] = t.create("expired", ["read:*"], timedelta(seconds=-1))[0]
+    secrets["expired"] = t.create("expired", ["read:*"], timedelta(hours=1))[0]
+    with registry.engine.begin() as conn:  # an hour later, as far as the token is concerned
+        conn.execute(
+            text("UPDATE tokens SET expires_at = :t WHERE name = 'expired'"),
+            {"t": datetime.now(UTC) - timedelta(seconds=1)},
+        )
     secrets["revoked"] = t.create("revoked", ["read:*"])[0]
     t.revoke("revoked")
     with running(registry, max_upload=8 << 20) as url:

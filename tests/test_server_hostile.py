@@ -160,3 +160,40 @@ def test_remote_push_preflight_gives_a_clean_scope_error(hostile, keys_dir: Path
     assert pusher.push(art).created
     # Already stored: answered by the preflight, the body is not sent again.
     assert not pusher.push(art).created
+
+
+def test_bad_input_to_the_json_api_is_4xx(hostile):
+    """Each of the review's crashes (500 or traceback) is a clean 4xx now."""
+    token = hostile["tokens"]["ci"]
+    headers = {"Authorization": f"Bearer {token}"}
+    admin = Tokens(hostile["registry"]).create("admin", ["admin:*"])[0]
+    base = {"algorithm": "sha256", "chunk_size": 1 << 24}
+    manifests = [
+        {**base, "tensors": [{"name": "w", "dtype": "F32", "shape": [2], "nbytes": 8, "digest": "xyz"}]},
+        {**base, "tensors": [{"name": 5, "dtype": "F32", "shape": [2], "nbytes": 8, "digest": "0" * 64}]},
+        {**base, "tensors": [{"name": "w", "dtype": "F32", "shape": ["2"], "nbytes": 8, "digest": "0" * 64}]},
+        {**base, "tensors": "nope"},
+    ]
+    for manifest in manifests:
+        r = httpx.post(
+            f"{hostile['url']}/v1/bases", json={"manifest": manifest}, headers={"Authorization": f"Bearer {admin}"}
+        )
+        assert 400 <= r.status_code < 500, (manifest, r.status_code, r.text)
+    huge = b'{"ref": "demo:1.0.0", "reason": ' + b"9" * 5000 + b"}"
+    r = httpx.post(f"{hostile['url']}/v1/yank", content=huge, headers={**headers, "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500
+
+
+def test_a_token_without_read_scope_is_refused_not_told_there_is_nothing(hostile):
+    from revreg.registry.api import ScopeError
+    from revreg.registry.remote import RemoteRegistry
+
+    with pytest.raises(ScopeError, match="has no read scope"):
+        RemoteRegistry(hostile["url"], hostile["tokens"]["ci"]).ls()
+
+
+@pytest.mark.parametrize(("expires", "fragment"), [("0s", "positive duration"), ("3000000d", "past the year 9999")])
+def test_token_lifetimes_that_cannot_be_are_refused(run, registry: Registry, expires: str, fragment: str):
+    result = run("tokens", "create", "t", "--scope", "read:*", "--expires", expires, "--registry", registry.describe())
+    assert result.exit_code == 2 and fragment in result.stderr
+    assert Tokens(registry).list() == []

@@ -22,6 +22,7 @@ from revreg.artifacts.identity import (
 )
 from revreg.artifacts.keys import Signer, TrustedKey
 from revreg.artifacts.safetensors_io import (
+    SMALL_HEADER_BYTES,
     Header,
     MappedFile,
     canonical_header,
@@ -116,8 +117,16 @@ class Attachment:
             alpha=doc.get("alpha"),
             rslora=doc.get("rslora", False),
         )
-        if kind == "lora" and doc["scaling"] != att.scaling:
-            raise FormatError(f"attachment {att.target}: scaling does not follow from rank and alpha")
+        if kind == "lora":
+            rank, alpha = att.rank, att.alpha
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise FormatError(f"attachment {att.target}: lora rank must be a positive integer, got {rank!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < float("inf"):
+                raise FormatError(f"attachment {att.target}: lora alpha must be a positive number, got {alpha!r}")
+            if not isinstance(att.rslora, bool):
+                raise FormatError(f"attachment {att.target}: rslora must be true or false")
+            if doc["scaling"] != att.scaling:
+                raise FormatError(f"attachment {att.target}: scaling does not follow from rank and alpha")
         return att
 
 
@@ -312,7 +321,7 @@ class VerifiedArtifact:
 def open_artifact(path: Path) -> Artifact:
     """Parse an artifact, refusing anything its manifest and signature do not cover."""
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, SMALL_HEADER_BYTES)
     if canonical_header(header) != header.raw:
         raise FormatError(f"{path}: header is not in revreg's canonical form (modified after packing?)")
     if set(header.metadata) != {MANIFEST_KEY, SIGNATURE_KEY}:

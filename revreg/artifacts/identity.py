@@ -164,6 +164,10 @@ class TensorManifest:
 
     @classmethod
     def from_dict(cls, doc: Any) -> TensorManifest:
+        if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
+            raise FormatError("malformed tensor manifest: expected an object with a list of tensors")
+        for t in doc["tensors"]:
+            _check_entry(t)
         try:
             manifest = cls(
                 algorithm=doc["algorithm"],
@@ -184,6 +188,29 @@ class TensorManifest:
         if "identity" in doc and doc["identity"] != manifest.identity:
             raise FormatError("tensor manifest's identity does not match its tensors")
         return manifest
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_entry(t: Any) -> None:
+    """One tensor of a manifest sent by someone else (a client registering a base): every field
+    of the type and range the identity scheme hashes, or a FormatError naming it."""
+    if not isinstance(t, dict):
+        raise FormatError("malformed tensor manifest: a tensor entry is not an object")
+    name, dtype, shape, nbytes, digest = (t.get(k) for k in ("name", "dtype", "shape", "nbytes", "digest"))
+    if not isinstance(name, str) or not name or not isinstance(dtype, str) or not dtype:
+        raise FormatError("malformed tensor manifest: name and dtype must be non-empty strings")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape)
+    ):
+        raise FormatError(f"malformed tensor manifest: shape of {name[:60]!r} must be a list of non-negative integers")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 1 << 62:
+        raise FormatError(f"malformed tensor manifest: nbytes of {name[:60]!r} must be a non-negative integer")
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        raise FormatError(f"malformed tensor manifest: digest of {name[:60]!r} must be 64 lowercase hex digits")
 
 
 class TensorSource(Protocol):

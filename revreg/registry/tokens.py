@@ -51,6 +51,9 @@ class TokenInfo:
                 return True
         return False
 
+    def reads_something(self) -> bool:
+        return any(scope.split(":", 1)[0] in ("read", "admin") for scope in self.scopes)
+
     def require(self, action: str, name: str | None = None) -> None:
         if not self.allows(action, name):
             where = f" on namespace {namespace(name)!r}" if name else ""
@@ -85,6 +88,14 @@ class Tokens:
                 )
         secret = PREFIX + secrets.token_urlsafe(32)
         now = datetime.now(UTC)
+        expires_at = None
+        if expires is not None:
+            if expires <= timedelta(0):
+                raise InputError("--expires must be a positive duration (leave it out for a token that never expires)")
+            try:
+                expires_at = now + expires
+            except OverflowError as exc:
+                raise InputError("--expires is too far in the future (past the year 9999)") from exc
         with self.registry.transaction() as s:
             if s.scalars(select(Token.id).where(Token.name == name)).first() is not None:
                 raise ConflictError(f"a token named {name!r} already exists: revoke it or pick another name")
@@ -94,7 +105,7 @@ class Tokens:
                 scopes=json.dumps(sorted(set(scopes))),
                 created_at=now,
                 created_by=self.registry.actor,
-                expires_at=now + expires if expires else None,
+                expires_at=expires_at,
             )
             s.add(row)
             audit.append(

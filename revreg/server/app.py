@@ -24,7 +24,7 @@ import revreg
 from revreg.artifacts.artifact import check_name
 from revreg.artifacts.identity import TensorManifest
 from revreg.errors import InputError, IntegrityError, RevregError
-from revreg.registry.api import AuthError, NotFound, http_status, to_json
+from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to_json
 from revreg.registry.db import HEAD
 from revreg.registry.refs import parse_ref
 from revreg.registry.service import Registry
@@ -294,6 +294,8 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     def versions(who: Principal, name: Annotated[str | None, Query(max_length=128)] = None) -> list[dict[str, Any]]:
         if name is not None:
             who.require("read", name)
+        elif not who.reads_something():
+            raise ScopeError(f"token {who.name!r} has no read scope (its scopes: {', '.join(who.scopes)})")
         return to_json([v for v in registry.ls(name) if who.allows("read", v.name)])
 
     @app.get("/v1/resolve")
