@@ -1,12 +1,14 @@
 """Verifier benchmarks (issue 4), as ratios against anchors measured in the same run.
 
 - certification cost against its lower bound: the forward passes the protocol needs
-  (2 for the determinism check + 2 per cycle) plus one identity hash per fingerprint (1 + cycles);
+  (2 for the determinism check + 2 per cycle) plus one identity hash per fingerprint it needs
+  (before anything runs, the reference after warm-up, one per cycle: 2 + cycles); the full
+  fingerprint's own cost beside the identity hash it contains;
 - attach + unload of a LoRA on every linear layer of a 12-layer GPT-2-sized model against PEFT's
   inject + load + unload of the same adapter;
 - memory added by attaching, against the behavior's own tensor bytes.
 
-    python benchmarks/bench_verifier.py [--out bench-out] [--repeat 5]
+    python benchmarks/bench_verifier.py [--out bench-out] [--repeat 5] [--parts certification,attach]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from revreg.artifacts.keys import Keyring
 from revreg.artifacts.probes import ProbeManifest, write_probes
 from revreg.artifacts.sources import identity_of_module
 from revreg.verifier.engine import HookEngine, load_behavior
+from revreg.verifier.fingerprint import fingerprint
 from revreg.verifier.protocol import verify
 from revreg.verifier.runner import load_probes, run
 
@@ -135,24 +138,35 @@ def bench_certification(tmp: Path, ring: Keyring, repeat: int, cycles: int = 3) 
     probes = load_probes(tmp / "p.safetensors")
     torch.use_deterministic_algorithms(True)
     run(model, probes)  # warm up
-    totals, bounds = [], []
+    totals, bounds, hashes, fingerprints = [], [], [], []
     for _ in range(repeat):
         t = time.perf_counter()
         for _ in range(2 + 2 * cycles):
             run(model, probes)
-        for _ in range(1 + cycles):
+        for _ in range(2 + cycles):
             identity_of_module(model)
         bounds.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        identity_of_module(model)
+        hashes.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fingerprint(model)
+        fingerprints.append(time.perf_counter() - t)
         t = time.perf_counter()
         result = verify(model, behavior, probes, cycles=cycles)
         totals.append(time.perf_counter() - t)
         assert result.passed, result.reasons
     bound, total = statistics.median(bounds), statistics.median(totals)
+    hash_s, fp_s = statistics.median(hashes), statistics.median(fingerprints)
     return {
         "model": "GPT-2 4 layers x 256 (vocab 50257), 16 probes x 32 tokens, 3 cycles",
         "lower_bound_s": round(bound, 3),
         "certification_s": round(total, 3),
         "ratio": round(total / bound, 3),
+        "identity_hash_ms": round(hash_s * 1000, 1),
+        "fingerprint_ms": round(fp_s * 1000, 1),
+        "fingerprint_beyond_identity_hash_ms": round((fp_s - hash_s) * 1000, 1),
+        "fingerprints_per_certification": 2 + cycles,
         "phases": result.timings,
     }
 
@@ -161,16 +175,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--parts", default="certification,attach")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     args.out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         ring = Keyring(tmp / "keys")
         ring.generate("bench")
-        results = {"certification": bench_certification(tmp, ring, args.repeat)}
-        print(json.dumps(results["certification"], indent=1), flush=True)
-        results["attach"] = bench_attach(tmp, ring, args.repeat)
-        print(json.dumps(results["attach"], indent=1), flush=True)
+        results = {}
+        if "certification" in parts:
+            results["certification"] = bench_certification(tmp, ring, args.repeat)
+            print(json.dumps(results["certification"], indent=1), flush=True)
+        if "attach" in parts:
+            results["attach"] = bench_attach(tmp, ring, args.repeat)
+            print(json.dumps(results["attach"], indent=1), flush=True)
     (args.out / "verifier.json").write_text(json.dumps(results, indent=1) + "\n")
 
 

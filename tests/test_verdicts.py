@@ -318,3 +318,51 @@ def test_encoder_metrics_are_named_mse_and_cosine_everywhere(tmp_path: Path, key
     envelope = sign_certification("m:1", doc["behavior"]["digest"], doc, Keyring(keys_dir).signer("alice"))
     cert = verify_certification(envelope, Keyring(keys_dir).trusted())
     assert PREDICATE_TYPE.endswith("/v2") and metric(cert.predicate["metrics"], "adapted")[0] == "mse"
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = build()
+        self.unused = nn.Linear(32, 32)  # never called by forward
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids)
+
+
+def test_certificate_binds_the_base_and_shows_an_attachment_that_never_runs(tmp_path: Path, keys_dir: Path):
+    from revreg.verifier.protocol import summary_rows
+
+    base = WithUnused().eval()
+    g = torch.Generator().manual_seed(1)
+    behavior = make_behavior(
+        tmp_path,
+        keys_dir,
+        base,
+        [
+            ("inner.down", "steer", {"vector": torch.randn(32, generator=g)}),
+            ("unused", "steer", {"vector": torch.randn(32, generator=g)}),
+        ],
+    )
+    probes = make_probes(tmp_path, {"input_ids": torch.randint(0, 64, (8, 10), generator=g)})
+    result = verify(base, behavior, probes, cycles=1)
+    assert result.verdict == "PASS"
+    doc = _strict(result)
+    assert doc["base"]["class"] == "tests.test_verdicts.WithUnused" and doc["base"]["dtypes"] == ["float32"]
+    assert doc["base"]["identity"] == behavior.manifest.base and doc["base"]["parameters"] > 0
+    assert doc["probes"]["positions"] == 80 and doc["cycles"] == 1
+    down, unused = doc["attachments_effect"]
+    assert down["target"] == "inner.down" and down["calls"] == 2 and down["max_abs_change"] > 0
+    assert unused == {"target": "unused", "kind": "steer", "calls": 0, "max_abs_change": 0.0}
+    assert dict(summary_rows(result))["attachments"] == "1 of 2 change their module's output; never run: unused"
+
+
+def test_files_bind_the_factory_or_config_json(run, toy, keys_dir: Path):
+    from revreg.artifacts.keys import Keyring
+    from revreg.verifier.protocol import verify_files
+
+    result = verify_files(
+        toy["artifact"], Keyring(keys_dir).trusted(), toy["probes"], toy["base"], "revreg.verifier.toy:build", cycles=1
+    )
+    assert result.passed and result.base["factory"] == "revreg.verifier.toy:build"
+    assert result.base["class"] == "revreg.verifier.toy.TinyLM"

@@ -7,7 +7,8 @@ Unloading removes every hook and drops every tensor the handle holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -52,12 +53,28 @@ def load_behavior(path: Path, trusted: Mapping[str, TrustedKey], device: str = "
 
 
 @dataclass
+class Effect:
+    """What one attachment did while attached: how often its hook ran, and the largest change
+    it made to its module's output (0 calls: it never reached anything the probes run)."""
+
+    target: str
+    kind: str
+    calls: int = 0
+    max_abs_change: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return {"target": self.target, "kind": self.kind, "calls": self.calls, "max_abs_change": self.max_abs_change}
+
+
+@dataclass
 class Attached:
     """A behavior attached to a model; `unload()` takes it off again."""
 
     model: nn.Module
     handles: list[RemovableHandle] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    effects: list[Effect] = field(default_factory=list)
+    measure: bool = True  # record effects; off after the first cycle, which is the one reported
 
     def unload(self) -> None:
         for handle in self.handles:
@@ -89,9 +106,43 @@ class HookEngine:
                     raise InputError(f"attachment target {att.target!r} is not a module of this model")
                 tensors = {role: behavior.tensors[name] for role, name in att.tensors.items()}
                 attached.tensors.update({name: behavior.tensors[name] for name in att.tensors.values()})
-                hook = KINDS[att.kind](module, att, tensors)
+                effect = Effect(att.target, att.kind)
+                attached.effects.append(effect)
+                hook = _measured(KINDS[att.kind](module, att, tensors), effect, attached)
                 attached.handles.append(module.register_forward_hook(hook))
         except BaseException:
             attached.unload()
             raise
         return attached
+
+
+def _measured(hook: Callable[..., object], effect: Effect, attached: Attached) -> Callable[..., object]:
+    """The kind's hook, counting its calls and the size of the change it makes."""
+
+    def measured(module: nn.Module, args: tuple[object, ...], output: object) -> object:
+        changed = hook(module, args, output)
+        if not attached.measure:
+            return changed
+        effect.calls += 1
+        before, after = _first_tensor(output), _first_tensor(changed)
+        if before is not None and after is not None and before.shape == after.shape and before.numel():
+            delta = float((after.detach() - before.detach()).abs().max())
+            if math.isnan(delta):  # inf - inf: compare element by element, as the metrics do
+                from revreg.verifier.metrics import abs_diff
+
+                delta = float(abs_diff(before.detach(), after.detach()).max())
+            effect.max_abs_change = max(effect.max_abs_change, delta)
+        return changed
+
+    return measured
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(output, Mapping) and output:
+        first = next(iter(output.values()))
+        return first if isinstance(first, torch.Tensor) else None
+    return None

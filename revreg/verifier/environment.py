@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from typing import Any
 
 import torch
@@ -33,6 +34,9 @@ def environment(device: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
+    transformers = sys.modules.get("transformers")  # recorded when the base was built with it
+    if transformers is not None:
+        env["transformers"] = getattr(transformers, "__version__", None)
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         env |= {

@@ -13,7 +13,7 @@ import struct
 import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,7 +70,7 @@ class Value:
     types by identity (1, 1.0 and True differ), containers element by element."""
 
     key: Any
-    text: str
+    text: str = field(compare=False)  # for reports only
 
     def __repr__(self) -> str:
         return self.text
@@ -311,6 +311,11 @@ def _namespace(ns: Any, label: str) -> dict[str, Token]:
 
 
 def fingerprint(model: nn.Module, stream: bool | None = None) -> Fingerprint:
+    """Everything docs/verifier.md's threat model lists, for `model` and the process it runs in.
+
+    The fingerprint holds strong references to the model's objects, so none of them can be
+    freed and its address reused while it is kept. `stream` is the identity hashing option.
+    """
     cap = _Capture()
     # state_dict first, so that aliases resolve to the names identity hashing keeps; then
     # every other parameter and buffer (non-persistent buffers, aliases by their other names).

@@ -80,6 +80,8 @@ class VerificationResult:
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     finished_at: str = ""  # UTC, when the protocol ended: the certification's time
+    base: dict[str, Any] = field(default_factory=dict)  # what the certificate binds besides the identity
+    effects: list[dict[str, Any]] = field(default_factory=list)  # per attachment, in cycle 0
 
     @property
     def passed(self) -> bool:
@@ -107,6 +109,8 @@ class VerificationResult:
             "verdict": self.verdict,
             "reasons": self.reasons,
             "behavior": self.behavior,
+            "base": self.base,
+            "attachments_effect": self.effects,
             "probes": self.probes,
             "device": self.device,
             "cycles": len(self.cycles),
@@ -268,6 +272,28 @@ def _run_attached(model: nn.Module, probes: Probes, handle: Attached, behavior: 
         handle.unload()
 
 
+def _base_facts(model: nn.Module, identity: str, architecture: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The base beyond its tensors: its code (class, and config.json or the factory it was
+    built with), parameter dtypes and count."""
+    cls = type(model)
+    params = list(model.parameters())
+    return {
+        "identity": identity,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        **(architecture or {}),
+        "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+        "parameters": sum(p.numel() for p in params),
+    }
+
+
+def _positions(outs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> int:
+    """Output positions the divergence averages over (unmasked ones)."""
+    total = 0
+    for out, mask in zip(outs, masks, strict=True):
+        total += int((mask != 0).sum()) if mask is not None else out.numel() // max(1, out.shape[-1])
+    return total
+
+
 def _same_shapes(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b, strict=True))
 
@@ -312,6 +338,7 @@ def verify(
     inert_floor: float = INERT_FLOOR,
     weights: TensorManifest | None = None,
     recheck_runs: int = RECHECK_RUNS,
+    architecture: Mapping[str, Any] | None = None,
 ) -> VerificationResult:
     if cycles < 1:
         raise InputError("--cycles must be at least 1")
@@ -349,11 +376,13 @@ def verify(
         determinism={},
         environment=environment(device),
         timings=timings,
+        base=_base_facts(model, m.base, architecture),
     )
 
     base_out = _run_base(model, probes)
     again = _run_base(model, probes)
     t = _timed(timings, "run_base", t)
+    result.probes["positions"] = _positions(base_out, probes.masks)
     # The reference is taken after the base's own runs: state a model installs when it first
     # runs (transformers' output-capturing hooks, say) is the base's, not the behavior's.
     before = fingerprint(model)
@@ -392,9 +421,13 @@ def verify(
         ct: dict[str, float] = {}
         c = time.perf_counter()
         handle = _attach(engine, model, behavior)
+        if hasattr(handle, "measure"):
+            handle.measure = index == 0
         c = _timed(ct, "attach", c)
         adapted = _run_attached(model, probes, handle, behavior)
         c = _timed(ct, "run_adapted_unload", c)
+        if index == 0:
+            result.effects = [e.to_dict() for e in getattr(handle, "effects", [])]
         after = fingerprint(model)
         c = _timed(ct, "fingerprint", c)
         try:
@@ -507,11 +540,8 @@ def _verdict(
         )
     if reasons:
         return "FAIL", sorted(set(reasons), key=reasons.index) + own
-    if own:
-        return "INCONCLUSIVE", own
-    if failing:  # cannot happen: a failing cycle is either blamed or explained by the base
-        return "INCONCLUSIVE", ["a cycle failed, but neither the behavior nor the base could be shown to cause it"]
-    return "PASS", []
+    # A failing cycle is either blamed above or explained by the base here.
+    return ("INCONCLUSIVE", own) if own else ("PASS", [])
 
 
 def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
@@ -555,6 +585,18 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
             ),
         ]
         rows += [("non-finite", f"{k} = {v}") for k, v in d.get("non_finite", {}).items() if k.startswith("metrics.")]
+        unreached = [e["target"] for e in result.effects if not e["calls"]]
+        unchanged = [e["target"] for e in result.effects if e["calls"] and e["max_abs_change"] == 0]
+        if result.effects:
+            rows.append(
+                (
+                    "attachments",
+                    f"{len(result.effects) - len(unreached) - len(unchanged)} of {len(result.effects)} change their "
+                    "module's output"
+                    + (f"; never run: {', '.join(unreached[:5])}" if unreached else "")
+                    + (f"; no change: {', '.join(unchanged[:5])}" if unchanged else ""),
+                )
+            )
     for bl in d["baselines"]:
         if bl.get("refused"):
             rows.append((f"baseline {bl['baseline']}", f"refused: {bl['refused']}"))
@@ -601,4 +643,14 @@ def verify_files(
         device=device,
         baselines=baselines,
         weights=weights,
+        architecture=_architecture(Path(base), factory),
     )
+
+
+def _architecture(base: Path, factory: str | None) -> dict[str, str]:
+    if factory:
+        return {"factory": factory}
+    import hashlib
+
+    config = base / "config.json"
+    return {"config_json": "sha256:" + hashlib.sha256(config.read_bytes()).hexdigest()} if config.is_file() else {}
