@@ -76,7 +76,7 @@ def test_failing_rules_are_each_named_exit_1(run, certified, tmp_path: Path):
     assert result.stderr.strip() == "revreg: error: gate failed for toy:1.0.0: publishers, device, min_cycles"
     doc = json.loads(result.stdout)
     failed = {r["rule"]: r["message"] for r in doc["rules"] if not r["passed"]}
-    assert failed["device"] == "certified on cpu" and failed["min_cycles"] == "3 cycles"
+    assert failed["device"] == "certified on cpu (required: cuda)" and failed["min_cycles"] == "3 cycles (minimum 5)"
     failures = ET.parse(junit).getroot().findall("testsuite/testcase/failure")
     assert len(failures) == 3
 
@@ -133,7 +133,10 @@ def test_github_actions_annotations_and_step_summary(run, certified, tmp_path: P
     assert "::error title=revreg gate toy:1.0.0: device::certified on cpu" in result.stdout
     assert "::notice title=revreg gate toy:1.0.0: bitwise::" in result.stdout
     text = summary.read_text()
-    assert "### revreg gate FAILED: `toy:1.0.0`" in text and "| ❌ | `device` | certified on cpu |" in text
+    assert (
+        "### revreg gate FAILED: `toy:1.0.0`" in text
+        and "| ❌ | `device` | certified on cpu (required: cuda) |" in text
+    )
 
 
 def test_the_example_policy_parses():

@@ -94,6 +94,7 @@ def _created(value: str | None) -> str:
 )
 @keys_dir_option
 @passphrase_env_option
+@json_option
 def pack(
     peft_dir: Path | None,
     tensors_path: Path | None,
@@ -108,6 +109,7 @@ def pack(
     output: Path,
     keys_dir: Path | None,
     passphrase_env: str | None,
+    as_json: bool,
 ) -> None:
     """Build one signed behavior artifact bound to a base model's identity.
 
@@ -138,6 +140,17 @@ def pack(
         license=license_ if license_ is not None else extra.get("license", ""),
         provenance=imported.provenance,
     )
+    if as_json:
+        from revreg.artifacts.artifact import file_digest
+
+        doc = {
+            "output": str(output),
+            "digest": file_digest(output),
+            "signer": signer.keyid,
+            "manifest": manifest.to_dict(),
+        }
+        click.echo(json.dumps(doc, indent=1))
+        return
     click.echo(
         f"packed {manifest.name}:{manifest.version} ({len(manifest.attachments)} attachments) "
         f"-> {output}, signed by {signer.name}"

@@ -11,7 +11,7 @@ import click
 
 from revreg.cli.options import json_option
 from revreg.cli.registry_cmds import _open, registry_option
-from revreg.errors import CheckFailed, InputError
+from revreg.errors import CheckFailed, InputError, RevregError
 
 
 def _at(value: str | None) -> datetime | None:
@@ -63,8 +63,16 @@ def gate(
     from revreg.gate.outputs import github_annotations, junit_xml, step_summary
     from revreg.gate.policy import load_policy
 
-    policy = load_policy(policy_path)
-    report = evaluate(_open(registry), ref, policy, _at(at))
+    try:
+        policy = load_policy(policy_path)
+        report = evaluate(_open(registry), ref, policy, _at(at))
+    except RevregError as exc:
+        if junit_path:
+            from revreg.gate.outputs import junit_error
+
+            with atomic_output(junit_path) as fh:
+                fh.write(junit_error(ref, str(exc)))
+        raise
     if junit_path:
         with atomic_output(junit_path) as fh:
             fh.write(junit_xml(report))

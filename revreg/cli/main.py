@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -15,6 +16,7 @@ class RevregGroup(click.Group):
     """Turns a RevregError into one line on stderr and its exit code (traceback with -v)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        saved = dict(os.environ)  # a profile fills the environment for this command only
         try:
             return super().invoke(ctx)
         except RevregError as exc:
@@ -22,22 +24,40 @@ class RevregGroup(click.Group):
                 raise
             click.echo(f"revreg: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 @click.group(cls=RevregGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="revreg")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.option(
+    "--profile",
+    envvar="REVREG_PROFILE",
+    default=None,
+    help="Settings profile from ~/.config/revreg/config.toml (default: its [default] table, if any).",
+)
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, profile: str | None) -> None:
     """revreg: reversible model behaviors, signed, registered and certified.
 
     A behavior (LoRA adapter, activation scaler, steering vector) is one signed safetensors
     file bound to the identity hash of the base model it was made for.
 
-    Exit codes: 0 success, 1 a check ran and failed, 2 bad usage or bad input.
+    \b
+    Exit codes:
+      0  success
+      1  a check ran and failed (signature, digest, tamper, revoked key, gate, fsck, audit)
+      2  bad input or usage (one line on stderr; -v for the traceback)
+      3  the registry or server could not be reached
     """
+    from revreg.config import profile_settings
+
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
+    for var, value in profile_settings(profile).items():
+        os.environ.setdefault(var, value)  # flags and the environment win over the profile
 
 
 def _register() -> None:
@@ -83,6 +103,8 @@ def _register() -> None:
         verify_cmds.worker,
         verify_cmds.queue_list,
         server_cmds.tokens,
+        server_cmds.login,
+        server_cmds.logout,
     ):
         cli.add_command(command)
     for command in (registry_cmds.keys_trust, registry_cmds.keys_revoke, registry_cmds.keys_trusted):

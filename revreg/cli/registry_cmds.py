@@ -85,8 +85,9 @@ def current(registry: str | None) -> None:
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
 @registry_option
-def push(files: tuple[Path, ...], registry: str | None) -> None:
+def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
     """Store signed artifacts in the registry.
 
     The signature must be by a trusted publisher key (`revreg keys trust --role publisher`),
@@ -94,10 +95,15 @@ def push(files: tuple[Path, ...], registry: str | None) -> None:
     different bytes under an existing NAME:VERSION is refused.
     """
     reg = _open(registry)
+    results = []
     for path in files:
         result = reg.push(path)
-        verb = "pushed" if result.created else "already present:"
-        click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+        results.append(result)
+        if not as_json:
+            verb = "pushed" if result.created else "already present:"
+            click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+    if as_json:
+        click.echo(json.dumps(to_json(results), indent=1))
 
 
 @click.command()
@@ -112,14 +118,32 @@ def push(files: tuple[Path, ...], registry: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "peft"]), default="safetensors", show_default=True)
 @click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are pending, certified or rejected.")
 @click.option("--allow-yanked", is_flag=True, help="Also pull a yanked version (recorded in the audit log).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@json_option
 @registry_option
-def pull(ref: str, output: Path, fmt: str, allow_unpublished: bool, allow_yanked: bool, registry: str | None) -> None:
+def pull(
+    ref: str,
+    output: Path,
+    fmt: str,
+    allow_unpublished: bool,
+    allow_yanked: bool,
+    force: bool,
+    as_json: bool,
+    registry: str | None,
+) -> None:
     """Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.
 
     The digest, signature and (for published versions) certification are checked before
     anything is written to the output, which appears complete or not at all.
     """
+    if output.exists() and not (force and output.is_file()):
+        what = "a directory" if output.is_dir() else "a file"
+        hint = "" if output.is_dir() else " (pass --force to replace it)"
+        raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
     info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
+    if as_json:
+        click.echo(json.dumps({"version": to_json(info), "output": str(output), "format": fmt}, indent=1))
+        return
     click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
 
 
@@ -223,30 +247,38 @@ def attestations(ref: str, output: Path | None, registry: str | None) -> None:
 @click.argument("ref")
 @click.argument("tag_name", metavar="TAG")
 @click.option("--allow-downgrade", is_flag=True, help="Allow moving the tag to an older version (audited).")
+@json_option
 @registry_option
-def tag(ref: str, tag_name: str, allow_downgrade: bool, registry: str | None) -> None:
+def tag(ref: str, tag_name: str, allow_downgrade: bool, as_json: bool, registry: str | None) -> None:
     """Point TAG (e.g. latest, stable) of a behavior at REF; refuses downgrades unless allowed."""
     info = _open(registry).tag(ref, tag_name, allow_downgrade)
-    click.echo(f"{info.name}:{tag_name} -> {info.version}")
+    _done(info, as_json, f"{info.name}:{tag_name} -> {info.version}")
+
+
+def _done(info: Any, as_json: bool, line: str) -> None:
+    """The changed entity in its one JSON shape, or one line for a person."""
+    click.echo(json.dumps(to_json(info), indent=1) if as_json else line)
 
 
 @click.command()
 @click.argument("ref")
+@json_option
 @registry_option
-def publish(ref: str, registry: str | None) -> None:
-    """Publish a certified version (needs a passing certification by a trusted verifier key)."""
+def publish(ref: str, as_json: bool, registry: str | None) -> None:
+    """Publish a certified version (its newest certification by a trusted verifier key says PASS)."""
     info = _open(registry).publish(ref)
-    click.echo(f"published {info.ref} {info.digest}")
+    _done(info, as_json, f"published {info.ref} {info.digest}")
 
 
 @click.command()
 @click.argument("ref")
 @click.option("--reason", required=True, help="Why the version is withdrawn (recorded in the audit log).")
+@json_option
 @registry_option
-def yank(ref: str, reason: str, registry: str | None) -> None:
+def yank(ref: str, reason: str, as_json: bool, registry: str | None) -> None:
     """Withdraw a version: it stays recorded but is no longer pulled."""
     info = _open(registry).yank(ref, reason)
-    click.echo(f"yanked {info.ref}: {reason}")
+    _done(info, as_json, f"yanked {info.ref}: {reason}")
 
 
 @click.group()

@@ -105,6 +105,8 @@ class KeyList(Rule):
 
     def __post_init__(self) -> None:
         self.name = f"{self.whose}s"
+        if not self.allowed:
+            raise InputError(f"policy rule {self.name} must list at least one key name or id")
 
     def verify(self, e: Evidence) -> RuleResult:
         key = e.signer if self.whose == "publisher" else (e.certification.verifier if e.certification else None)
@@ -180,7 +182,7 @@ def _device(value: str) -> Rule:
         "device",
         lambda p: (
             value == "any" or str(p.get("device", "")).split(":")[0] == value,
-            f"certified on {p.get('device')}",
+            f"certified on {p.get('device')} (required: {value})",
         ),
     )
 
@@ -205,10 +207,21 @@ def _probe_set(value: str) -> Rule:
 
 
 def _min_cycles(n: int) -> Rule:
-    return _predicate_rule("min_cycles", lambda p: (int(p.get("cycles") or 0) >= n, f"{p.get('cycles')} cycles"))
+    if n < 1:
+        raise InputError(f"policy rule min_cycles must be at least 1, got {n}")
+
+    def check(p: dict[str, Any]) -> tuple[bool, str]:
+        cycles = p.get("cycles")
+        ok = isinstance(cycles, int) and not isinstance(cycles, bool) and cycles >= n
+        return ok, f"{cycles} cycles (minimum {n})"
+
+    return _predicate_rule("min_cycles", check)
 
 
 def _min_effect(x: float) -> Rule:
+    if not 0 <= x < float("inf"):
+        raise InputError(f"policy rule min_effect must be a finite number of at least 0, got {x}")
+
     def check(p: dict[str, Any]) -> tuple[bool, str]:
         name, effect = metric(p.get("metrics") or {}, "adapted")
         return effect is not None and effect >= x, f"{name} while attached {effect} (minimum {x:g})"
@@ -217,7 +230,10 @@ def _min_effect(x: float) -> Rule:
 
 
 def _max_age(text: str) -> Rule:
-    return MaxAge(parse_duration(text, "policy rule max_age"), text)
+    limit = parse_duration(text, "policy rule max_age")
+    if limit.total_seconds() <= 0:
+        raise InputError(f"policy rule max_age must be a positive duration, got {text!r}")
+    return MaxAge(limit, text)
 
 
 RULES: dict[str, tuple[type | tuple[type, ...], str, Callable[[Any], Rule | None]]] = {
@@ -258,9 +274,26 @@ def parse_policy(text: str, where: str) -> AllOf:
     return AllOf([*rules, NoRevokedKeys()])
 
 
+def _decode(data: bytes, where: str) -> str:
+    """Policy files as editors write them: UTF-8, with or without a BOM, or UTF-16 with one
+    (PowerShell's `>`). Anything else is refused with one line, never guessed."""
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if data.startswith(bom):
+            data, encoding = data[len(bom) :], codec
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{where} is not valid {encoding.upper()} (byte {exc.start}): save the policy as UTF-8"
+        ) from exc
+
+
 def load_policy(path: Path) -> AllOf:
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read policy {path}: {exc.strerror}") from exc
-    return parse_policy(text, str(path))
+    return parse_policy(_decode(data, str(path)), str(path))

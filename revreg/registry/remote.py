@@ -65,6 +65,12 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _saved_token(url: str) -> str | None:
+    from revreg.config import saved_token
+
+    return saved_token(url)
+
+
 def _list(cls: type[T], docs: Any) -> list[T]:
     if not isinstance(docs, list):
         raise errors.RevregError(f"the server sent {type(docs).__name__} where a list of {cls.__name__} belongs")
@@ -81,7 +87,10 @@ class RemoteRegistry:
     ) -> None:
         self.url = _check_url(url)
         self.pins = pins_from_env() if pins is None else pins
-        secret = token or os.environ.get("REVREG_TOKEN")
+        secret = (token or os.environ.get("REVREG_TOKEN") or _saved_token(self.url) or "").strip()
+        if secret and not (secret.isascii() and secret.isprintable() and " " not in secret):
+            # Never echo it: a token is a secret even when it is malformed.
+            raise errors.InputError("the API token (REVREG_TOKEN) has spaces, control or non-ASCII characters")
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
 
@@ -107,7 +116,7 @@ class RemoteRegistry:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise errors.RevregError(f"cannot reach the registry at {self.url}: {exc}") from exc
+            raise errors.Unreachable(f"cannot reach the registry at {self.url}: {exc}") from exc
         self._raise(response)
         return response.json()
 
@@ -154,7 +163,7 @@ class RemoteRegistry:
                 return "sha256:" + h.hexdigest()
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if attempt == RESUME_ATTEMPTS - 1:
-                    raise errors.RevregError(f"download from {self.url} failed after {written} bytes: {exc}") from exc
+                    raise errors.Unreachable(f"download from {self.url} failed after {written} bytes: {exc}") from exc
         raise AssertionError("unreachable")
 
     # -- keys --------------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
-from revreg.errors import FormatError, InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
+from revreg.errors import (
+    FormatError,
+    InputError,
+    IntegrityError,
+    SignatureError,
+    UnknownKeyError,
+    Unreachable,
+)
 from revreg.registry import audit
 from revreg.registry.api import (
     BaseInfo,
@@ -214,7 +221,7 @@ class Registry:
             # A value the database cannot hold (a NUL byte in PostgreSQL text, an integer out of range).
             raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
         except OperationalError as exc:
-            raise RevregError(f"registry database error: {exc.orig or exc}") from exc
+            raise Unreachable(f"registry database error: {_first_line(exc.orig or exc)}") from exc
 
     # -- keys --------------------------------------------------------------------------------
     def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
@@ -816,7 +823,15 @@ class Registry:
 
     @staticmethod
     def _probe_info(row: ProbeSet) -> ProbeSetInfo:
-        return ProbeSetInfo(row.name, row.digest, json.loads(row.manifest)["count"], row.created_at)
+        manifest = json.loads(row.manifest)
+        return ProbeSetInfo(
+            row.name,
+            row.digest,
+            manifest["count"],
+            row.created_at,
+            str(manifest.get("output", "")),
+            str(manifest.get("divergence", "")),
+        )
 
     # -- certification queue -----------------------------------------------------------------
     def request_certification(

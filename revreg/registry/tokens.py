@@ -54,6 +54,12 @@ class TokenInfo:
     def reads_something(self) -> bool:
         return any(scope.split(":", 1)[0] in ("read", "admin") for scope in self.scopes)
 
+    def require_some(self, action: str) -> None:
+        """`action` on at least one namespace: for what all namespaces share (public keys, bases,
+        probe sets), which a team's token needs to pull, gate or push its own behaviors."""
+        if not any(scope.split(":", 1)[0] in (action, "admin") for scope in self.scopes):
+            raise ScopeError(f"token {self.name!r} has no {action} scope at all (its scopes: {', '.join(self.scopes)})")
+
     def require(self, action: str, name: str | None = None) -> None:
         if not self.allows(action, name):
             where = f" on namespace {namespace(name)!r}" if name else ""

@@ -123,7 +123,7 @@ class Guard:
     @staticmethod
     def _authorize_upload(path: str, who: TokenInfo, headers: dict[bytes, bytes]) -> None:
         if path == "/v1/probes":
-            who.require("push")
+            who.require_some("push")
             return
         raw = headers.get(b"x-revreg-name")
         if raw is None:
@@ -420,14 +420,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/keys")
     def keys(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.key_records())
 
     @app.get("/v1/keys/pem")
     def key_pems(
         who: Principal, role: Annotated[Literal["publisher", "verifier"], Query()], include_revoked: bool = False
     ) -> list[dict[str, str]]:
-        who.require("read")
+        who.require_some("read")
         from cryptography.hazmat.primitives import serialization
 
         return [
@@ -453,25 +453,25 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/bases")
     def bases(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.bases())
 
     @app.post("/v1/bases")
     def register_base(who: Principal, body: BaseBody) -> dict[str, Any]:
-        who.require("push")
+        who.require_some("push")
         info, created = registry_actor(who).register_manifest(TensorManifest.from_dict(body.manifest), body.name)
         return {"created": created, "base": to_json(info)}
 
     @app.get("/v1/probes")
     def probe_sets(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.probe_sets())
 
     @app.put("/v1/probes")
     async def push_probes(
         request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
     ) -> dict[str, Any]:
-        who.require("push")
+        who.require_some("push")
         reg = registry_actor(who)
         info, created = await with_upload(
             request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload")
@@ -480,12 +480,12 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/probes/digest")
     def probe_digest(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, str]:
-        who.require("read")
+        who.require_some("read")
         return {"digest": registry.probe_digest(ref)}
 
     @app.get("/v1/probes/file")
     def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> Response:
-        who.require("read")
+        who.require_some("read")
         return blob_response(registry.probe_digest(ref), {})
 
     def owner(who: TokenInfo, worker: str) -> str:
