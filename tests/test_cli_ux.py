@@ -100,8 +100,9 @@ def test_mutating_commands_print_the_api_shape_with_json(run, reg: Registry, key
     packed = json.loads(
         run(
             "pack", "--tensors", toy["artifact"].parent / "t.safetensors",
-            "--spec", toy["artifact"].parent / "spec.json", "--base", toy["base"], "--name", "toy", "--version", "1.0.0", "--key", "alice", "--created",
-            "2026-01-01T00:00:00Z", "-o", tmp_path / "toy.safetensors", "--json",
+            "--spec", toy["artifact"].parent / "spec.json", "--base", toy["base"],
+            "--name", "toy", "--version", "1.0.0", "--key", "alice", "--created", "2026-01-01T00:00:00Z",
+            "-o", tmp_path / "toy.safetensors", "--json",
         ).stdout
     )  # fmt: skip
     assert packed["manifest"]["name"] == "toy" and packed["digest"].startswith("sha256:")
