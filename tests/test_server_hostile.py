@@ -197,3 +197,25 @@ def test_token_lifetimes_that_cannot_be_are_refused(run, registry: Registry, exp
     result = run("tokens", "create", "t", "--scope", "read:*", "--expires", expires, "--registry", registry.describe())
     assert result.exit_code == 2 and fragment in result.stderr
     assert Tokens(registry).list() == []
+
+
+def test_a_trickling_body_under_the_minimum_rate_is_cut_off(registry: Registry):
+    """A body that keeps arriving just before each read timeout still cannot hold an upload slot:
+    under the minimum average rate it is answered 408 (rate and delay shortened for the test)."""
+    secret = Tokens(registry).create("slow", ["push:*"])[0]
+    with running(registry, read_timeout=5.0, min_rate=10_000, min_rate_after=0.5) as url:
+        s, _ = _send_head(
+            url,
+            f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\nAuthorization: Bearer {secret}\r\n"
+            f"X-Revreg-Name: demo\r\nX-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: 1000000\r\n\r\n",
+        )
+        status = 0
+        for _ in range(20):
+            try:
+                s.sendall(b"\0" * 10)
+            except OSError:
+                break
+            time.sleep(0.1)
+        status = _status(s, timeout=10)
+        assert status == 408
+        assert _staging_empty(registry)

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -37,6 +38,8 @@ UPLOAD_PATHS = ("/v1/artifacts", "/v1/probes")
 
 MAX_HEADERS = 16 << 10  # bytes of request headers, all together
 READ_TIMEOUT = 60.0  # seconds a request body may stall between two chunks
+MIN_RATE = 16 << 10  # bytes per second a body must average ...
+MIN_RATE_AFTER = 30.0  # ... once it has been arriving for this long (a trickle cannot hold a slot)
 MAX_UPLOADS = 32  # uploads in flight on this server
 MAX_UPLOADS_PER_TOKEN = 4
 
@@ -63,9 +66,11 @@ class Guard:
         anonymous: TokenInfo | None,
         max_upload: int,
         read_timeout: float = READ_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        min_rate_after: float = MIN_RATE_AFTER,
     ) -> None:
         self.app, self.tokens, self.anonymous, self.max_upload = app, tokens, anonymous, max_upload
-        self.read_timeout = read_timeout
+        self.read_timeout, self.min_rate, self.min_rate_after = read_timeout, min_rate, min_rate_after
         self.uploads: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,6 +137,7 @@ class Guard:
 
     async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         seen, refused = 0, False
+        started = time.monotonic()
 
         async def counted() -> Message:
             nonlocal seen, refused
@@ -144,6 +150,16 @@ class Guard:
                 await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
                 return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
+            elapsed = time.monotonic() - started
+            if message.get("more_body") and elapsed > self.min_rate_after and seen / elapsed < self.min_rate:
+                refused = True
+                await _refuse(
+                    send,
+                    408,
+                    "RequestTimeout",
+                    f"body arriving at {seen / elapsed:.0f} B/s, under {self.min_rate:.0f} B/s",
+                )
+                return {"type": "http.disconnect"}
             if seen > limit:
                 # Answer 413 now; the endpoint sees a disconnect and cleans up, its own reply is dropped.
                 refused = True
@@ -548,8 +564,13 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
 
 def asgi(
-    registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30, read_timeout: float = READ_TIMEOUT
+    registry: Registry,
+    anonymous_read: bool = False,
+    max_upload: int = 64 << 30,
+    read_timeout: float = READ_TIMEOUT,
+    min_rate: float = MIN_RATE,
+    min_rate_after: float = MIN_RATE_AFTER,
 ) -> ASGIApp:
     anonymous = ANONYMOUS if anonymous_read else None
     app = create_app(registry, anonymous_read, max_upload)
-    return Guard(app, Tokens(registry), anonymous, max_upload, read_timeout)
+    return Guard(app, Tokens(registry), anonymous, max_upload, read_timeout, min_rate, min_rate_after)
