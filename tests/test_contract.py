@@ -242,7 +242,8 @@ def test_remote_refuses_what_only_the_server_can_do(backend: Backend):
 # Commands that need the registry's database itself: over HTTP each refuses with one line.
 SERVER_SIDE = {"init", "db", "serve", "tokens"}
 # Commands that never touch a registry.
-NO_REGISTRY = {"identity", "pack", "inspect", "export", "demo", "probes create"} | {
+# login/logout take a server URL as their argument, not --registry (tested in test_cli_ux.py).
+NO_REGISTRY = {"identity", "pack", "inspect", "export", "demo", "probes create", "login", "logout"} | {
     f"keys {verb}" for verb in ("generate", "list", "import", "export")
 }
 
