@@ -260,3 +260,53 @@ def test_probes_list_shows_columns_and_which_set_a_name_means(run, reg: Registry
     lines = run("probes", "list", env=env).stdout.splitlines()
     assert lines[0].split() == ["NAME", "DIGEST", "PROBES", "OUTPUT", "CREATED"]
     assert lines[1].startswith("*") and "toy-probes" in lines[1] and "(kl)" in lines[1]
+
+
+# -- progress: on a terminal only ----------------------------------------------------------------
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run the real CLI with stderr on a pseudo-terminal; return (exit code, what the terminal got)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([REVREG, *args], stdout=subprocess.DEVNULL, stderr=slave, env={**os.environ, **env})
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return proc.wait(timeout=60), seen.decode("utf-8", "replace")
+
+
+def test_progress_shows_on_a_terminal_and_never_in_pipes(reg: Registry, keys_dir: Path, tmp_path: Path):
+    env = {"REVREG_REGISTRY": reg.describe(), "REVREG_KEYS": str(keys_dir)}
+    big = make_artifact(tmp_path / "big.safetensors", keys_dir, size=24 << 20)  # 96 MiB: long enough to draw
+    code, terminal = _on_a_terminal(["push", str(big)], env)
+    assert code == 0 and "push big.safetensors" in terminal
+    reg.yank("demo:1.0.0", "again")
+    other = make_artifact(tmp_path / "b.safetensors", keys_dir, "2.0.0", seed=2, size=24 << 20)
+    code, quiet = _on_a_terminal(["--quiet", "push", str(other)], env)
+    assert code == 0 and "push b.safetensors" not in quiet
+    piped = subprocess.run(
+        [REVREG, "pull", "demo:2.0.0", "-o", str(tmp_path / "o.safetensors"), "--allow-unpublished"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_json_output_never_carries_a_progress_display(reg: Registry, keys_dir: Path, tmp_path: Path):
+    env = {"REVREG_REGISTRY": reg.describe(), "REVREG_KEYS": str(keys_dir)}
+    big = make_artifact(tmp_path / "big.safetensors", keys_dir, size=24 << 20)
+    code, terminal = _on_a_terminal(["push", str(big), "--json"], env)
+    assert code == 0 and "push big.safetensors" not in terminal

@@ -127,19 +127,22 @@ def pack(
         imported, extra = read_spec(tensors_path, spec_path)
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
     signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
-    manifest = pack_artifact(
-        output,
-        imported.tensors,
-        imported.attachments,
-        name=name,
-        version=version,
-        base=_base_identity(base),
-        signer=signer,
-        created=_created(created),
-        description=description if description is not None else extra.get("description", ""),
-        license=license_ if license_ is not None else extra.get("license", ""),
-        provenance=imported.provenance,
-    )
+    from revreg import progress
+
+    with progress.task(f"pack {output.name}"):
+        manifest = pack_artifact(
+            output,
+            imported.tensors,
+            imported.attachments,
+            name=name,
+            version=version,
+            base=_base_identity(base),
+            signer=signer,
+            created=_created(created),
+            description=description if description is not None else extra.get("description", ""),
+            license=license_ if license_ is not None else extra.get("license", ""),
+            provenance=imported.provenance,
+        )
     if as_json:
         from revreg.artifacts.artifact import file_digest
 

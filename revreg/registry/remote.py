@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from revreg import errors
+from revreg import errors, progress
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.registry.api import (
     ERRORS_BY_NAME,
@@ -134,6 +134,7 @@ class RemoteRegistry:
         def body() -> Iterator[bytes]:
             with open(file, "rb") as fh:
                 while block := fh.read(BLOCK):
+                    progress.advance(len(block))
                     yield block
 
         headers = {
@@ -142,7 +143,8 @@ class RemoteRegistry:
             "Content-Type": "application/octet-stream",
             **(extra or {}),
         }
-        return self._call("PUT", path, content=body(), headers=headers)
+        with progress.task(f"upload {file.name}", size):
+            return self._call("PUT", path, content=body(), headers=headers)
 
     def _download(self, path: str, params: dict[str, Any], sink: BinaryIO) -> str:
         """Stream a download into `sink`, resuming with Range requests if the connection drops."""
@@ -157,6 +159,7 @@ class RemoteRegistry:
                     if written and response.status_code != 206:
                         raise errors.IntegrityError("the server ignored the resume request; pull again")
                     for chunk in response.iter_bytes(BLOCK):
+                        progress.advance(len(chunk))
                         sink.write(chunk)
                         h.update(chunk)
                         written += len(chunk)
@@ -238,9 +241,12 @@ class RemoteRegistry:
         params = {"ref": info.pinned, "allow_unpublished": allow_unpublished, "allow_yanked": allow_yanked}
         if info.state == "published" or ("verifier" in self.pins and not allow_unpublished):
             self._check_certified(info)
-        deliver(
-            info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
-        )
+
+        def fill(sink: BinaryIO) -> str:
+            with progress.task(f"download {info.ref}", info.size):
+                return self._download("/v1/artifact", params, sink)
+
+        deliver(info, publishers, Path(dest), fmt, fill, "download")
         return info
 
     def _check_answer(self, ref: str, info: VersionInfo, allow_unpublished: bool, allow_yanked: bool) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +23,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from revreg import progress
 from revreg.artifacts.artifact import VERSION_RE, open_artifact, verify_artifact
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
@@ -342,7 +343,7 @@ class Registry:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source) as staged:
+        with source, self.store.stage(source, f"push {path.name}") as staged:
             return self.push_staged(staged, str(path))
 
     def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
@@ -738,7 +739,7 @@ class Registry:
         dest = Path(dest)
 
         def fill(sink: BinaryIO) -> str:
-            with self.store.open(info.digest) as source:
+            with self.store.open(info.digest) as source, progress.task(f"pull {info.ref}", info.size):
                 return copy_hashing(source, sink, durable=True)[0]
 
         deliver(info, publishers, dest, fmt, fill, "stored blob")
@@ -890,6 +891,10 @@ class Registry:
         delete only what is provably abandoned: an orphan blob or staging file older than `grace`
         seconds that no live writer holds, re-checked against the rows at the moment of deletion.
         A push in flight is never touched, so no acknowledged version can lose its blob."""
+        with ExitStack() as stack:
+            return self._fsck(stack, prune, grace)
+
+    def _fsck(self, stack: ExitStack, prune: bool, grace: float) -> FsckReport:
         problems: list[str] = []
         warnings: list[str] = []
         with self.reading() as s:
@@ -901,7 +906,9 @@ class Registry:
             except InputError:
                 warnings.append(f"stray object {name!r} in the blob store is not a blob; left alone")
         checked = 0
+        bar = stack.enter_context(progress.task("fsck: checking blobs", len(on_disk)))
         for digest in sorted(on_disk):
+            bar(1)
             with self.store.open(digest) as fh:
                 actual, size = digest_of(fh)
             checked += 1

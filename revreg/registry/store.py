@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
 BLOCK = 4 << 20
@@ -77,7 +78,7 @@ class BlobStore(ABC):
         return self.staging_dir / f"{uuid.uuid4().hex}.partial"
 
     @contextmanager
-    def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
+    def stage(self, source: BinaryIO, label: str = "staging") -> Iterator[StagedBlob]:
         """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed.
         The file is writer-locked for the whole block, through commit and the caller's row."""
         tmp = self.staging_path()
@@ -85,7 +86,8 @@ class BlobStore(ABC):
         try:
             with open(tmp, "xb", buffering=0) as sink:
                 lock = writer_lock(tmp)
-                digest, size = copy_hashing(source, sink, durable=True)
+                with progress.task(label, _size_of(source)):
+                    digest, size = copy_hashing(source, sink, durable=True)
                 os.fsync(sink.fileno())
             yield StagedBlob(tmp, digest, size)
         finally:
@@ -130,6 +132,13 @@ class BlobStore(ABC):
     def describe(self) -> str: ...
 
 
+def _size_of(source: BinaryIO) -> int | None:
+    try:
+        return os.fstat(source.fileno()).st_size
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
 def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tuple[str, int]:
     """Copy in blocks, hashing on the way; memory stays at a few blocks whatever the size.
 
@@ -170,6 +179,7 @@ def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tup
                 break
             sink.write(memoryview(buf)[:n])
             full.put((buf, n))
+            progress.advance(n)
             size += n
             since_flush += n
             if durable and since_flush >= FLUSH_EVERY:
