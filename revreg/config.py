@@ -57,10 +57,13 @@ def profile_settings(name: str | None) -> dict[str, str]:
             raise InputError(f"profile {name!r} requested but there is no config file at {path}")
         return {}
     doc = _load(path)
-    table = (doc.get("profiles") or {}).get(name) if name else doc.get("default")
+    profiles = doc.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise InputError(f"{path}: [profiles] must be a table of profile tables")
+    table = profiles.get(name) if name else doc.get("default")
     if table is None:
         if name:
-            known = ", ".join(sorted(doc.get("profiles") or {})) or "none"
+            known = ", ".join(sorted(profiles)) or "none"
             raise InputError(f"no profile {name!r} in {path} (profiles: {known})")
         return {}
     if not isinstance(table, dict):
@@ -77,43 +80,55 @@ def profile_settings(name: str | None) -> dict[str, str]:
     return out
 
 
+def _tokens(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    tokens = _load(path).get("tokens") or {}
+    if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+        raise InputError(f"{path}: [tokens] must map registry URLs to token strings (run `revreg login` again)")
+    return tokens
+
+
 def saved_token(url: str) -> str | None:
     """The token `revreg login` stored for a registry URL, if any."""
-    path = credentials_path()
-    if not path.is_file():
-        return None
-    token = (_load(path).get("tokens") or {}).get(url.rstrip("/"))
-    return token if isinstance(token, str) else None
+    return _tokens(credentials_path()).get(url.rstrip("/"))
 
 
 def save_token(url: str, token: str) -> Path:
     """Store a token for `url`, creating the file with mode 0600 (and replacing it atomically)."""
     path = credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tokens = dict((_load(path).get("tokens") or {}) if path.is_file() else {})
+    tokens = _tokens(path)
     tokens[url.rstrip("/")] = token
+    return _write_tokens(path, tokens)
+
+
+def _write_tokens(path: Path, tokens: dict[str, str]) -> Path:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     body = "# revreg API tokens, written by `revreg login`; keep this file private.\n[tokens]\n" + "".join(
         f"{_quote(k)} = {_quote(v)}\n" for k, v in sorted(tokens.items())
     )
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(body)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    # A fresh private file beside the target (mkstemp: O_EXCL, mode 0600), then an atomic rename.
+    fd, tmp = tempfile.mkstemp(prefix=".credentials.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
 def forget_token(url: str) -> bool:
     path = credentials_path()
-    if saved_token(url) is None:
+    tokens = _tokens(path)
+    if tokens.pop(url.rstrip("/"), None) is None:
         return False
-    tokens = {k: v for k, v in (_load(path).get("tokens") or {}).items() if k != url.rstrip("/")}
-    path.unlink()
-    for k, v in tokens.items():
-        save_token(k, v)
+    _write_tokens(path, tokens)
     return True
 
 

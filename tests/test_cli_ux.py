@@ -310,3 +310,64 @@ def test_json_output_never_carries_a_progress_display(reg: Registry, keys_dir: P
     big = make_artifact(tmp_path / "big.safetensors", keys_dir, size=24 << 20)
     code, terminal = _on_a_terminal(["push", str(big), "--json"], env)
     assert code == 0 and "push big.safetensors" not in terminal
+
+
+@pytest.fixture
+def not_revreg():
+    """A real HTTP server on loopback that is not a revreg registry: a proxy whose backend is
+    down (502 HTML) or a captive portal (200 HTML)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            status = 502 if self.server.mode == "proxy" else 200  # type: ignore[attr-defined]
+            body = b"<html>Bad Gateway</html>" if status == 502 else b"<html>Welcome to the hotel wifi</html>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server.mode = "proxy"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def test_a_proxy_or_portal_in_front_of_the_registry_is_unreachable_not_bad_input(run, not_revreg):
+    url = f"http://127.0.0.1:{not_revreg.server_address[1]}"
+    proxied = run("ls", "--registry", url, env={"REVREG_TOKEN": "rvr_x"})
+    assert proxied.exit_code == 3 and "HTTP 502" in proxied.stderr
+    not_revreg.mode = "portal"
+    portal = run("ls", "--registry", url, env={"REVREG_TOKEN": "rvr_x"})
+    assert portal.exit_code == 3 and "not as a revreg registry" in portal.stderr
+    for bad in ("http://[::1", "http://127.0.0.1:99999"):
+        result = run("ls", "--registry", bad)
+        assert result.exit_code == 2 and "not a usable registry URL" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "credentials"),
+    [
+        ("profiles = 5\n", None),
+        ("[default]\nregistry = 5\n", None),
+        ("[default]\nother = 'x'\n", None),
+        (None, "tokens = 5\n"),
+    ],
+)
+def test_a_malformed_config_or_credentials_file_is_one_line(run, tmp_path: Path, config, credentials):
+    path = tmp_path / "config.toml"
+    if config is not None:
+        path.write_text(config)
+    if credentials is not None:
+        (tmp_path / "credentials.toml").write_text(credentials)
+    args = ("--profile", "x", "ls") if config == "profiles = 5\n" else ("ls", "--registry", "http://127.0.0.1:1")
+    result = run(*args, env={"REVREG_CONFIG": str(path)})
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -219,3 +219,119 @@ def test_a_trickling_body_under_the_minimum_rate_is_cut_off(registry: Registry):
         status = _status(s, timeout=10)
         assert status == 408
         assert _staging_empty(registry)
+
+
+# -- found by the second red-team round ---------------------------------------------------------
+def test_a_duplicated_name_header_is_refused_before_the_body(hostile):
+    s, _ = _send_head(
+        hostile["url"],
+        f"PUT /v1/artifacts HTTP/1.1\r\nHost: HOST\r\nAuthorization: Bearer {hostile['tokens']['ci']}\r\n"
+        f"X-Revreg-Name: team-b\r\nX-Revreg-Name: team-a\r\nX-Revreg-Digest: sha256:{'0' * 64}\r\n"
+        f"Content-Length: {1 << 30}\r\n\r\n",
+    )
+    assert _status(s) == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"ref": "\\ud800"}',
+        b'{"ref": "demo:1.0.0", "reason": "\\udfff"}',
+        b'{"ref": 1e999}',
+        b'{"ref": "a", "ref": "b"}',
+    ],
+)
+def test_json_bodies_that_cannot_be_text_are_4xx_not_500(hostile, body: bytes):
+    headers = {"Authorization": f"Bearer {hostile['tokens']['reader']}", "Content-Type": "application/json"}
+    for path in ("/v1/tags", "/v1/publish", "/v1/yank", "/v1/uploads/check"):
+        r = httpx.post(f"{hostile['url']}{path}", content=body, headers=headers)
+        assert 400 <= r.status_code < 500, (path, r.status_code)
+
+
+def test_anonymous_readers_cannot_write_audit_rows_by_pulling_yanked_versions(hostile, keys_dir: Path, tmp_path: Path):
+    from revreg.artifacts.keys import Keyring
+    from tests.conftest import make_artifact
+
+    registry = hostile["registry"]
+    registry.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    registry.yank("demo:1.0.0", "gone")
+    rows = len(registry.audit_log())
+    r = httpx.get(f"{hostile['url']}/v1/artifact", params={"ref": "demo:1.0.0", "allow_yanked": True})
+    assert r.status_code == 401 and len(registry.audit_log()) == rows
+
+
+def test_a_hostile_shape_costs_nothing_and_is_a_clean_error():
+    import time
+
+    from revreg.artifacts.safetensors_io import parse_header
+    from revreg.errors import FormatError
+
+    for shape in ("[" + ",".join(["2"] * 16000) + "]", "[" + ",".join(["9" * 60] * 100) + "]"):
+        raw = ('{"t":{"dtype":"U8","shape":' + shape + ',"data_offsets":[0,8]}}').encode()
+        started = time.monotonic()
+        with pytest.raises(FormatError):
+            parse_header(len(raw).to_bytes(8, "little") + raw + b"\0" * 8, 16 + len(raw), "t")
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [],
+        [{"name": "w", "dtype": "F32", "shape": [2], "nbytes": 8, "digest": "0" * 64}] * 2,
+        [{"name": "w", "dtype": "X" * 100_000, "shape": [2], "nbytes": 8, "digest": "0" * 64}],
+    ],
+)
+def test_degenerate_base_manifests_are_refused(hostile, tensors):
+    admin = Tokens(hostile["registry"]).create("admin", ["admin:*"])[0]
+    manifest = {"algorithm": "sha256", "chunk_size": 1 << 24, "tensors": tensors}
+    r = httpx.post(
+        f"{hostile['url']}/v1/bases", json={"manifest": manifest}, headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert 400 <= r.status_code < 500
+
+
+def test_odd_entries_in_the_store_are_warnings_and_fsck_never_blocks(
+    registry: Registry, keys_dir: Path, tmp_path: Path
+):
+    import os
+
+    registry.store.staging_dir.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(registry.store.staging_dir / "evil.partial")  # open() on it would block forever
+    (registry.store.staging_dir / "dir.partial").mkdir()
+    hexname = "ab" * 32
+    (registry.store.root / "sha256" / "ab" / hexname).mkdir(parents=True)
+    (registry.store.root / "sha256" / "zz").mkdir()
+    (registry.store.root / "sha256" / "zz" / ("cd" * 32)).write_bytes(b"misplaced")
+    report = registry.fsck(prune=True, grace=0)
+    assert report.problems == ()
+    assert sum("stray object" in w for w in report.warnings) == 2
+
+
+def test_prune_never_removes_a_fresh_copy_renamed_onto_an_old_orphan(
+    registry: Registry, keys_dir: Path, tmp_path: Path
+):
+    """An old orphan (a push that crashed before its row) and the same bytes pushed again while
+    fsck runs: whatever the interleaving, the acknowledged push keeps its blob."""
+    import os
+
+    from revreg.registry.store import abandoned, remove_if_same
+    from tests.conftest import make_artifact
+
+    registry.trust_key(
+        __import__("revreg.artifacts.keys", fromlist=["Keyring"]).Keyring(keys_dir).public_pem("alice"),
+        "alice",
+        "publisher",
+    )
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    with open(art, "rb") as src, registry.store.stage(src) as staged:
+        registry.store.commit(staged)  # the crashed push's orphan
+    digest = staged.digest
+    path = registry.store.path(digest)
+    os.utime(path, (0, 0))  # old enough for any grace
+    with abandoned(path, grace=0) as claim:
+        assert claim is not None
+        assert registry.push(art).created  # the push renames a fresh copy onto the path and commits
+        assert not remove_if_same(path, claim)  # fsck's deletion sees another inode and keeps it
+    assert registry.store.exists(digest) and registry.fsck().problems == ()

@@ -18,6 +18,7 @@ from typing import Any, NewType, Protocol
 
 import blake3
 
+from revreg.artifacts.dtypes import ITEMSIZE
 from revreg.errors import FormatError, InputError
 
 Identity = NewType("Identity", str)  # "<algorithm>:<64 hex>"
@@ -166,8 +167,13 @@ class TensorManifest:
     def from_dict(cls, doc: Any) -> TensorManifest:
         if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
             raise FormatError("malformed tensor manifest: expected an object with a list of tensors")
+        if not doc["tensors"]:
+            raise FormatError("malformed tensor manifest: it lists no tensors")
         for t in doc["tensors"]:
             _check_entry(t)
+        names = [t["name"] for t in doc["tensors"]]
+        if len(set(names)) != len(names):
+            raise FormatError("malformed tensor manifest: a tensor name appears twice")
         try:
             manifest = cls(
                 algorithm=doc["algorithm"],
@@ -199,8 +205,14 @@ def _check_entry(t: Any) -> None:
     if not isinstance(t, dict):
         raise FormatError("malformed tensor manifest: a tensor entry is not an object")
     name, dtype, shape, nbytes, digest = (t.get(k) for k in ("name", "dtype", "shape", "nbytes", "digest"))
-    if not isinstance(name, str) or not name or not isinstance(dtype, str) or not dtype:
-        raise FormatError("malformed tensor manifest: name and dtype must be non-empty strings")
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise FormatError("malformed tensor manifest: a tensor name must be a string of 1 to 1024 characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FormatError("malformed tensor manifest: a tensor name is not valid Unicode text") from exc
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"malformed tensor manifest: {name[:60]!r} has an unknown dtype")
     if (
         not isinstance(shape, list)
         or len(shape) > 64

@@ -27,6 +27,7 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's limit: ba
 # A behavior or probe set is small: its header (tensor table, manifest, envelope) stays far below
 # this, and parsing an attacker's 100 MB header costs seconds and a gigabyte of memory.
 SMALL_HEADER_BYTES = 16 << 20
+MAX_RANK = 64
 MAX_TENSORS = 100_000
 _PAGE = mmap.PAGESIZE
 # Linux 5.14+: fault a whole range in with one call instead of one fault per few pages
@@ -76,8 +77,14 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in ITEMSIZE:
         raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: tensor {name!r} has a malformed shape {shape!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape)
+    ):
+        raise FormatError(
+            f"{where}: tensor {name[:60]!r} has a malformed shape (at most {MAX_RANK} dimensions below 2^62)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -86,11 +93,17 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     ):
         raise FormatError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r}")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-    expected = _numel(info.shape) * ITEMSIZE[dtype]
+    # Multiply only while the product can still match: a hostile shape never becomes a huge integer.
+    expected = ITEMSIZE[dtype]
+    for d in info.shape:
+        expected *= d
+        if expected > info.nbytes and d:
+            break
+    if 0 in info.shape:
+        expected = 0
     if info.nbytes != expected:
         raise FormatError(
-            f"{where}: tensor {name!r} has {info.nbytes} bytes but dtype {dtype} and shape "
-            f"{list(info.shape)} need {expected}"
+            f"{where}: tensor {name[:60]!r} has {info.nbytes} bytes, which dtype {dtype} and its shape do not give"
         )
     return info
 

@@ -53,7 +53,11 @@ def pins_from_env() -> dict[str, frozenset[str]]:
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise errors.InputError(f"{url!r} is not a usable registry URL ({exc})") from exc
     if parts.scheme == "http":
         host = parts.hostname or ""
         try:
@@ -90,7 +94,10 @@ class RemoteRegistry:
         secret = (token or os.environ.get("REVREG_TOKEN") or _saved_token(self.url) or "").strip()
         if secret and not (secret.isascii() and secret.isprintable() and " " not in secret):
             # Never echo it: a token is a secret even when it is malformed.
-            raise errors.InputError("the API token (REVREG_TOKEN) has spaces, control or non-ASCII characters")
+            raise errors.InputError(
+                "the API token ($REVREG_TOKEN or the one `revreg login` stored) has spaces, control or "
+                "non-ASCII characters"
+            )
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
 
@@ -109,7 +116,8 @@ class RemoteRegistry:
                 kind, message = "InputError", f"request refused: {doc['detail']}"
         except (ValueError, AttributeError):
             kind, message = "", response.text[:200]
-        cls = ERRORS_BY_NAME.get(kind, errors.RevregError)
+        default: type[errors.RevregError] = errors.Unreachable if response.status_code >= 500 else errors.RevregError
+        cls = ERRORS_BY_NAME.get(kind, default)
         raise cls(f"{message} (HTTP {response.status_code} from {self.url})")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -118,7 +126,10 @@ class RemoteRegistry:
         except httpx.TransportError as exc:
             raise errors.Unreachable(f"cannot reach the registry at {self.url}: {exc}") from exc
         self._raise(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
     def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
         file = Path(file)

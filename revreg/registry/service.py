@@ -408,6 +408,10 @@ class Registry:
                     self._restore_blob(staged, existing.ref)
                     return PushResult(existing, False)
                 raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
+        if not self.store.exists(staged.digest) and staged.path.exists():
+            # A prune that judged an older copy abandoned may have taken the object the push
+            # relied on (stores without local renames); the checked bytes are still staged.
+            self.store.commit(staged)
         return PushResult(self.resolve(Ref(m.name, m.version)), True)
 
     def _restore_blob(self, staged: StagedBlob, subject: str) -> None:
@@ -920,9 +924,8 @@ class Registry:
                 if not prune:
                     warnings.append(f"blob {digest} has no row (left by an interrupted push, or a push in flight)")
                     continue
-                with self.store.orphan(digest, grace) as gone:
-                    if gone and not self._has_blob_row(digest):
-                        self.store.remove(digest)
+                with self.store.orphan(digest, grace) as claim:
+                    if claim and not self._has_blob_row(digest) and self.store.remove_orphan(digest, claim):
                         warnings.append(f"blob {digest} had no row (left by an interrupted push): pruned")
                     else:
                         warnings.append(f"blob {digest} has no row yet: younger than the grace period or in use, kept")

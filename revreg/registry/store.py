@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import queue
+import stat
 import threading
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from revreg import progress
 from revreg.errors import InputError, IntegrityError
@@ -38,23 +39,58 @@ def writer_lock(path: Path) -> int:
 
 
 @contextmanager
-def abandoned(path: Path, grace: float) -> Iterator[bool]:
+def abandoned(path: Path, grace: float) -> Iterator[os.stat_result | None]:
     """Whether `path` is provably abandoned: older than `grace` seconds and locked by no live
-    writer. While the caller acts on a True, it holds the exclusive lock, so no writer can take it."""
+    writer: then the locked file's stat (None otherwise). While the caller acts on it, it holds the
+    exclusive lock, so no writer can take that file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield False
+        # Never block on a FIFO or follow a link someone planted: regular files only.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        yield None
         return
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            yield None
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
-        yield time.time() - os.fstat(fd).st_mtime >= grace
+        yield st if time.time() - st.st_mtime >= grace and _same_file(path, st) else None
     finally:
         os.close(fd)
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    """Whether `path` still names the inode we locked (a push may have renamed a new one onto it)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def remove_if_same(path: Path, locked: os.stat_result) -> bool:
+    """Delete an orphan under the exclusive lock `abandoned` holds: move it aside first, then
+    unlink it only if what moved is the inode that was locked. If a push renamed a fresh copy
+    onto the path meanwhile, that copy (same digest, same bytes) is moved back instead."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.prune")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved = os.stat(aside, follow_symlinks=False)
+    if (moved.st_ino, moved.st_dev) == (locked.st_ino, locked.st_dev):
+        aside.unlink()
+        return True
+    if path.exists():
+        aside.unlink()  # yet another copy arrived: the bytes are there
+    else:
+        os.replace(aside, path)
+    return False
 
 
 @dataclass(frozen=True)
@@ -96,14 +132,16 @@ class BlobStore(ABC):
                 os.close(lock)
 
     @contextmanager
-    def orphan(self, digest: str, grace: float) -> Iterator[bool]:
-        """Whether a blob without a row may be deleted now (see `abandoned`)."""
-        yield False
+    def orphan(self, digest: str, grace: float) -> Iterator[Any]:
+        """A claim on a blob without a row if it may be deleted now (see `abandoned`), else None."""
+        yield None
 
-    def stale_staging(self, grace: float) -> Iterator[tuple[Path, bool]]:
+    def stale_staging(self, grace: float) -> Iterator[tuple[Path, os.stat_result | None]]:
         """Staging files, each with whether it is abandoned (old and unlocked); a True holds the
         lock until the next item is asked for."""
         for path in sorted(self.staging_dir.glob("*.partial")) if self.staging_dir.is_dir() else []:
+            if path.is_symlink() or not path.is_file():
+                continue  # not a staging file revreg wrote; fsck reports nothing it cannot judge
             with abandoned(path, grace) as gone:
                 yield path, gone
 
@@ -127,6 +165,11 @@ class BlobStore(ABC):
     @abstractmethod
     def remove(self, digest: str) -> None:
         """Delete a blob (fsck --prune of orphans only)."""
+
+    def remove_orphan(self, digest: str, claim: Any) -> bool:
+        """Delete an orphan `orphan` claimed (while the claim is held)."""
+        self.remove(digest)
+        return True
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -252,16 +295,25 @@ class FileBlobStore(BlobStore):
         return self.path(digest).is_file()
 
     def digests(self) -> Iterator[str]:
+        """What lies in the store, as digests; entries that are not a blob where one belongs
+        (a directory, a link, a wrong prefix folder) are yielded as their path, which fsck
+        reports as a stray object."""
         for path in sorted((self.root / "sha256").glob("*/*")):
-            yield f"sha256:{path.name}"
+            if path.is_file() and not path.is_symlink() and path.parent.name == path.name[:2]:
+                yield f"sha256:{path.name}"
+            else:
+                yield str(path.relative_to(self.root))
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
 
     @contextmanager
-    def orphan(self, digest: str, grace: float) -> Iterator[bool]:
-        with abandoned(self.path(digest), grace) as gone:
-            yield gone
+    def orphan(self, digest: str, grace: float) -> Iterator[os.stat_result | None]:
+        with abandoned(self.path(digest), grace) as claim:
+            yield claim
+
+    def remove_orphan(self, digest: str, claim: Any) -> bool:
+        return remove_if_same(self.path(digest), claim)
 
     def describe(self) -> str:
         return str(self.root)

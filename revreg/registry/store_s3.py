@@ -151,7 +151,7 @@ class S3BlobStore(BlobStore):
                 yield "sha256:" + item["Key"].rsplit("/", 1)[1]
 
     @contextmanager
-    def orphan(self, digest: str, grace: float) -> Iterator[bool]:
+    def orphan(self, digest: str, grace: float) -> Iterator[bool | None]:
         """An object is written once, complete (If-None-Match), right before its row commits; one
         older than `grace` without a row is abandoned."""
         from botocore.exceptions import ClientError
@@ -159,9 +159,9 @@ class S3BlobStore(BlobStore):
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
         except ClientError:
-            yield False
+            yield None
             return
-        yield (datetime.now(UTC) - head["LastModified"]).total_seconds() >= grace
+        yield True if (datetime.now(UTC) - head["LastModified"]).total_seconds() >= grace else None
 
     def remove(self, digest: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(digest))

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as FastAPIPath
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -23,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import revreg
 from revreg.artifacts.artifact import check_name
+from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.identity import TensorManifest
-from revreg.errors import InputError, IntegrityError, RevregError
+from revreg.errors import FormatError, InputError, IntegrityError, RevregError
 from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to_json
 from revreg.registry.db import HEAD
 from revreg.registry.refs import parse_ref
@@ -41,6 +43,8 @@ READ_TIMEOUT = 60.0  # seconds a request body may stall between two chunks
 MIN_RATE = 16 << 10  # bytes per second a body must average ...
 MIN_RATE_AFTER = 30.0  # ... once it has been arriving for this long (a trickle cannot hold a slot)
 MAX_UPLOADS = 32  # uploads in flight on this server
+# Headers whose every copy must mean the same thing to the Guard and to the endpoint behind it.
+SINGLE_HEADERS = {"authorization", "content-length", "x-revreg-name", "x-revreg-digest", "transfer-encoding", "range"}
 MAX_UPLOADS_PER_TOKEN = 4
 
 
@@ -80,6 +84,11 @@ class Guard:
         if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
             await _refuse(send, 431, "HeadersTooLarge", f"request headers over {MAX_HEADERS} bytes")
             return
+        names = [k.lower() for k, _ in scope["headers"]]
+        doubled = sorted({n.decode("latin-1") for n in names if names.count(n) > 1} & SINGLE_HEADERS)
+        if doubled:
+            await _refuse(send, 400, "InputError", f"header {doubled[0]} sent more than once")
+            return
         headers = {k.lower(): v for k, v in scope["headers"]}
         try:
             who = await self._authenticate(scope, headers.get(b"authorization"))
@@ -106,10 +115,49 @@ class Guard:
                 return
             self.uploads[who.name] = self.uploads.get(who.name, 0) + 1
         try:
-            await self._bounded(scope, receive, send, limit)
+            if upload or scope["method"] not in ("POST", "PUT", "PATCH"):
+                await self._bounded(scope, receive, send, limit)
+            else:
+                await self._checked_json(scope, receive, send, limit)
         finally:
             if upload:
                 self.uploads[who.name] -= 1
+
+    async def _checked_json(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """A JSON body (at most 1 MiB, already authorized) is read whole and parsed strictly here:
+        numbers that overflow, lone surrogates, duplicate keys are a 400, never a 500 further in.
+        The endpoint then reads the same bytes."""
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
+            except TimeoutError:
+                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+                return
+            if not message.get("more_body"):
+                break
+        if body:
+            try:
+                strict_loads(bytes(body), "request body")
+            except FormatError as exc:
+                await _refuse(send, 422, "FormatError", str(exc))  # 422 as FastAPI answers malformed JSON
+                return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _authenticate(self, scope: Scope, authorization: bytes | None) -> TokenInfo:
         if authorization is None:
@@ -252,6 +300,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         "`Authorization: Bearer <token>` (see `revreg tokens`).",
     )
     anonymous = ANONYMOUS
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name what was wrong without echoing the input back (it may not even be encodable).
+        where = "; ".join(
+            ".".join(str(p) for p in e.get("loc", ())) + f": {e.get('msg', '')}" for e in exc.errors()[:5]
+        )
+        return JSONResponse({"error": {"type": "InputError", "message": f"invalid request: {where}"}}, 422)
 
     @app.exception_handler(RevregError)
     async def revreg_error(request: Request, exc: RevregError) -> JSONResponse:
@@ -410,6 +466,9 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     ) -> Response:
         """Download a version's artifact; supports Range requests so an interrupted pull resumes."""
         who.require("read", name_of(ref))
+        if allow_yanked and who.name == ANONYMOUS.name:
+            # Each yanked pull writes an audit row: that needs someone to write it down as.
+            raise AuthError("pulling a yanked version needs a token (it is recorded in the audit log)")
         info = registry_actor(who).check_pull(ref, allow_unpublished, allow_yanked)
         return blob_response(info.digest, {"X-Revreg-Ref": info.ref})
 
