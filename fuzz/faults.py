@@ -60,8 +60,8 @@ def _changed(value: Any, rng: random.Random) -> Any:
     if isinstance(value, float):
         if math.isnan(value):
             return 0.0
-        bits = struct.unpack("<q", struct.pack("<d", value))[0] ^ (1 << rng.randrange(64))
-        return struct.unpack("<d", struct.pack("<q", bits))[0]  # one bit of the double flipped
+        bits = struct.unpack("<Q", struct.pack("<d", value))[0] ^ (1 << rng.randrange(64))
+        return struct.unpack("<d", struct.pack("<Q", bits))[0]  # one bit of the double flipped
     if isinstance(value, str):
         return value + rng.choice(("x", " ", "_"))
     if isinstance(value, tuple):
@@ -478,7 +478,7 @@ def summarize(rows: list[dict[str, Any]], seed: int, seconds: float) -> dict[str
         "verdicts": dict(Counter(r["verdict"] for r in rows)),
         "by_family": {f: rate([r for r in rows if r["family"] == f]) for f in sorted({r["family"] for r in rows})},
         "by_class": {
-            k: rate([r for r in rows if r.get("kind") == k]) for k in sorted({r.get("kind", "?") for r in rows})
+            k: rate([r for r in rows if r.get("kind", "?") == k]) for k in sorted({r.get("kind", "?") for r in rows})
         },
         "misses": [r for r in rows if r["verdict"] in ("PASS", "CRASH")],
     }

@@ -33,3 +33,12 @@ def test_a_trial_is_replayed_exactly_from_its_index(campaign, tmp_path: Path):
     setups = campaign.build_setups(tmp_path, ["toy"])
     first, again = (campaign.trial(7, 3, "toy", setups) for _ in range(2))
     assert first == again and first["verdict"] == "FAIL"
+
+
+def test_trial_5241_of_the_long_run_flips_a_float_sign_and_fails(campaign, tmp_path: Path):
+    """The long run's one crash: flipping the sign bit of LayerNorm.eps overflowed the
+    campaign's own signed bit arithmetic before anything was planted. Replayed after the fix."""
+    setups = campaign.build_setups(tmp_path, ["gpt2"])
+    row = campaign.trial(5241, 2026, "gpt2", setups)
+    assert row["what"] == "module transformer.h.1.ln_1: eps = -1e-05" and row["verdict"] == "FAIL"
+    assert row["reason"].endswith("module transformer.h.1.ln_1: attribute eps 1e-05 -> -1e-05")
