@@ -211,7 +211,7 @@ def _check_entry(t: Any) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise FormatError("malformed tensor manifest: a tensor name is not valid Unicode text") from exc
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise FormatError(f"malformed tensor manifest: {name[:60]!r} has an unknown dtype")
     if (
         not isinstance(shape, list)

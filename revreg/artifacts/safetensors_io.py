@@ -94,16 +94,16 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
         raise FormatError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r}")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     # Multiply only while the product can still match: a hostile shape never becomes a huge integer.
-    expected = ITEMSIZE[dtype]
-    for d in info.shape:
+    expected, overflow = (0 if 0 in info.shape else ITEMSIZE[dtype]), False
+    for d in info.shape if expected else ():
         expected *= d
-        if expected > info.nbytes and d:
+        if expected > 1 << 64:  # no file is that large: stop before the number grows further
+            overflow = True
             break
-    if 0 in info.shape:
-        expected = 0
     if info.nbytes != expected:
+        need = "more than 2^64" if overflow else str(expected)
         raise FormatError(
-            f"{where}: tensor {name[:60]!r} has {info.nbytes} bytes, which dtype {dtype} and its shape do not give"
+            f"{where}: tensor {name[:60]!r} has {info.nbytes} bytes but dtype {dtype} and its shape need {need}"
         )
     return info
 

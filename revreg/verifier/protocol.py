@@ -221,7 +221,7 @@ def _leaf_as(model: nn.Module, name: str, before: Fingerprint) -> str | None:
     from revreg.artifacts.identity import hash_tensors
     from revreg.artifacts.sources import tensor_sources
 
-    tensor = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    tensor: torch.Tensor | None = dict(model.named_parameters(remove_duplicate=False)).get(name)
     if tensor is None:
         tensor = dict(model.named_buffers(remove_duplicate=False)).get(name)
     if tensor is None:
