@@ -371,3 +371,19 @@ def test_a_malformed_config_or_credentials_file_is_one_line(run, tmp_path: Path,
     result = run(*args, env={"REVREG_CONFIG": str(path)})
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_verify_refuses_another_base_from_its_files_before_building_a_model(run, toy, tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from revreg.verifier.toy import build
+
+    other = tmp_path / "other.safetensors"
+    model = build()
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    save_file(state, other)
+    result = run(
+        "verify", toy["artifact"], "--base", other, "--factory", "tests.verifier_helpers:never_built",
+        "--probes", toy["probes"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "refusing to run (nothing was loaded)" in result.stderr, result.output

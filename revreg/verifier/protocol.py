@@ -634,7 +634,8 @@ def verify_files(
         raise InputError(f"--device {device}: CUDA is not available on this machine")
     make_deterministic(device)
     behavior = load_behavior(behavior_path, trusted, device)
-    model, weights = load_base(base, factory, device)
+    label = f"{behavior.manifest.name}:{behavior.manifest.version}"
+    model, weights = load_base(base, factory, device, behavior.manifest.base, label)
     return verify(
         model,
         behavior,
