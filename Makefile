@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test test-fast lint bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -27,7 +27,14 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check revreg tests benchmarks fuzz
 	$(VENV)/bin/ruff format --check revreg tests benchmarks fuzz
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
+
+# The same without the tests marked slow (crash campaigns, workers, long fuzz budgets): for the edit loop.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check revreg tests benchmarks fuzz
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_identity.py

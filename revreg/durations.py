@@ -13,7 +13,7 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 def parse_duration(text: str, what: str) -> timedelta:
     """`what` names the setting in errors, e.g. "policy rule max_age" or "--expires"."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m:
         raise InputError(f"{what} must look like 30d, 12h, 90m or 3600s, got {text!r}")
     try:

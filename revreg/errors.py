@@ -7,7 +7,8 @@ from __future__ import annotations
 
 
 class RevregError(Exception):
-    """Base class. `exit_code` 2 means bad input or usage; 1 means a check ran and failed."""
+    """Base class. Exit codes: 1 a check ran and failed (signature, digest, tamper, revoked,
+    gate, fsck, audit); 2 bad input or usage; 3 the registry or server could not be reached."""
 
     exit_code = 2
 
@@ -23,9 +24,13 @@ class FormatError(InputError):
 class IntegrityError(RevregError):
     """Bytes do not match the digest that was recorded for them."""
 
+    exit_code = 1
+
 
 class SignatureError(RevregError):
     """A signature is missing, malformed, by an unknown key, or does not verify."""
+
+    exit_code = 1
 
 
 class UnknownKeyError(SignatureError):
@@ -34,6 +39,12 @@ class UnknownKeyError(SignatureError):
 
 class KeyringError(RevregError):
     """A key cannot be found, created, or decrypted."""
+
+
+class Unreachable(RevregError):
+    """The registry (its database, or its server) did not answer: not the input's fault."""
+
+    exit_code = 3
 
 
 class CheckFailed(RevregError):

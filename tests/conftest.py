@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -18,6 +20,14 @@ from revreg.artifacts.keys import Keyring
 from revreg.cli.main import cli
 
 CREATED = "2026-01-01T00:00:00Z"
+
+
+def minimal_predicate(digest: str, verdict: str = "PASS", finished_at: str | None = None) -> dict:
+    """The least a certification predicate must say: the verdict, what ran, and when it ended."""
+    from datetime import UTC, datetime
+
+    when = finished_at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return {"verdict": verdict, "behavior": {"digest": digest}, "finished_at": when}
 
 
 def tiny_gpt2(seed: int = 0):
@@ -308,3 +318,39 @@ def certified_toy(run, toy, keys_dir: Path, tmp_path: Path) -> dict[str, str]:
         ),
     )
     return env
+
+
+# -- every registry implementation behind one fixture ------------------------------------------
+@dataclass
+class Backend:
+    kind: str
+    api: Any  # a RegistryAPI: what the contract tests speak to
+    sql: Any  # the SQL registry behind it, to check effects independently
+    location: str  # what --registry takes
+    env: dict[str, str]
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "http"])
+def backend(request, tmp_path: Path, keys_dir: Path):
+    """The same registry three ways: embedded SQLite, PostgreSQL, and the remote client over a
+    real loopback server (on SQLite). `alice` and `vera` exist in the keyring, trusted by nobody."""
+    from revreg.registry.locate import open_registry
+    from revreg.registry.service import Registry
+    from revreg.registry.tokens import Tokens
+
+    Keyring(keys_dir).generate("vera")
+    if request.param == "postgresql":
+        location, store = request.getfixturevalue("pg_url"), str(tmp_path / "blobs")
+    else:
+        location, store = str(tmp_path / "registry"), None
+    sql = Registry.init(location, store, actor="tester")
+    if request.param == "http":
+        from revreg.registry.remote import RemoteRegistry
+        from tests.server_helpers import running
+
+        secret, _ = Tokens(sql).create("ci", ["admin:*"])
+        with running(sql) as url:
+            yield Backend("http", RemoteRegistry(url, secret), sql, url, {"REVREG_TOKEN": secret})
+    else:
+        yield Backend(request.param, open_registry(location, actor="tester"), sql, location, {})
+    sql.engine.dispose()

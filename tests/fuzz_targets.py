@@ -45,6 +45,20 @@ def attestation(data: bytes) -> None:
     verify_certification(data, _TRUSTED)
 
 
+def tensor_manifest(data: bytes) -> None:
+    from revreg.artifacts.canonical import strict_loads
+    from revreg.artifacts.identity import TensorManifest
+
+    assert TensorManifest.from_dict(strict_loads(data, "fuzz")).identity  # hashing must not crash either
+
+
+def probe_manifest(data: bytes) -> None:
+    from revreg.artifacts.canonical import strict_loads
+    from revreg.artifacts.probes import ProbeManifest
+
+    ProbeManifest.from_dict(strict_loads(data, "fuzz"))
+
+
 def policy(text: str) -> None:
     parse_policy(text, "fuzz.toml")
 

@@ -21,10 +21,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 20) -> Iterator[str]:
+def running(
+    registry: Registry,
+    anonymous_read: bool = False,
+    max_upload: int = 64 << 20,
+    read_timeout: float = 60.0,
+    min_rate: float = 16 << 10,
+    min_rate_after: float = 30.0,
+) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(
-        asgi(registry, anonymous_read, max_upload),
+        asgi(registry, anonymous_read, max_upload, read_timeout, min_rate, min_rate_after),
         host="127.0.0.1",
         port=port,
         log_level="warning",

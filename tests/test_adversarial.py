@@ -23,7 +23,7 @@ from revreg.artifacts.keys import Keyring
 from revreg.artifacts.safetensors_io import read_header, write_safetensors
 from revreg.errors import InputError, RevregError
 from revreg.registry.service import Registry, StateError
-from tests.conftest import make_artifact
+from tests.conftest import make_artifact, minimal_predicate
 
 REVREG = str(Path(sys.executable).parent / "revreg")
 
@@ -102,7 +102,7 @@ def test_signature_swapped_from_another_artifact_is_refused(keys_dir: Path, tmp_
 def test_attestation_of_another_version_is_refused(registry: Registry, keys_dir: Path, tmp_path: Path):
     one = registry.push(make_artifact(tmp_path / "1.safetensors", keys_dir, "1", seed=1)).version
     registry.push(make_artifact(tmp_path / "2.safetensors", keys_dir, "2", seed=2))
-    envelope = sign_certification(one.ref, one.digest, {"verdict": "PASS"}, Keyring(keys_dir).signer("vera"))
+    envelope = sign_certification(one.ref, one.digest, minimal_predicate(one.digest), Keyring(keys_dir).signer("vera"))
     with pytest.raises(RevregError, match="the certification is about"):
         registry.record_certification("demo:2", envelope)
     assert registry.resolve("demo:2").state == "pending"
@@ -169,7 +169,7 @@ def _torture(location: str, keys_dir: str, worker: int, seconds: float, out) -> 
             v = rng.choice(versions)
             if action == "certify":
                 reg.record_certification(
-                    v.ref, sign_certification(v.ref, v.digest, {"verdict": "PASS"}, ring.signer("vera"))
+                    v.ref, sign_certification(v.ref, v.digest, minimal_predicate(v.digest), ring.signer("vera"))
                 )
                 acked.append(("certify", v.ref, ""))
             elif action == "publish":
@@ -187,6 +187,7 @@ def _torture(location: str, keys_dir: str, worker: int, seconds: float, out) -> 
     out.put((worker, acked))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [5])
 def test_concurrent_mixed_writers_keep_the_chain_and_every_acknowledged_write(
     registry: Registry, registry_location, keys_dir: Path, workers: int
@@ -231,6 +232,7 @@ def _kill_at_random(cmd: list[str], env: dict[str, str], full: float, rng: rando
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_publish_and_certify_leave_a_consistent_registry(
     run, toy, registry: Registry, registry_location, keys_dir: Path, tmp_path: Path
 ):

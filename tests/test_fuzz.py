@@ -114,6 +114,56 @@ def test_mutated_header_json_as_manifest_and_envelope(e):
         _clean(target, _mutate(header[key].encode(), e))
 
 
+# The review's crashing shapes: numbers that overflow, integers past Python's 4,300-digit limit,
+# lone surrogates, wrong types, spliced into every number and string of real documents.
+EXTREME = ["1e999", "-1e999", "9" * 5000, "-" + "9" * 70, '"\\ud800"', "true", "null", "[]", "{}", '"x"', "0", "-0.0"]
+_TENSORS = json.dumps(
+    {
+        "algorithm": "sha256",
+        "chunk_size": 1 << 24,
+        "tensors": [{"name": "w", "dtype": "F32", "shape": [2, 3], "nbytes": 24, "digest": "ab" * 32}],
+    }
+)
+_PROBES = json.dumps(
+    {
+        "schema": "revreg.probes/v1",
+        "name": "p",
+        "inputs": ["input_ids"],
+        "output": "logits",
+        "divergence": "kl",
+        "mask": None,
+        "batch_size": 4,
+        "count": 8,
+        "prompts": [],
+        "source": {},
+    }
+)
+
+
+def _splice(doc: str, position: int, token: str) -> str:
+    """Replace the JSON scalar at (or after) `position` with `token`."""
+    import re
+
+    scalars = list(re.finditer(r'-?\d+(\.\d+)?([eE][-+]?\d+)?|"[^"]*"|true|false|null', doc))
+    if not scalars:
+        return doc
+    m = scalars[position % len(scalars)]
+    return doc[: m.start()] + token + doc[m.end() :]
+
+
+@BUDGET
+@given(st.integers(0, 200), st.sampled_from(EXTREME), st.sampled_from(["tensors", "probes", "manifest", "envelope"]))
+def test_extreme_values_in_every_field_of_every_document(position: int, token: str, which: str):
+    header = json.loads(HEADER)["__metadata__"]
+    doc, target = {
+        "tensors": (_TENSORS, t.tensor_manifest),
+        "probes": (_PROBES, t.probe_manifest),
+        "manifest": (header["revreg.manifest"], t.manifest),
+        "envelope": (header["revreg.signature"], t.envelope),
+    }[which]
+    _clean(target, _splice(doc, position, token).encode())
+
+
 toml_keys = st.sampled_from(
     [
         "publishers",

@@ -76,7 +76,7 @@ def test_failing_rules_are_each_named_exit_1(run, certified, tmp_path: Path):
     assert result.stderr.strip() == "revreg: error: gate failed for toy:1.0.0: publishers, device, min_cycles"
     doc = json.loads(result.stdout)
     failed = {r["rule"]: r["message"] for r in doc["rules"] if not r["passed"]}
-    assert failed["device"] == "certified on cpu" and failed["min_cycles"] == "3 cycles"
+    assert failed["device"] == "certified on cpu (required: cuda)" and failed["min_cycles"] == "3 cycles (minimum 5)"
     failures = ET.parse(junit).getroot().findall("testsuite/testcase/failure")
     assert len(failures) == 3
 
@@ -93,6 +93,7 @@ def test_a_revoked_verifier_fails_no_revoked_keys(run, certified, tmp_path: Path
     result = run("gate", "toy:1.0.0", "--policy", _policy(tmp_path, GOOD_POLICY), env=certified)
     assert result.exit_code == 1
     assert "FAIL  no_revoked_keys  revoked: vera" in result.stdout
+    assert "FAIL  certified        toy:1.0.0 has no certification by a trusted, unrevoked verifier key" in result.stdout
 
 
 def test_behavior_without_certification_fails_certified(run, toy, keys_dir: Path, tmp_path: Path):
@@ -101,7 +102,7 @@ def test_behavior_without_certification_fails_certified(run, toy, keys_dir: Path
         run(*args, env=env)
     result = run("gate", "toy:1.0.0", "--policy", _policy(tmp_path, "[policy]\nmin_cycles = 1\n"), env=env)
     assert result.exit_code == 1
-    assert "FAIL  certified        toy:1.0.0 has no certification by a known verifier key" in result.stdout
+    assert "FAIL  certified        toy:1.0.0 is pending; only a certified or published version passes" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -132,7 +133,10 @@ def test_github_actions_annotations_and_step_summary(run, certified, tmp_path: P
     assert "::error title=revreg gate toy:1.0.0: device::certified on cpu" in result.stdout
     assert "::notice title=revreg gate toy:1.0.0: bitwise::" in result.stdout
     text = summary.read_text()
-    assert "### revreg gate FAILED: `toy:1.0.0`" in text and "| ❌ | `device` | certified on cpu |" in text
+    assert (
+        "### revreg gate FAILED: `toy:1.0.0`" in text
+        and "| ❌ | `device` | certified on cpu (required: cuda) |" in text
+    )
 
 
 def test_the_example_policy_parses():
@@ -140,6 +144,7 @@ def test_the_example_policy_parses():
     assert rules[0] == "certified" and "max_age" in rules and "no_revoked_keys" in rules
 
 
+@pytest.mark.slow
 def test_ci_example_script_runs_the_pipeline(toy, keys_dir: Path, tmp_path: Path):
     """The very script the GitHub Actions and GitLab examples call, on a local registry."""
     bindir = Path(sys.executable).parent

@@ -8,7 +8,7 @@ from pathlib import Path
 from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Keyring
 from revreg.registry.service import Registry
-from tests.conftest import make_artifact
+from tests.conftest import make_artifact, minimal_predicate
 from tests.test_cli import _modules_after
 
 
@@ -38,7 +38,8 @@ def test_lifecycle_through_the_cli(run, keys_dir: Path, tmp_path: Path, artifact
     reg = Registry.open(str(reg_dir), actor="ci-bot")
     info = reg.resolve("demo:1.0.0")
     reg.record_certification(
-        "demo:1.0.0", sign_certification(info.ref, info.digest, {"verdict": "PASS"}, Keyring(keys_dir).signer("vera"))
+        "demo:1.0.0",
+        sign_certification(info.ref, info.digest, minimal_predicate(info.digest), Keyring(keys_dir).signer("vera")),
     )
     assert cli("publish", "demo:1.0.0").exit_code == 0
     assert cli("tag", "demo:1.0.0", "latest").exit_code == 0
@@ -55,7 +56,7 @@ def test_lifecycle_through_the_cli(run, keys_dir: Path, tmp_path: Path, artifact
 
     assert cli("yank", "demo:1.0.0", "--reason", "regression in eval").exit_code == 0
     gone = cli("pull", "demo:1.0.0", "-o", tmp_path / "again.safetensors")
-    assert gone.exit_code == 2 and "is yanked, not published" in gone.stderr
+    assert gone.exit_code == 2 and "was yanked" in gone.stderr and "--allow-yanked" in gone.stderr
 
     assert "chain intact" in cli("audit", "verify").stdout
     assert "version.yank demo:1.0.0" in cli("audit", "log").stdout

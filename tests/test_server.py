@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from revreg.artifacts.keys import Keyring
 from revreg.registry.service import Registry
@@ -36,7 +37,12 @@ def served(registry: Registry, keys_dir: Path):
             "ci": ["read:*", "push:*", "certify:*", "publish:*"],
         }.items()
     }
-    secrets["expired"] = t.create("expired", ["read:*"], timedelta(seconds=-1))[0]
+    secrets["expired"] = t.create("expired", ["read:*"], timedelta(hours=1))[0]
+    with registry.engine.begin() as conn:  # an hour later, as far as the token is concerned
+        conn.execute(
+            text("UPDATE tokens SET expires_at = :t WHERE name = 'expired'"),
+            {"t": datetime.now(UTC) - timedelta(seconds=1)},
+        )
     secrets["revoked"] = t.create("revoked", ["read:*"])[0]
     t.revoke("revoked")
     with running(registry, max_upload=8 << 20) as url:
@@ -132,7 +138,9 @@ def test_anonymous_read_only_when_configured(registry: Registry, keys_dir: Path,
     registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
     with running(registry, anonymous_read=True) as url:
         assert httpx.get(f"{url}/v1/versions").status_code == 200
-        assert httpx.post(f"{url}/v1/publish", json={"ref": "demo:1.0.0"}).status_code == 403
+        assert (
+            httpx.post(f"{url}/v1/publish", json={"ref": "demo:1.0.0"}).status_code == 401
+        )  # writes need a token, answered before the body
     with running(registry) as url:
         assert httpx.get(f"{url}/v1/versions").status_code == 401
 
@@ -144,7 +152,7 @@ def _raw_upload(url: str, token: str, head_length: int, body: bytes) -> bytes:
         s.sendall(
             (
                 f"PUT /v1/artifacts HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {token}\r\n"
-                f"X-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: {head_length}\r\n\r\n"
+                f"X-Revreg-Name: demo\r\nX-Revreg-Digest: sha256:{'0' * 64}\r\nContent-Length: {head_length}\r\n\r\n"
             ).encode()
             + body
         )
@@ -176,6 +184,7 @@ def test_truncated_upload_stores_nothing(served, keys_dir: Path, tmp_path: Path)
         headers={
             "Authorization": f"Bearer {served['tokens']['ci']}",
             "X-Revreg-Digest": "sha256:" + __import__("hashlib").sha256(data).hexdigest(),
+            "X-Revreg-Name": "demo",
         },
     )
     assert done.status_code == 200 and done.json()["created"]
@@ -186,14 +195,22 @@ def test_digest_mismatch_is_refused_before_anything_is_visible(served, keys_dir:
     response = httpx.put(
         f"{served['url']}/v1/artifacts",
         content=data,
-        headers={"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Digest": "sha256:" + "0" * 64},
+        headers={
+            "Authorization": f"Bearer {served['tokens']['ci']}",
+            "X-Revreg-Digest": "sha256:" + "0" * 64,
+            "X-Revreg-Name": "demo",
+        },
     )
     assert response.status_code == 400 and "upload digest mismatch" in response.json()["error"]["message"]
     _nothing_stored(served["registry"])
 
 
 def test_body_over_the_limit_gets_413(served):
-    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Digest": "sha256:" + "0" * 64}
+    headers = {
+        "Authorization": f"Bearer {served['tokens']['ci']}",
+        "X-Revreg-Digest": "sha256:" + "0" * 64,
+        "X-Revreg-Name": "demo",
+    }
     too_big = httpx.put(f"{served['url']}/v1/artifacts", content=b"\0" * (9 << 20), headers=headers)
     assert too_big.status_code == 413
     json_too_big = httpx.post(

@@ -88,3 +88,20 @@ def test_server_over_an_s3_store_streams_downloads(s3_registry: Registry, keys_d
 def test_unknown_store_url_is_refused(tmp_path: Path):
     with pytest.raises(Exception, match=r"use a directory or s3://bucket/prefix"):
         Registry.init(str(tmp_path / "reg"), "gs://bucket/x")
+
+
+def test_a_stray_object_key_does_not_abort_fsck_and_young_orphans_stay(
+    s3_registry: Registry, keys_dir: Path, tmp_path: Path, s3_bucket: str
+):
+    s3_registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="team/blobs/sha256/zz/README", Body=b"not a blob")
+    orphan = make_artifact(tmp_path / "o.safetensors", keys_dir, seed=4)
+    with open(orphan, "rb") as src, s3_registry.store.stage(src) as staged:
+        s3_registry.store.commit(staged)
+    report = s3_registry.fsck(prune=True)  # the orphan is seconds old: kept
+    assert report.problems == () and any("stray object 'sha256:README'" in w for w in report.warnings)
+    assert s3_registry.store.exists(staged.digest)
+    s3_registry.fsck(prune=True, grace=0)
+    assert not s3_registry.store.exists(staged.digest)
+    assert s3_registry.fsck().problems == ()

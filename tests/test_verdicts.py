@@ -327,7 +327,7 @@ def test_encoder_metrics_are_named_mse_and_cosine_everywhere(tmp_path: Path, key
     assert "mse_reset" in doc["cycle_results"][0] and "mse_reset" in doc["baselines"][0]
     rows = dict(summary_rows(result))
     assert rows["adapted"].startswith("MSE ") and " COSINE " in rows["adapted"]
-    envelope = sign_certification("m:1", "sha256:" + "ab" * 32, doc, Keyring(keys_dir).signer("alice"))
+    envelope = sign_certification("m:1", doc["behavior"]["digest"], doc, Keyring(keys_dir).signer("alice"))
     cert = verify_certification(envelope, Keyring(keys_dir).trusted())
     assert PREDICATE_TYPE.endswith("/v2") and metric(cert.predicate["metrics"], "adapted")[0] == "mse"
 

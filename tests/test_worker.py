@@ -101,6 +101,7 @@ def _exactly_once(url: str, count: int) -> None:
     reg.engine.dispose()
 
 
+@pytest.mark.slow
 def test_several_workers_certify_every_request_exactly_once(queued):
     workers = [_worker(queued, f"w{i}") for i in range(3)]
     outputs = [w.communicate(timeout=300) for w in workers]
@@ -110,6 +111,7 @@ def test_several_workers_certify_every_request_exactly_once(queued):
     _exactly_once(queued["url"], queued["count"])
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_loses_nothing(queued):
     reg = Registry.open(queued["url"])
     victim = _worker(queued, "victim", lease="3")

@@ -204,3 +204,8 @@ def minilm() -> nn.Module:
 
 SETUPS = {"toy": toy_setup, "gpt2": gpt2_setup, "minilm": minilm_setup}
 FAMILIES = {**SETUPS, "cnn": cnn_setup}
+
+
+def never_built():
+    """A factory that must not run: a base whose files are not the behavior's is refused first."""
+    raise AssertionError("the model was built before its files were checked")

@@ -22,6 +22,7 @@ from revreg.artifacts.identity import (
 )
 from revreg.artifacts.keys import Signer, TrustedKey
 from revreg.artifacts.safetensors_io import (
+    SMALL_HEADER_BYTES,
     Header,
     MappedFile,
     canonical_header,
@@ -51,7 +52,7 @@ LORA_LAYERS = ("linear", "embedding")
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InputError(
             f"invalid behavior name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no path separators)"
@@ -60,7 +61,7 @@ def check_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise InputError(f"invalid version {version!r}: use letters, digits, '.', '_', '+' or '-' (at most 64)")
     return version
 
@@ -116,8 +117,16 @@ class Attachment:
             alpha=doc.get("alpha"),
             rslora=doc.get("rslora", False),
         )
-        if kind == "lora" and doc["scaling"] != att.scaling:
-            raise FormatError(f"attachment {att.target}: scaling does not follow from rank and alpha")
+        if kind == "lora":
+            rank, alpha = att.rank, att.alpha
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise FormatError(f"attachment {att.target}: lora rank must be a positive integer, got {rank!r}")
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < float("inf"):
+                raise FormatError(f"attachment {att.target}: lora alpha must be a positive number, got {alpha!r}")
+            if not isinstance(att.rslora, bool):
+                raise FormatError(f"attachment {att.target}: rslora must be true or false")
+            if doc["scaling"] != att.scaling:
+                raise FormatError(f"attachment {att.target}: scaling does not follow from rank and alpha")
         return att
 
 
@@ -193,7 +202,7 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
     used: set[str] = set()
     targets: set[tuple[str, str]] = set()
     for a in attachments:
-        if not isinstance(a.target, str) or not TARGET_RE.match(a.target):
+        if not isinstance(a.target, str) or not TARGET_RE.fullmatch(a.target):
             raise InputError(f"attachment target {a.target!r} is not a module path like 'h.0.attn'")
         if (a.target, a.kind) in targets:
             raise InputError(f"two {a.kind} attachments on {a.target}")
@@ -230,6 +239,12 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
         raise InputError(f"tensors not used by any attachment: {', '.join(sorted(unused)[:5])}")
 
 
+def _check_provenance(attachments: tuple[Attachment, ...], provenance: Mapping[str, Any]) -> None:
+    from revreg.artifacts.peft_io import check_provenance
+
+    check_provenance(attachments, dict(provenance))
+
+
 def utc_timestamp(when: datetime | None = None) -> str:
     when = when or datetime.now(UTC)
     return when.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -251,6 +266,7 @@ def pack(
 ) -> BehaviorManifest:
     """Sign and write an artifact. The same inputs, key and `created` give the same bytes."""
     _validate(attachments, {n: (d, s) for n, (d, s, _) in tensors.items()})
+    _check_provenance(attachments, provenance or {})
     digest = hash_tensors([BufferSource(n, d, s, memoryview(b)) for n, (d, s, b) in tensors.items()], "sha256").identity
     manifest = BehaviorManifest(
         name=check_name(name),
@@ -305,7 +321,7 @@ class VerifiedArtifact:
 def open_artifact(path: Path) -> Artifact:
     """Parse an artifact, refusing anything its manifest and signature do not cover."""
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, SMALL_HEADER_BYTES)
     if canonical_header(header) != header.raw:
         raise FormatError(f"{path}: header is not in revreg's canonical form (modified after packing?)")
     if set(header.metadata) != {MANIFEST_KEY, SIGNATURE_KEY}:
@@ -318,6 +334,7 @@ def open_artifact(path: Path) -> Artifact:
         raise FormatError(f"{path}: the signature envelope covers a different manifest")
     try:
         _validate(manifest.attachments, {t.name: (t.dtype, t.shape) for t in header.tensors})
+        _check_provenance(manifest.attachments, manifest.provenance)
     except InputError as exc:
         raise FormatError(f"{path}: manifest does not match the tensors ({exc})") from exc
     return Artifact(path, header, manifest, envelope)

@@ -32,6 +32,29 @@ class Certification:
     def passed(self) -> bool:
         return self.verdict == "PASS"
 
+    @property
+    def finished_at(self) -> str:
+        """When the verifier finished (its own signed UTC timestamp; "" if it did not say):
+        the order in which a version's verdicts supersede each other."""
+        value = self.predicate.get("finished_at")
+        return value if isinstance(value, str) else ""
+
+
+def _ran(predicate: Mapping[str, Any]) -> object:
+    behavior = predicate.get("behavior")
+    return behavior.get("digest") if isinstance(behavior, Mapping) else None
+
+
+def check_consistent(subject_digest: str, predicate: Mapping[str, Any]) -> None:
+    """A statement is evidence about its subject only if its predicate says the verifier ran
+    exactly that artifact (sigstore's rule: recompute the subject from the predicate)."""
+    ran = _ran(predicate)
+    if ran != subject_digest:
+        raise FormatError(
+            f"certification statement is about {subject_digest} but its predicate says the verifier ran "
+            f"{ran if ran is not None else 'nothing it names'}; it is not evidence about either"
+        )
+
 
 def statement(subject_name: str, subject_digest: str, predicate: Mapping[str, Any]) -> bytes:
     algo, _, hexpart = subject_digest.partition(":")
@@ -48,6 +71,7 @@ def statement(subject_name: str, subject_digest: str, predicate: Mapping[str, An
 def sign_certification(subject_name: str, subject_digest: str, predicate: Mapping[str, Any], signer: Signer) -> bytes:
     if predicate.get("verdict") not in VERDICTS:
         raise FormatError(f"certification predicate needs a verdict among {', '.join(VERDICTS)}")
+    check_consistent(subject_digest, predicate)
     return sign(statement(subject_name, subject_digest, predicate), PAYLOAD_TYPE, signer).to_json()
 
 
@@ -66,4 +90,7 @@ def verify_certification(envelope_json: bytes | str, trusted_verifiers: Mapping[
         raise FormatError(f"malformed certification statement ({exc!r})") from exc
     if verdict not in VERDICTS:
         raise FormatError(f"certification verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+    if not isinstance(predicate, dict):
+        raise FormatError("certification predicate is not a JSON object")
+    check_consistent(f"{algo}:{hexpart}", predicate)
     return Certification(subject["name"], f"{algo}:{hexpart}", verdict, predicate, verified.key)

@@ -26,10 +26,53 @@ def _no_constants(name: str) -> Any:
     raise FormatError(f"JSON constant {name} is not allowed")
 
 
+MAX_INT_DIGITS = 64
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise FormatError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # Python refuses ints over 4,300 digits with a bare ValueError; nothing revreg reads needs 64.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise FormatError(f"integer with {len(text)} digits is out of range")
+    return int(text)
+
+
+def _no_surrogates(value: Any) -> None:
+    """JSON escapes can spell lone surrogates (\\ud800), which no UTF-8 text can hold."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise FormatError("string with a lone surrogate code point (not valid Unicode text)") from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def strict_loads(data: bytes | str, what: str) -> Any:
-    """Parse JSON refusing duplicate keys and NaN/Infinity; errors name `what`."""
+    """Parse JSON refusing duplicate keys, NaN/Infinity, numbers that overflow to infinity and
+    integers of absurd length; errors name `what`."""
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        doc = json.loads(
+            data,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+        _no_surrogates(doc)
+        return doc
     except FormatError as exc:
         raise FormatError(f"{what}: {exc}") from exc
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -48,27 +48,56 @@ class Envelope:
         )
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> Envelope:
-        doc = strict_loads(data, "DSSE envelope")
+    def from_json(cls, data: bytes | str, *, canonical: bool = True) -> Envelope:
+        """Parse an envelope. By default it must be in revreg's one canonical form, byte for byte:
+        the three DSSE fields and nothing else, exactly one signature with `keyid` and `sig`,
+        standard base64 with canonical padding bits, canonical JSON. So no two different strings
+        verify as the same signed envelope (nothing to re-wrap, no "free" bits to flip).
+        `canonical=False` reads foreign DSSE envelopes as the spec allows (URL-safe base64,
+        several signatures, any JSON layout); revreg never accepts evidence that way."""
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        doc = strict_loads(raw, "DSSE envelope")
         if not isinstance(doc, dict):
             raise FormatError("DSSE envelope is not a JSON object")
         try:
-            payload = _b64(doc["payload"])
+            payload = _b64(doc["payload"], strict=canonical)
             payload_type = doc["payloadType"]
             raw_sigs = doc["signatures"]
             if not isinstance(payload_type, str) or not isinstance(raw_sigs, list) or not raw_sigs:
                 raise TypeError("payloadType must be a string and signatures a non-empty list")
-            signatures = tuple(Signature(str(s.get("keyid", "")), _b64(s["sig"])) for s in raw_sigs)
+            if not all(isinstance(s, dict) for s in raw_sigs):
+                raise TypeError("each signature must be an object")
+            signatures = tuple(Signature(str(s.get("keyid", "")), _b64(s["sig"], strict=canonical)) for s in raw_sigs)
         except (KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"malformed DSSE envelope ({exc})") from exc
-        return cls(payload, payload_type, signatures)
+        envelope = cls(payload, payload_type, signatures)
+        if canonical:
+            if set(doc) != ENVELOPE_FIELDS:
+                raise FormatError(f"DSSE envelope has unknown fields {sorted(set(doc) - ENVELOPE_FIELDS)}")
+            if len(raw_sigs) != 1:
+                raise FormatError(f"a revreg envelope carries exactly one signature, not {len(raw_sigs)}")
+            if set(raw_sigs[0]) != SIGNATURE_FIELDS or not isinstance(raw_sigs[0]["keyid"], str):
+                raise FormatError("a revreg envelope signature has exactly the fields keyid (a string) and sig")
+            if envelope.to_json() != raw:
+                raise FormatError("DSSE envelope is not in canonical form (sorted keys, no whitespace)")
+        return envelope
 
 
-def _b64(text: object) -> bytes:
+ENVELOPE_FIELDS = frozenset({"payload", "payloadType", "signatures"})
+SIGNATURE_FIELDS = frozenset({"keyid", "sig"})
+
+
+def _b64(text: object, strict: bool) -> bytes:
     if not isinstance(text, str):
         raise FormatError("DSSE envelope: base64 field is not a string")
-    # The spec lets signers use standard or URL-safe base64; verifiers must accept both.
     try:
+        if strict:
+            decoded = base64.b64decode(text, validate=True)
+            # b64decode ignores the unused low bits of the last character; canonical text has them zero.
+            if base64.b64encode(decoded).decode("ascii") != text:
+                raise FormatError("DSSE envelope: base64 is not in canonical form")
+            return decoded
+        # The spec lets signers use standard or URL-safe base64; a lenient reader accepts both.
         alphabet = "-_" if ("-" in text or "_" in text) else "+/"
         return base64.b64decode(text, altchars=alphabet.encode(), validate=True)
     except (binascii.Error, ValueError) as exc:

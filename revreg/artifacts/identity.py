@@ -18,6 +18,7 @@ from typing import Any, NewType, Protocol
 
 import blake3
 
+from revreg.artifacts.dtypes import ITEMSIZE
 from revreg.errors import FormatError, InputError
 
 Identity = NewType("Identity", str)  # "<algorithm>:<64 hex>"
@@ -46,13 +47,13 @@ def new_hasher(algorithm: str) -> Hasher:
 
 
 def parse_identity(text: str) -> Identity:
-    if not _IDENTITY_RE.match(text):
+    if not _IDENTITY_RE.fullmatch(text):
         raise InputError(f"{text!r} is not an identity (expected sha256:<64 hex> or blake3:<64 hex>)")
     return Identity(text)
 
 
 def looks_like_identity(text: str) -> bool:
-    return bool(_IDENTITY_RE.match(text))
+    return bool(_IDENTITY_RE.fullmatch(text))
 
 
 def _str(value: str) -> bytes:
@@ -164,6 +165,15 @@ class TensorManifest:
 
     @classmethod
     def from_dict(cls, doc: Any) -> TensorManifest:
+        if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), list):
+            raise FormatError("malformed tensor manifest: expected an object with a list of tensors")
+        if not doc["tensors"]:
+            raise FormatError("malformed tensor manifest: it lists no tensors")
+        for t in doc["tensors"]:
+            _check_entry(t)
+        names = [t["name"] for t in doc["tensors"]]
+        if len(set(names)) != len(names):
+            raise FormatError("malformed tensor manifest: a tensor name appears twice")
         try:
             manifest = cls(
                 algorithm=doc["algorithm"],
@@ -186,13 +196,46 @@ class TensorManifest:
         return manifest
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_entry(t: Any) -> None:
+    """One tensor of a manifest sent by someone else (a client registering a base): every field
+    of the type and range the identity scheme hashes, or a FormatError naming it."""
+    if not isinstance(t, dict):
+        raise FormatError("malformed tensor manifest: a tensor entry is not an object")
+    name, dtype, shape, nbytes, digest = (t.get(k) for k in ("name", "dtype", "shape", "nbytes", "digest"))
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise FormatError("malformed tensor manifest: a tensor name must be a string of 1 to 1024 characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise FormatError("malformed tensor manifest: a tensor name is not valid Unicode text") from exc
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise FormatError(f"malformed tensor manifest: {name[:60]!r} has an unknown dtype")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape)
+    ):
+        raise FormatError(f"malformed tensor manifest: shape of {name[:60]!r} must be a list of non-negative integers")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 <= nbytes < 1 << 62:
+        raise FormatError(f"malformed tensor manifest: nbytes of {name[:60]!r} must be a non-negative integer")
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        raise FormatError(f"malformed tensor manifest: digest of {name[:60]!r} must be 64 lowercase hex digits")
+
+
 class TensorSource(Protocol):
     """One tensor's bytes, served in CHUNK_SIZE pieces, possibly from several threads."""
 
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
 
     def chunk(self, index: int) -> Any:
         """Bytes of chunk `index` as a buffer (memoryview, bytes or a numpy array)."""

@@ -55,7 +55,7 @@ class KeyInfo:
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise KeyringError(f"invalid key name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     return name
 

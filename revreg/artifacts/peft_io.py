@@ -11,9 +11,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from revreg.artifacts.artifact import KIND_ROLES, Attachment, BehaviorManifest
 from revreg.artifacts.canonical import strict_loads
@@ -50,12 +53,105 @@ class Imported:
     provenance: dict[str, Any]
 
 
-def _pattern_value(patterns: dict[str, Any], target: str, default: Any) -> Any:
-    # PEFT matches a pattern key against the end of the module path.
+# A pattern is matched against a module path with a time bound, so a hostile key such as
+# `(a|aa)+` cannot stall a push (Python's re has no timeout; the regex package does).
+PATTERN_TIMEOUT = 0.05
+MAX_PATTERN = 512
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        raise InputError(f"PEFT {what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+_ESCAPABLE = set(".dDwWsS\\-[]()|*+?^$")
+
+
+def _check_pattern(key: str, what: str) -> None:
+    """Patterns are PEFT's, which Python's `re` evaluates; they are matched here with the regex
+    package (for its time bound), so only syntax both read the same way is accepted: no `{…}`
+    (fuzzy matching and counted repeats differ), no `(?…)` groups, only plain escapes."""
+    if len(key) > MAX_PATTERN:
+        raise InputError(f"PEFT {what} key is over {MAX_PATTERN} characters")
+    chars = iter(key)
+    for ch in chars:
+        if ch == "\\":
+            if next(chars, "") not in _ESCAPABLE:
+                raise InputError(f"PEFT {what} key {key[:60]!r} uses an escape revreg does not evaluate")
+        elif ch == "{" or ch == "}" or not (ch.isascii() and (ch.isalnum() or ch in "_.-|()*+?^$[]")):
+            raise InputError(f"PEFT {what} key {key[:60]!r} uses regular-expression syntax revreg does not evaluate")
+    if "(?" in key:
+        raise InputError(f"PEFT {what} key {key[:60]!r} uses a (?...) group revreg does not evaluate")
+    try:
+        re.compile(key)
+    except re.error as exc:
+        raise InputError(f"PEFT {what} key {key[:60]!r} is not a valid regular expression ({exc})") from exc
+
+
+def _pattern_value(patterns: Any, target: str, default: Any, what: str) -> Any:
+    """PEFT's rule: the first pattern key that matches the end of the module path gives the value."""
+    if not isinstance(patterns, dict):
+        raise InputError(f"PEFT {what} must be an object of pattern -> number, got {type(patterns).__name__}")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", target):
-            return value
+        _check_pattern(key, what)
+        try:
+            hit = regex.match(rf"(.*\.)?({key})$", target, timeout=PATTERN_TIMEOUT)
+        except regex.error as exc:
+            raise InputError(f"PEFT {what} key {key[:60]!r} is not a valid regular expression ({exc})") from exc
+        except TimeoutError as exc:
+            raise InputError(f"PEFT {what} key {key[:60]!r} takes too long to match; simplify it") from exc
+        if hit:
+            return _number(value, f"{what}[{key[:60]!r}]")
     return default
+
+
+def _targets_match(target_modules: Any, target: str) -> bool:
+    """Whether PEFT's target_modules (a list of names or a regex string) selects `target`."""
+    if isinstance(target_modules, str):
+        _check_pattern(target_modules, "target_modules")
+        try:
+            return regex.fullmatch(target_modules, target, timeout=PATTERN_TIMEOUT) is not None
+        except (regex.error, TimeoutError) as exc:
+            raise InputError(f"PEFT target_modules {target_modules[:60]!r} is not a usable pattern ({exc})") from exc
+    if isinstance(target_modules, list):
+        return any(isinstance(m, str) and (target == m or target.endswith("." + m)) for m in target_modules)
+    return False
+
+
+def contradictions(config: Any, attachments: Sequence[Attachment]) -> list[str]:
+    """How a PEFT adapter_config (kept in provenance) disagrees with the signed attachments:
+    rank, alpha, rsLoRA and targets, per attachment. Empty when it describes them exactly."""
+    loras = [a for a in attachments if a.kind == "lora"]
+    if not isinstance(config, dict):
+        return ["provenance.peft_config is not an object"]
+    if not loras:
+        return ["provenance.peft_config on an artifact without lora attachments"]
+    try:
+        r, alpha = _number(config.get("r"), "r"), _number(config.get("lora_alpha"), "lora_alpha")
+        out = []
+        for a in loras:
+            rank = _pattern_value(config.get("rank_pattern") or {}, a.target, r, "rank_pattern")
+            scale = _pattern_value(config.get("alpha_pattern") or {}, a.target, alpha, "alpha_pattern")
+            if rank != a.rank:
+                out.append(f"{a.target}: rank {rank:g} in the PEFT config, {a.rank} signed")
+            if scale != a.alpha:
+                out.append(f"{a.target}: lora_alpha {scale:g} in the PEFT config, {a.alpha:g} signed")
+            if bool(config.get("use_rslora", False)) != a.rslora:
+                out.append(f"{a.target}: use_rslora {config.get('use_rslora')} in the PEFT config, {a.rslora} signed")
+            if "target_modules" in config and not _targets_match(config["target_modules"], a.target):
+                out.append(f"{a.target}: not among the PEFT config's target_modules")
+    except InputError as exc:
+        return [str(exc)]
+    return out
+
+
+def check_provenance(attachments: Sequence[Attachment], provenance: Any) -> None:
+    """Refuse a provenance whose PEFT config contradicts what the artifact signs (at pack, push, pull)."""
+    if isinstance(provenance, dict) and "peft_config" in provenance:
+        wrong = contradictions(provenance["peft_config"], attachments)
+        if wrong:
+            raise InputError(f"provenance.peft_config contradicts the signed attachments: {'; '.join(wrong[:3])}")
 
 
 def read_peft(directory: Path) -> Imported:
@@ -83,9 +179,9 @@ def read_peft(directory: Path) -> Imported:
     if config.get("bias", "none") != "none":
         raise InputError(f"unsupported PEFT option bias={config['bias']!r}: trained biases overwrite base weights")
     try:
-        r, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(f"{config_path}: r and lora_alpha must be numbers") from exc
+        r, alpha = int(_number(config.get("r"), "r")), _number(config.get("lora_alpha"), "lora_alpha")
+    except (InputError, OverflowError, ValueError) as exc:
+        raise FormatError(f"{config_path}: r and lora_alpha must be finite numbers") from exc
     rslora = bool(config.get("use_rslora", False))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -109,7 +205,7 @@ def read_peft(directory: Path) -> Imported:
         if "A" not in entry or "B" not in entry:
             raise FormatError(f"{weights_path}: {target} has only one of lora_A / lora_B")
         rank = tensors[entry["A"]][1][0] if tensors[entry["A"]][1] else 0
-        expected_rank = int(_pattern_value(rank_pattern, target, r))
+        expected_rank = int(_pattern_value(rank_pattern, target, r, "rank_pattern"))
         if rank != expected_rank:
             raise FormatError(f"{weights_path}: {target} has rank {rank}, config says {expected_rank}")
         attachments.append(
@@ -118,7 +214,7 @@ def read_peft(directory: Path) -> Imported:
                 kind="lora",
                 layer=entry["layer"],
                 rank=rank,
-                alpha=float(_pattern_value(alpha_pattern, target, alpha)),
+                alpha=float(_pattern_value(alpha_pattern, target, alpha, "alpha_pattern")),
                 rslora=rslora,
                 tensors={"A": entry["A"], "B": entry["B"]},
             )
@@ -129,9 +225,11 @@ def read_peft(directory: Path) -> Imported:
 
 
 def peft_config_for(manifest: BehaviorManifest) -> dict[str, Any]:
-    """The adapter_config.json for an artifact: the imported one, or one built from the manifest."""
+    """The adapter_config.json for an artifact, from what is signed: the imported config when it
+    describes the signed attachments exactly (so pack -> export -> pack gives the same bytes),
+    otherwise one built from the attachments. Never numbers that contradict the signature."""
     stored = manifest.provenance.get("peft_config")
-    if isinstance(stored, dict):
+    if isinstance(stored, dict) and not contradictions(stored, manifest.attachments):
         return stored
     loras = [a for a in manifest.attachments if a.kind == "lora"]
     first = loras[0]

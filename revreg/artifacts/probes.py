@@ -11,7 +11,7 @@ from typing import Any
 
 from revreg.artifacts.artifact import file_digest
 from revreg.artifacts.canonical import canonical_json, strict_loads
-from revreg.artifacts.safetensors_io import canonical_header, read_header, write_safetensors
+from revreg.artifacts.safetensors_io import SMALL_HEADER_BYTES, canonical_header, read_header, write_safetensors
 from revreg.errors import FormatError, InputError
 
 SCHEMA = "revreg.probes/v1"
@@ -53,24 +53,33 @@ class ProbeManifest:
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
             raise FormatError(f"probe set manifest is not a {SCHEMA} document")
         try:
+            for key, kind in (("name", str), ("output", str), ("divergence", str), ("batch_size", int), ("count", int)):
+                if not isinstance(doc[key], kind) or isinstance(doc[key], bool):
+                    raise TypeError(f"{key} must be {'a string' if kind is str else 'an integer'}, got {doc[key]!r}")
+            if doc["mask"] is not None and not isinstance(doc["mask"], str):
+                raise TypeError("mask must be a string or null")
+            if not all(isinstance(x, str) for x in doc["inputs"]) or not all(
+                isinstance(x, str) for x in doc["prompts"]
+            ):
+                raise TypeError("inputs and prompts must be lists of strings")
             m = cls(
                 doc["name"],
                 tuple(doc["inputs"]),
                 doc["output"],
                 doc["divergence"],
                 doc["mask"],
-                int(doc["batch_size"]),
-                int(doc["count"]),
+                doc["batch_size"],
+                doc["count"],
                 tuple(doc["prompts"]),
                 dict(doc["source"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"malformed probe set manifest ({exc!r})") from exc
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise FormatError(f"malformed probe set manifest ({exc})") from exc
         m.check()
         return m
 
     def check(self) -> None:
-        if not NAME_RE.match(self.name):
+        if not NAME_RE.fullmatch(self.name):
             raise InputError(f"invalid probe set name {self.name!r}: lowercase letters, digits, '.', '_', '-'")
         if self.output not in OUTPUTS:
             raise InputError(f"probe output must be one of {', '.join(OUTPUTS)}, not {self.output!r}")
@@ -107,7 +116,7 @@ def _check_tensors(manifest: ProbeManifest, shapes: Mapping[str, tuple[str, tupl
 
 def read_probes(path: Path) -> ProbeFile:
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, SMALL_HEADER_BYTES)
     if canonical_header(header) != header.raw or set(header.metadata) != {MANIFEST_KEY}:
         raise FormatError(f"{path} is not a revreg probe set (create one with `revreg probes create`)")
     manifest = ProbeManifest.from_dict(strict_loads(header.metadata[MANIFEST_KEY], f"{path}: probe manifest"))

@@ -12,7 +12,7 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,12 @@ from revreg.artifacts.dtypes import ITEMSIZE
 from revreg.errors import FormatError, InputError
 
 # The reference implementation refuses headers above 100 MB; so do we.
-MAX_HEADER_BYTES = 100 * 1000 * 1000
+MAX_HEADER_BYTES = 100 * 1000 * 1000  # the reference implementation's limit: base model checkpoints
+# A behavior or probe set is small: its header (tensor table, manifest, envelope) stays far below
+# this, and parsing an attacker's 100 MB header costs seconds and a gigabyte of memory.
+SMALL_HEADER_BYTES = 16 << 20
+MAX_RANK = 64
+MAX_TENSORS = 100_000
 _PAGE = mmap.PAGESIZE
 # Linux 5.14+: fault a whole range in with one call instead of one fault per few pages
 # (about 25% faster hashing here). Python 3.11 has no name for it; older kernels say EINVAL.
@@ -72,8 +77,14 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in ITEMSIZE:
         raise FormatError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: tensor {name!r} has a malformed shape {shape!r}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62 for d in shape)
+    ):
+        raise FormatError(
+            f"{where}: tensor {name[:60]!r} has a malformed shape (at most {MAX_RANK} dimensions below 2^62)"
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -82,22 +93,28 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     ):
         raise FormatError(f"{where}: tensor {name!r} has malformed data_offsets {offsets!r}")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-    expected = _numel(info.shape) * ITEMSIZE[dtype]
+    # Multiply only while the product can still match: a hostile shape never becomes a huge integer.
+    expected, overflow = (0 if 0 in info.shape else ITEMSIZE[dtype]), False
+    for d in info.shape if expected else ():
+        expected *= d
+        if expected > 1 << 64:  # no file is that large: stop before the number grows further
+            overflow = True
+            break
     if info.nbytes != expected:
+        need = "more than 2^64" if overflow else str(expected)
         raise FormatError(
-            f"{where}: tensor {name!r} has {info.nbytes} bytes but dtype {dtype} and shape "
-            f"{list(info.shape)} need {expected}"
+            f"{where}: tensor {name[:60]!r} has {info.nbytes} bytes but dtype {dtype} and its shape need {need}"
         )
     return info
 
 
-def parse_header(prefix: bytes, file_size: int, where: str) -> Header:
+def parse_header(prefix: bytes, file_size: int, where: str, limit: int = MAX_HEADER_BYTES) -> Header:
     """Validate a header given the file's first 8+N bytes and its total size."""
     if file_size < 8 or len(prefix) < 8:
         raise FormatError(f"{where}: truncated: {file_size} bytes is too short for safetensors")
     (n,) = struct.unpack("<Q", prefix[:8])
-    if n > MAX_HEADER_BYTES:
-        raise FormatError(f"{where}: header of {n} bytes is too large (limit {MAX_HEADER_BYTES})")
+    if n > limit:
+        raise FormatError(f"{where}: header of {n} bytes is too large (limit {limit})")
     if 8 + n > file_size or len(prefix) < 8 + n:
         raise FormatError(f"{where}: truncated: header says {n} bytes but the file is shorter")
     raw = bytes(prefix[8 : 8 + n])
@@ -106,6 +123,8 @@ def parse_header(prefix: bytes, file_size: int, where: str) -> Header:
     doc = strict_loads(raw, f"{where}: header")
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: header is not a JSON object")
+    if len(doc) > MAX_TENSORS:
+        raise FormatError(f"{where}: {len(doc)} tensors is over the limit of {MAX_TENSORS}")
     metadata = doc.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -128,16 +147,17 @@ def parse_header(prefix: bytes, file_size: int, where: str) -> Header:
     return Header(tuple(infos), dict(metadata), 8 + n, raw)
 
 
-def read_header(path: Path) -> Header:
+def read_header(path: Path, limit: int = MAX_HEADER_BYTES) -> Header:
+    """The header of a safetensors file; `limit` caps its size before a byte of it is read."""
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             first = fh.read(8)
             if len(first) == 8:
                 (n,) = struct.unpack("<Q", first)
-                if n <= MAX_HEADER_BYTES:
+                if n <= limit:
                     first += fh.read(n)
-            return parse_header(first, size, str(path))
+            return parse_header(first, size, str(path), limit)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
 
@@ -250,7 +270,7 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 def write_safetensors(
     path: Path,
-    tensors: dict[str, tuple[str, tuple[int, ...], memoryview | bytes]],
+    tensors: Mapping[str, tuple[str, tuple[int, ...], memoryview | bytes]],
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write name -> (dtype, shape, raw bytes) deterministically and atomically."""

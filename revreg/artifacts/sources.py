@@ -144,7 +144,7 @@ class LiveSource:
         piece = self.flat[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE]
         if self.stream:
             piece = piece.to("cpu", copy=True)
-        return memoryview(piece.numpy())
+        return piece.numpy().data
 
     def done(self, index: int) -> None:
         return None

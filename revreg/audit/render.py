@@ -23,6 +23,23 @@ text-align:left;vertical-align:top}th{background:#f7fafc}code{font-size:12px;wor
 """
 
 
+class Markup(str):
+    """HTML that this module built itself; every other cell and value is escaped on output."""
+
+
+def _cell(value: Any) -> str:
+    return value if isinstance(value, Markup) else escape(str(value))
+
+
+def _real(x: Any) -> float | None:
+    """A number from the report for a chart; anything else (a signed field is the verifier's
+    word, not ours) is treated as missing."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    value = float(x)
+    return value if value == value and abs(value) != float("inf") else None
+
+
 def _num(x: Any) -> str:
     if x is None:
         return "-"
@@ -33,66 +50,76 @@ def _num(x: Any) -> str:
     return str(x)
 
 
-def _flag(ok: Any) -> str:
-    return '<span class="ok">yes</span>' if ok is True else '<span class="bad">no</span>' if ok is False else "-"
+def _flag(ok: Any) -> Markup:
+    return Markup(
+        '<span class="ok">yes</span>' if ok is True else '<span class="bad">no</span>' if ok is False else "-"
+    )
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _cert_html(c: dict[str, Any]) -> str:
     if not c.get("verified"):
-        return f'<p class="bad">Certification that does not verify: {escape(c.get("error", ""))}</p>'
+        return f'<p class="bad">Certification that does not verify: {escape(str(c.get("error", "")))}</p>'
     env = c.get("environment") or {}
     b = c.get("bitwise") or {}
     verdict_class = "ok" if c["verdict"] == "PASS" else "bad"
-    n1, n2 = c.get("metric_names") or ("kl", "js")
+    names = c.get("metric_names")
+    n1, n2 = (str(names[0]), str(names[1])) if isinstance(names, list | tuple) and len(names) == 2 else ("kl", "js")
     label = f"{n1.upper()} / {n2.upper()}"
     rows = [
         [
             "verdict",
-            f'<span class="{verdict_class}">{escape(c["verdict"])}</span>'
-            + "".join(f"<br>{escape(r)}" for r in c.get("reasons", [])),
+            Markup(
+                f'<span class="{verdict_class}">{escape(str(c["verdict"]))}</span>'
+                + "".join(f"<br>{escape(str(r))}" for r in (c.get("reasons") or []))
+            ),
         ],
-        ["verifier key", f"{escape(c['verifier']['name'])} <code>{escape(c['verifier']['keyid'])}</code>"],
-        ["certified", escape(str(c.get("finished_at") or c["recorded_at"]))],
+        ["verifier key", Markup(f"{escape(str(c['verifier']['name']))} <code>{escape(c['verifier']['keyid'])}</code>")],
+        ["certified", c.get("finished_at") or c["recorded_at"]],
         ["RF", _num(c.get("rf"))],
         [f"{label} adapted", f"{_num(c.get(f'{n1}_adapted'))} / {_num(c.get(f'{n2}_adapted'))}"],
         [f"{label} after reset", f"{_num(c.get(f'{n1}_reset'))} / {_num(c.get(f'{n2}_reset'))}"],
         [
             "bitwise restored",
-            f"identity {_flag(b.get('identity'))}, state {_flag(b.get('state'))}, outputs {_flag(b.get('outputs'))}",
+            Markup(
+                f"identity {_flag(b.get('identity'))}, state {_flag(b.get('state'))}, outputs {_flag(b.get('outputs'))}"
+            ),
         ],
-        ["cycles, device", f"{c.get('cycles')} on {escape(str(c.get('device')))}"],
+        ["cycles, device", f"{c.get('cycles')} on {c.get('device')}"],
         [
             "probe set",
-            f"{escape(str((c.get('probes') or {}).get('name')))} "
-            f"<code>{escape(str((c.get('probes') or {}).get('digest')))}</code>",
+            Markup(
+                f"{escape(str((c.get('probes') or {}).get('name')))} "
+                f"<code>{escape(str((c.get('probes') or {}).get('digest')))}</code>"
+            ),
         ],
-        ["environment", escape(", ".join(f"{k} {v}" for k, v in sorted(env.items())))],
+        ["environment", ", ".join(f"{k} {v}" for k, v in sorted(env.items())) if isinstance(env, dict) else env],
     ]
     out = _table(["", ""], rows)
     leakage = (c.get("leakage") or {}).get("per_probe") or []
-    series: dict[str, list[float | None]] = {"reversible (hooks)": list(leakage)}
+    leakage = [_real(x) for x in leakage] if isinstance(leakage, list) else []
+    series: dict[str, list[float | None]] = {"reversible (hooks)": leakage}
     for bl in c.get("baselines") or []:
-        series[f"{bl['baseline']} (mutation)"] = list(bl.get("leakage_per_probe") or [])
+        series[f"{bl['baseline']} (mutation)"] = [_real(x) for x in (bl.get("leakage_per_probe") or [])]
     if leakage:
         out += bars(
             "Per-probe leakage after reset (JS or MSE, log scale; outlined = exactly 0)",
             [str(i) for i in range(len(leakage))],
             series,
-            (c.get("leakage") or {}).get("threshold"),
+            _real((c.get("leakage") or {}).get("threshold")),
         )
     if c.get("baselines"):
         cats = [f"{n1.upper()} after reset", "max |delta| after reset"]
         comparison: dict[str, list[float | None]] = {
-            "reversible (hooks)": [c.get(f"{n1}_reset"), c.get("max_abs_reset")]
+            "reversible (hooks)": [_real(c.get(f"{n1}_reset")), _real(c.get("max_abs_reset"))]
         }
         for bl in c["baselines"]:
-            comparison[f"{bl['baseline']} (mutation)"] = [bl.get(f"{n1}_reset"), bl.get("max_abs_reset")]
+            comparison[f"{bl['baseline']} (mutation)"] = [_real(bl.get(f"{n1}_reset")), _real(bl.get("max_abs_reset"))]
         out += bars("Reversible versus mutation baseline: divergence after reset (log scale)", cats, comparison)
         out += _table(
             [
@@ -105,7 +132,7 @@ def _cert_html(c: dict[str, Any]) -> str:
             ],
             [
                 [
-                    escape(bl["baseline"]),
+                    bl["baseline"],
                     _num(bl.get("rf")),
                     _num(bl.get(f"{n1}_reset")),
                     _num(bl.get("max_abs_reset")),
@@ -139,12 +166,12 @@ def html(report: dict[str, Any]) -> str:
                 [
                     str(s["behaviors"]),
                     str(s["versions"]),
-                    escape(", ".join(f"{k} {v}" for k, v in s["states"].items()) or "-"),
+                    ", ".join(f"{k} {v}" for k, v in s["states"].items()) or "-",
                     str(s["certifications"]),
                     str(s["bases"]),
                     str(s["probe_sets"]),
                     str(s["keys"]),
-                    chain_html,
+                    Markup(chain_html),
                 ]
             ],
         ),
@@ -163,18 +190,20 @@ def html(report: dict[str, Any]) -> str:
                 _table(
                     ["", ""],
                     [
-                        ["digest", f"<code>{escape(v['digest'])}</code>"],
-                        ["signer", f"{signer} <code>{escape(v['signer']['keyid'])}</code>"],
+                        ["digest", Markup(f"<code>{escape(v['digest'])}</code>")],
+                        ["signer", Markup(f"{signer} <code>{escape(v['signer']['keyid'])}</code>")],
                         [
                             "base identity",
-                            f"<code>{escape(v['base']['identity'])}</code>"
-                            + ("" if v["base"]["registered"] else " (not registered)"),
+                            Markup(
+                                f"<code>{escape(v['base']['identity'])}</code>"
+                                + ("" if v["base"]["registered"] else " (not registered)")
+                            ),
                         ],
-                        ["pushed", f"{escape(v['pushed_at'])} by {escape(v['pushed_by'])}"],
-                        ["tags", escape(", ".join(v["tags"]) or "-")],
-                        ["attachments", escape(", ".join(v["attachments"]))],
+                        ["pushed", f"{v['pushed_at']} by {v['pushed_by']}"],
+                        ["tags", ", ".join(v["tags"]) or "-"],
+                        ["attachments", ", ".join(v["attachments"])],
                     ]
-                    + ([["yank reason", escape(v["yank_reason"])]] if v["yank_reason"] else []),
+                    + ([["yank reason", v["yank_reason"]]] if v["yank_reason"] else []),
                 )
             )
             parts.append("<p><b>Lifecycle</b></p>")
@@ -183,11 +212,11 @@ def html(report: dict[str, Any]) -> str:
                     ["#", "time", "action", "actor", "details"],
                     [
                         [
-                            str(e["seq"]),
-                            escape(e["at"]),
-                            escape(e["action"]),
-                            escape(e["actor"]),
-                            f"<code>{escape(json.dumps(e['details'], sort_keys=True))}</code>",
+                            e["seq"],
+                            e["at"],
+                            e["action"],
+                            e["actor"],
+                            Markup(f"<code>{escape(json.dumps(e['details'], sort_keys=True))}</code>"),
                         ]
                         for e in v["timeline"]
                     ],
@@ -204,15 +233,15 @@ def html(report: dict[str, Any]) -> str:
             ["name", "role", "key id", "trust", "added"],
             [
                 [
-                    escape(k["name"]),
-                    escape(k["role"]),
-                    f"<code>{escape(k['keyid'])}</code>",
-                    (
+                    k["name"],
+                    k["role"],
+                    Markup(f"<code>{escape(k['keyid'])}</code>"),
+                    Markup(
                         f'<span class="bad">revoked: {escape(k["revoked_reason"] or "")}</span>'
                         if k["revoked"]
                         else '<span class="ok">trusted</span>'
                     ),
-                    escape(k["added_at"]),
+                    k["added_at"],
                 ]
                 for k in report["keys"]
             ],

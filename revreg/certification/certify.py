@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from revreg import progress
 from revreg.artifacts.artifact import file_digest
 from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Signer
@@ -86,16 +87,19 @@ def run_pinned(
         if pulled.digest != version.digest:
             raise IntegrityError(f"asked for {version.pinned}, the registry delivered {pulled.digest}")
         probes_path, probes_digest = probes.materialize(registry, Path(tmp))
-        result = verify_files(
-            behavior_path,
-            registry.trusted("publisher"),
-            probes_path,
-            Path(base),
-            factory,
-            device,
-            cycles,
-            tuple(baselines),
-        )
+        with progress.task(
+            f"verify {version.ref}: load, determinism check, {cycles} cycles, {len(baselines)} baselines"
+        ):
+            result = verify_files(
+                behavior_path,
+                registry.trusted("publisher"),
+                probes_path,
+                Path(base),
+                factory,
+                device,
+                cycles,
+                tuple(baselines),
+            )
     # The verifier names what it ran; a statement whose predicate and subject disagree is never signed.
     ran = result.behavior.get("digest")
     if ran != version.digest:

@@ -64,7 +64,11 @@ def process(registry: RegistryAPI, request: Request, signer: Signer, worker: str
         reason = f"internal error {type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
         registry.fail_request(request.id, worker, reason)
         return None
-    return registry.complete_request(request.id, worker, envelope)
+    try:
+        return registry.complete_request(request.id, worker, envelope)
+    except RevregError as exc:  # e.g. the verifier key was revoked while it ran
+        registry.fail_request(request.id, worker, f"the registry refused the result: {exc}")
+        return None
 
 
 def run_worker(

@@ -20,7 +20,7 @@ from revreg.artifacts.artifact import (
 from revreg.artifacts.artifact import (
     pack as pack_artifact,
 )
-from revreg.artifacts.identity import looks_like_identity, parse_identity
+from revreg.artifacts.identity import Identity, looks_like_identity, parse_identity
 from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
 from revreg.artifacts.peft_io import read_peft, write_peft
 from revreg.artifacts.sources import identity_of_path
@@ -35,7 +35,7 @@ from revreg.cli.options import (
 from revreg.errors import InputError, RevregError, UnknownKeyError
 
 
-def _base_identity(base: str) -> str:
+def _base_identity(base: str) -> Identity:
     if looks_like_identity(base):
         return parse_identity(base)
     if not Path(base).exists():
@@ -94,6 +94,7 @@ def _created(value: str | None) -> str:
 )
 @keys_dir_option
 @passphrase_env_option
+@json_option
 def pack(
     peft_dir: Path | None,
     tensors_path: Path | None,
@@ -108,6 +109,7 @@ def pack(
     output: Path,
     keys_dir: Path | None,
     passphrase_env: str | None,
+    as_json: bool,
 ) -> None:
     """Build one signed behavior artifact bound to a base model's identity.
 
@@ -125,19 +127,33 @@ def pack(
         imported, extra = read_spec(tensors_path, spec_path)
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
     signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
-    manifest = pack_artifact(
-        output,
-        imported.tensors,
-        imported.attachments,
-        name=name,
-        version=version,
-        base=_base_identity(base),
-        signer=signer,
-        created=_created(created),
-        description=description if description is not None else extra.get("description", ""),
-        license=license_ if license_ is not None else extra.get("license", ""),
-        provenance=imported.provenance,
-    )
+    from revreg import progress
+
+    with progress.task(f"pack {output.name}"):
+        manifest = pack_artifact(
+            output,
+            imported.tensors,
+            imported.attachments,
+            name=name,
+            version=version,
+            base=_base_identity(base),
+            signer=signer,
+            created=_created(created),
+            description=description if description is not None else extra.get("description", ""),
+            license=license_ if license_ is not None else extra.get("license", ""),
+            provenance=imported.provenance,
+        )
+    if as_json:
+        from revreg.artifacts.artifact import file_digest
+
+        doc = {
+            "output": str(output),
+            "digest": file_digest(output),
+            "signer": signer.keyid,
+            "manifest": manifest.to_dict(),
+        }
+        click.echo(json.dumps(doc, indent=1))
+        return
     click.echo(
         f"packed {manifest.name}:{manifest.version} ({len(manifest.attachments)} attachments) "
         f"-> {output}, signed by {signer.name}"

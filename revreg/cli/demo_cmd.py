@@ -152,12 +152,16 @@ def demo(directory: Path | None) -> None:
     click.echo(
         f"    certification of {done.version.pinned} signed by demo-verifier and recorded: {pushed.ref} is {state}"
     )
-    merge = result.baselines[0]
-    click.echo(
-        f"    merge baseline: after W += dW, W -= dW the weights are bitwise restored: "
-        f"{merge['weights_bitwise_after_subtract']} ({merge['weight_elements_changed']} elements differ, "
-        f"max |dW| {merge['max_abs_weight_error']:.2g}); outputs off by up to {merge['max_abs_reset']:.2g}"
-    )
+    merge = result.baselines[0] if result.baselines else {}
+    if merge.get("refused"):
+        click.echo(f"    merge baseline refused: {merge['refused']}")
+    elif merge:
+        click.echo(
+            f"    merge baseline: after W += dW, W -= dW the weights are bitwise restored: "
+            f"{merge.get('weights_bitwise_after_subtract')} ({merge.get('weight_elements_changed')} elements differ, "
+            f"max |dW| {merge.get('max_abs_weight_error') or 0:.2g}); "
+            f"outputs off by up to {merge.get('max_abs_reset') or 0:.2g}"
+        )
 
     _step("publish and pull: digest, signature and certification re-checked on the way out")
     registry.publish(pushed.ref)

@@ -11,16 +11,17 @@ import click
 
 from revreg.cli.options import json_option
 from revreg.cli.registry_cmds import _open, registry_option
-from revreg.errors import CheckFailed, InputError
+from revreg.errors import CheckFailed, InputError, RevregError
 
 
 def _at(value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError as exc:
-        raise InputError(f"--at {value!r} is not an ISO 8601 time") from exc
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InputError(f"--at {value!r} is not an ISO 8601 time within years 1-9999 UTC") from exc
 
 
 @click.command()
@@ -39,7 +40,13 @@ def _at(value: str | None) -> datetime | None:
     default=None,
     help="Also write JUnit XML here: one test case per rule.",
 )
-@click.option("--at", "at", default=None, metavar="ISO8601", help="Evaluate as of this time (default: now).")
+@click.option(
+    "--at",
+    "at",
+    default=None,
+    metavar="ISO8601",
+    help="The clock the max_age rule reads (default: now); state and certifications are today's.",
+)
 @json_option
 @registry_option
 def gate(
@@ -56,8 +63,16 @@ def gate(
     from revreg.gate.outputs import github_annotations, junit_xml, step_summary
     from revreg.gate.policy import load_policy
 
-    policy = load_policy(policy_path)
-    report = evaluate(_open(registry), ref, policy, _at(at))
+    try:
+        policy = load_policy(policy_path)
+        report = evaluate(_open(registry), ref, policy, _at(at))
+    except RevregError as exc:
+        if junit_path:
+            from revreg.gate.outputs import junit_error
+
+            with atomic_output(junit_path) as fh:
+                fh.write(junit_error(ref, str(exc)))
+        raise
     if junit_path:
         with atomic_output(junit_path) as fh:
             fh.write(junit_xml(report))

@@ -32,8 +32,18 @@ def passphrase_env_option(f: F) -> F:
     )(f)
 
 
+def _json_silences_progress(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        from revreg.progress import silence
+
+        silence()
+    return value
+
+
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(f)
+    return click.option(
+        "--json", "as_json", is_flag=True, callback=_json_silences_progress, help="Print JSON instead of text."
+    )(f)
 
 
 def keyring(keys_dir: Path | None) -> Keyring:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option
+from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
 from revreg.errors import CheckFailed, InputError
 from revreg.registry.api import to_json
 from revreg.registry.locate import open_registry, require_local
@@ -85,8 +85,9 @@ def current(registry: str | None) -> None:
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@json_option
 @registry_option
-def push(files: tuple[Path, ...], registry: str | None) -> None:
+def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
     """Store signed artifacts in the registry.
 
     The signature must be by a trusted publisher key (`revreg keys trust --role publisher`),
@@ -94,10 +95,15 @@ def push(files: tuple[Path, ...], registry: str | None) -> None:
     different bytes under an existing NAME:VERSION is refused.
     """
     reg = _open(registry)
+    results = []
     for path in files:
         result = reg.push(path)
-        verb = "pushed" if result.created else "already present:"
-        click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+        results.append(result)
+        if not as_json:
+            verb = "pushed" if result.created else "already present:"
+            click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+    if as_json:
+        click.echo(json.dumps(to_json(results), indent=1))
 
 
 @click.command()
@@ -110,15 +116,34 @@ def push(files: tuple[Path, ...], registry: str | None) -> None:
     help="File (safetensors) or directory (peft) to create.",
 )
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "peft"]), default="safetensors", show_default=True)
-@click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are not published.")
+@click.option("--allow-unpublished", is_flag=True, help="Also pull versions that are pending, certified or rejected.")
+@click.option("--allow-yanked", is_flag=True, help="Also pull a yanked version (recorded in the audit log).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@json_option
 @registry_option
-def pull(ref: str, output: Path, fmt: str, allow_unpublished: bool, registry: str | None) -> None:
+def pull(
+    ref: str,
+    output: Path,
+    fmt: str,
+    allow_unpublished: bool,
+    allow_yanked: bool,
+    force: bool,
+    as_json: bool,
+    registry: str | None,
+) -> None:
     """Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.
 
     The digest, signature and (for published versions) certification are checked before
     anything is written to the output, which appears complete or not at all.
     """
-    info = _open(registry).pull(ref, output, fmt, allow_unpublished)
+    if output.exists() and not (force and output.is_file()):
+        what = "a directory" if output.is_dir() else "a file"
+        hint = "" if output.is_dir() else " (pass --force to replace it)"
+        raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
+    info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
+    if as_json:
+        click.echo(json.dumps({"version": to_json(info), "output": str(output), "format": fmt}, indent=1))
+        return
     click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
 
 
@@ -190,32 +215,70 @@ def show(ref: str, as_json: bool, registry: str | None) -> None:
 
 @click.command()
 @click.argument("ref")
-@click.argument("tag_name", metavar="TAG")
-@click.option("--allow-downgrade", is_flag=True, help="Allow moving the tag to an older version (audited).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the JSON lines here (e.g. NAME.intoto.jsonl) instead of standard output.",
+)
 @registry_option
-def tag(ref: str, tag_name: str, allow_downgrade: bool, registry: str | None) -> None:
-    """Point TAG (e.g. latest, stable) of a behavior at REF; refuses downgrades unless allowed."""
-    info = _open(registry).tag(ref, tag_name, allow_downgrade)
-    click.echo(f"{info.name}:{tag_name} -> {info.version}")
+def attestations(ref: str, output: Path | None, registry: str | None) -> None:
+    """Export REF's certifications as DSSE envelopes, one JSON line each, oldest first.
+
+    Each line is the envelope exactly as the verifier signed it: an in-toto Statement v1 about
+    the artifact's sha256 digest, with revreg's predicate, signed with Ed25519. The key id is
+    revreg's (`sha256:` of the public key's DER); `revreg keys export` gives the public key. Any
+    DSSE verifier (securesystemslib, in-toto tooling, cosign's DSSE support) checks them.
+    """
+    from revreg.artifacts.safetensors_io import atomic_output
+
+    detail = _open(registry).show(ref)
+    lines = "".join(c.envelope + "\n" for c in detail.certifications)
+    if output is None:
+        click.echo(lines, nl=False)
+        return
+    with atomic_output(output) as fh:
+        fh.write(lines.encode("utf-8"))
+    click.echo(f"wrote {len(detail.certifications)} certifications of {detail.info.ref} to {output}", err=True)
 
 
 @click.command()
 @click.argument("ref")
+@click.argument("tag_name", metavar="TAG")
+@click.option("--allow-downgrade", is_flag=True, help="Allow moving the tag to an older version (audited).")
+@json_option
 @registry_option
-def publish(ref: str, registry: str | None) -> None:
-    """Publish a certified version (needs a passing certification by a trusted verifier key)."""
+def tag(ref: str, tag_name: str, allow_downgrade: bool, as_json: bool, registry: str | None) -> None:
+    """Point TAG (e.g. latest, stable) of a behavior at REF; refuses downgrades unless allowed."""
+    info = _open(registry).tag(ref, tag_name, allow_downgrade)
+    _done(info, as_json, f"{info.name}:{tag_name} -> {info.version}")
+
+
+def _done(info: Any, as_json: bool, line: str) -> None:
+    """The changed entity in its one JSON shape, or one line for a person."""
+    click.echo(json.dumps(to_json(info), indent=1) if as_json else line)
+
+
+@click.command()
+@click.argument("ref")
+@json_option
+@registry_option
+def publish(ref: str, as_json: bool, registry: str | None) -> None:
+    """Publish a certified version (its newest certification by a trusted verifier key says PASS)."""
     info = _open(registry).publish(ref)
-    click.echo(f"published {info.ref} {info.digest}")
+    _done(info, as_json, f"published {info.ref} {info.digest}")
 
 
 @click.command()
 @click.argument("ref")
 @click.option("--reason", required=True, help="Why the version is withdrawn (recorded in the audit log).")
+@json_option
 @registry_option
-def yank(ref: str, reason: str, registry: str | None) -> None:
+def yank(ref: str, reason: str, as_json: bool, registry: str | None) -> None:
     """Withdraw a version: it stays recorded but is no longer pulled."""
     info = _open(registry).yank(ref, reason)
-    click.echo(f"yanked {info.ref}: {reason}")
+    _done(info, as_json, f"yanked {info.ref}: {reason}")
 
 
 @click.group()
@@ -254,14 +317,112 @@ def audit() -> None:
     """Read and verify the registry's hash-chained audit log."""
 
 
+def _public_key(key: str, keys_dir: Path | None) -> dict[str, Any]:
+    """A keyring name or a PEM public key file, as trust anchors by key id."""
+    from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
+
+    path = Path(key)
+    if path.is_file():
+        public = load_public_pem(path.read_bytes(), path.name)
+        return {keyid_of(public): TrustedKey(path.stem, keyid_of(public), public)}
+    return {k.keyid: k for k in keyring(keys_dir).trusted().values() if k.name == key} or _no_key(key)
+
+
+def _no_key(key: str) -> dict[str, Any]:
+    raise InputError(f"no key {key!r}: give a keyring name or a PEM public key file")
+
+
 @audit.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A signed checkpoint (from `revreg audit checkpoint`) the log must still match (repeatable).",
+)
+@click.option(
+    "--checkpoint-key",
+    default=None,
+    metavar="NAME|PEM",
+    help="The key that signs checkpoints: a keyring name or a PEM public key file.",
+)
 @registry_option
-def audit_verify(registry: str | None) -> None:
-    """Check the audit chain; exit 1 naming the first edited, deleted or reordered row."""
-    verdict = _open(registry).audit_verify()
+@keys_dir_option
+def audit_verify(
+    checkpoints: tuple[Path, ...], checkpoint_key: str | None, registry: str | None, keys_dir: Path | None
+) -> None:
+    """Check the audit chain; exit 1 naming the first edited, deleted or reordered row.
+
+    The chain alone cannot see a rewrite that recomputes every hash (anyone who can write the
+    database can do that). With --checkpoint it also checks that the log still holds the head a
+    key outside the database signed: any rewrite of the rows a checkpoint covers is detected.
+    """
+    from revreg.registry.checkpoint import check_against, read_checkpoint
+
+    if checkpoints and checkpoint_key is None:
+        raise InputError("--checkpoint needs --checkpoint-key (the key that signed it)")
+    reg = _open(registry)
+    verdict = reg.audit_verify()
     if not verdict.ok:
         raise CheckFailed(f"audit log broken: {verdict.problem}")
+    if checkpoints:
+        assert checkpoint_key is not None
+        from revreg.registry.chain import recompute
+
+        trusted = _public_key(checkpoint_key, keys_dir)
+        entries = reg.audit_log()
+        # Recomputed here from the rows themselves: a server's own verdict is not taken on trust.
+        broken = recompute(entries)
+        if broken is not None:
+            raise CheckFailed(f"audit log broken: {broken}")
+        for path in checkpoints:
+            try:
+                text = path.read_bytes()
+            except OSError as exc:
+                raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+            point = read_checkpoint(text.rstrip(b"\n"), trusted)  # one envelope per file, newline-terminated
+            check_against(point, entries)
+            click.echo(f"checkpoint {path.name}: rows 1..{point.length} as signed at {point.time}")
     click.echo(f"audit log OK: {verdict.rows} rows, chain intact")
+
+
+@audit.command("checkpoint")
+@click.option("--key", "key_name", required=True, help="The key that signs the checkpoint (keyring name).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Checkpoint file to write; keep it outside the registry (CI artifacts, git, a ticket).",
+)
+@passphrase_env_option
+@registry_option
+@keys_dir_option
+def audit_checkpoint(
+    key_name: str, output: Path, passphrase_env: str | None, registry: str | None, keys_dir: Path | None
+) -> None:
+    """Sign the audit log's current head (length, head hash, time) with a key outside the database.
+
+    `revreg audit verify --checkpoint FILE --checkpoint-key KEY` later detects any rewrite of
+    the rows it covers, even one that recomputes the whole chain.
+    """
+    import os
+
+    from revreg.artifacts.artifact import utc_timestamp
+    from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
+    from revreg.artifacts.safetensors_io import atomic_output
+    from revreg.registry.checkpoint import make_checkpoint
+
+    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    reg = _open(registry)
+    verdict = reg.audit_verify()
+    if not verdict.ok:
+        raise CheckFailed(f"audit log broken: {verdict.problem}; not signing a broken chain")
+    envelope = make_checkpoint(reg.audit_log(), reg.describe(), utc_timestamp(), signer)
+    with atomic_output(output) as fh:
+        fh.write(envelope + b"\n")
+    click.echo(f"checkpoint of {verdict.rows} rows signed by {signer.name} -> {output}")
 
 
 @audit.command("log")
@@ -279,17 +440,35 @@ def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
 
 
 @click.command()
-@click.option("--prune", is_flag=True, help="Delete orphan blobs and staging files left by interrupted writes.")
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="Delete orphan blobs and staging files left by interrupted writes (only those older than --grace "
+    "that no live writer holds).",
+)
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    metavar="DURATION",
+    help="With --prune: how old an orphan must be before it counts as abandoned.",
+)
 @json_option
 @registry_option
-def fsck(prune: bool, as_json: bool, registry: str | None) -> None:
-    """Check every blob against its digest and every row against its blob (exit 1 on problems)."""
-    report = _open(registry).fsck(prune)
+def fsck(prune: bool, grace: str, as_json: bool, registry: str | None) -> None:
+    """Check every blob against its digest and every row against its blob (exit 1 on problems).
+
+    Safe beside running pushes: --prune never deletes a file a live push still holds, nor one
+    younger than --grace, and re-checks the rows right before each deletion.
+    """
+    from revreg.durations import parse_duration
+
+    report = _open(registry).fsck(prune, parse_duration(grace, "--grace").total_seconds())
     if as_json:
         click.echo(json.dumps(to_json(report), indent=1))
     else:
         for w in report.warnings:
-            click.echo(f"warning: {w}{' (pruned)' if prune else ''}")
+            click.echo(f"warning: {w}")
         for p in report.problems:
             click.echo(f"PROBLEM: {p}")
         click.echo(

@@ -42,8 +42,15 @@ def serve(
     if print_openapi:
         click.echo(json.dumps(create_app(reg, anonymous_read).openapi(), indent=1, sort_keys=True))
         return
+    import socket
+
     import uvicorn
 
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror} (pick another --port)") from exc
     click.echo(
         f"serving {reg.location.describe()} on http://{host}:{port} "
         f"(anonymous read {'on' if anonymous_read else 'off'})",
@@ -130,3 +137,39 @@ def tokens_revoke(name: str, registry: str | None) -> None:
 
     info = Tokens(open_local(registry, "tokens revoke")).revoke(name)
     click.echo(f"revoked token {info.name}")
+
+
+@click.command()
+@click.argument("url")
+@click.option("--token-stdin", is_flag=True, help="Read the token from standard input (for scripts).")
+def login(url: str, token_stdin: bool) -> None:
+    """Store an API token for the registry server at URL (~/.config/revreg/credentials.toml, mode 0600).
+
+    The token is asked for without echo (or read from stdin), checked against the server, and
+    used by every later command with `--registry URL` when $REVREG_TOKEN is not set.
+    """
+    import sys
+
+    from revreg.config import save_token
+    from revreg.registry.remote import RemoteRegistry
+
+    if not url.startswith(("http://", "https://")):
+        raise InputError(f"{url!r}: login is for a registry server, http(s)://HOST:PORT")
+    token = sys.stdin.readline() if token_stdin else click.prompt("API token", hide_input=True, err=True)
+    token = token.strip()
+    if not token:
+        raise InputError("no token given")
+    who = RemoteRegistry(url, token)._call("GET", "/v1/info")
+    path = save_token(url, token)
+    click.echo(
+        f"logged in to {url.rstrip('/')} as token {who['token']!r} ({', '.join(who['scopes'])}); saved in {path}"
+    )
+
+
+@click.command()
+@click.argument("url")
+def logout(url: str) -> None:
+    """Forget the token stored for URL."""
+    from revreg.config import forget_token
+
+    click.echo(f"forgot the token for {url}" if forget_token(url) else f"no token stored for {url}")

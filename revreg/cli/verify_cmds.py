@@ -89,10 +89,16 @@ def probes_create(
 
 @probes.command("push")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
 @registry_option
-def probes_push(file: Path, registry: str | None) -> None:
+def probes_push(file: Path, as_json: bool, registry: str | None) -> None:
     """Store a probe set in the registry (content-addressed)."""
     info, created = _open(registry).push_probes(file)
+    if as_json:
+        from revreg.registry.api import to_json
+
+        click.echo(json.dumps({"probes": to_json(info), "created": created}, indent=1))
+        return
     click.echo(f"{'pushed' if created else 'already present:'} probes {info.name} {info.digest} ({info.count} probes)")
 
 
@@ -100,15 +106,24 @@ def probes_push(file: Path, registry: str | None) -> None:
 @json_option
 @registry_option
 def probes_list(as_json: bool, registry: str | None) -> None:
-    """List the probe sets in the registry."""
+    """List the probe sets in the registry; `*` marks the one a bare name resolves to (the newest
+    of that name). Name a set exactly with NAME@sha256:… or its digest."""
     sets = _open(registry).probe_sets()
     if as_json:
         from revreg.registry.api import to_json
 
         click.echo(json.dumps(to_json(sets), indent=1))
         return
+    newest: dict[str, object] = {}
+    for p in sorted(sets, key=lambda p: p.created_at):
+        newest[p.name] = p
+    rows = [("", "NAME", "DIGEST", "PROBES", "OUTPUT", "CREATED")]
     for p in sets:
-        click.echo(f"{p.name:<24} {p.digest}  {p.count} probes")
+        mark = "*" if newest[p.name] is p else ""
+        created = p.created_at.strftime("%Y-%m-%d %H:%M")
+        rows.append((mark, p.name, p.digest, str(p.count), f"{p.output} ({p.divergence})", created))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
 
 
 def verifier_options(f: F) -> F:
@@ -255,6 +270,11 @@ def certify(
         request = reg.request_certification(
             ref, str(Path(base).absolute()), probes_ref, factory, device, cycles, baselines
         )
+        if as_json:
+            from revreg.registry.api import to_json
+
+            click.echo(json.dumps(to_json(request), indent=1))
+            return
         click.echo(f"queued certification request {request.id} for {request.ref}")
         return
     if key_name is None:
@@ -264,11 +284,14 @@ def certify(
     done = certify_ref(reg, ref, ProbeSource.choose(reg, probes_ref), base, signer, factory, device, cycles, baselines)
     recorded = done.recorded
     assert recorded is not None
-    _print(
-        done.result,
-        as_json,
-        {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name}; certified {done.version.digest})"},
-    )
+    if as_json:
+        from revreg.registry.api import to_json
+
+        extra: dict[str, Any] = {"recorded": to_json(recorded), "pinned": done.version.pinned}
+    else:
+        extra = {"recorded": f"{recorded.ref} is now {recorded.state} (signed by {signer.name})"}
+        extra["pinned"] = done.version.pinned
+    _print(done.result, as_json, extra)
     if not done.result.passed:
         raise CheckFailed(f"certification {done.result.verdict}: {'; '.join(done.result.reasons)}")
 

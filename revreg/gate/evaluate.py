@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from revreg.artifacts.attestation import verify_certification
-from revreg.errors import RevregError
 from revreg.gate.policy import AllOf, CertificationEvidence, Evidence, KeyFacts, RuleResult
 from revreg.registry.api import RegistryAPI
+from revreg.registry.policy import newest_index
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,9 @@ class GateReport:
 
 def _when(text: Any, fallback: datetime) -> datetime:
     try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError):
         return fallback
 
 
@@ -53,28 +53,25 @@ def evaluate(registry: RegistryAPI, ref: str, policy: AllOf, now: datetime | Non
     keys = {(k.keyid, k.role): k for k in registry.key_records()}
     signer_key = keys.get((v.signer_keyid, "publisher"))
     signer = KeyFacts(v.signer_keyid, v.signer_name, v.signer_revoked or bool(signer_key and signer_key.revoked))
-    verifiers = registry.trusted("verifier", include_revoked=True)
-    candidates: list[CertificationEvidence] = []
-    for row in sorted(detail.certifications, key=lambda c: c.created_at, reverse=True):
-        try:
-            cert = verify_certification(row.envelope, verifiers)
-        except RevregError:
-            continue  # not by a verifier key this registry knows: not evidence
-        if cert.subject_digest != v.digest:
-            continue
-        record = keys.get((cert.verifier.keyid, "verifier"))
-        facts = KeyFacts(cert.verifier.keyid, cert.verifier.name, bool(record and record.revoked))
-        candidates.append(
-            CertificationEvidence(cert.predicate, facts, _when(cert.predicate.get("finished_at"), row.created_at))
-        )
-    chosen: tuple[list[RuleResult], CertificationEvidence | None] | None = None
-    for evidence in candidates:
-        results = policy.verify(Evidence(v.ref, v.digest, v.state, signer, evidence, now))
-        if all(r.passed for r in results):
-            chosen = (results, evidence)
-            break
-        chosen = chosen or (results, evidence)
-    if chosen is None:
-        chosen = (policy.verify(Evidence(v.ref, v.digest, v.state, signer, None, now)), None)
-    results, accepted = chosen
+    # Only unrevoked verifier keys give evidence; of their certifications of this digest, the
+    # newest decides (an older PASS never outweighs a newer FAIL).
+    verifiers = registry.trusted("verifier")
+    rows = detail.certifications  # in record order
+    found = newest_index([row.envelope for row in rows], verifiers, v.digest)
+    evidence = None
+    if found is not None:
+        index, current = found
+        row = rows[index]
+        record = keys.get((current.verifier.keyid, "verifier"))
+        facts = KeyFacts(current.verifier.keyid, current.verifier.name, bool(record and record.revoked))
+        evidence = CertificationEvidence(current.predicate, facts, _when(current.finished_at, row.created_at))
+    # Certifications set aside because their verifier is revoked are named, never counted.
+    everyone = registry.trusted("verifier", include_revoked=True)
+    revoked = tuple(
+        KeyFacts(keyid, key.name, True)
+        for keyid, key in everyone.items()
+        if keyid not in verifiers and newest_index([row.envelope for row in rows], {keyid: key}, v.digest)
+    )
+    results = policy.verify(Evidence(v.ref, v.digest, v.state, signer, evidence, now, revoked))
+    accepted = evidence
     return GateReport(v.ref, v.digest, all(r.passed for r in results), results, accepted)

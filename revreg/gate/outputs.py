@@ -30,6 +30,18 @@ def junit_xml(report: GateReport) -> bytes:
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
+def junit_error(ref: str, message: str) -> bytes:
+    """The JUnit file for a gate that could not run (bad policy, unknown version, registry down):
+    one failing test case, so a CI report shows the failure instead of a missing file."""
+    suite = ET.Element("testsuite", name=f"revreg gate {ref}", tests="1", failures="0", errors="1", skipped="0")
+    case = ET.SubElement(suite, "testcase", classname=f"revreg.gate.{ref}", name="gate")
+    ET.SubElement(case, "error", message=message, type="GateCouldNotRun").text = message
+    suites = ET.Element("testsuites", name="revreg", tests="1", failures="0", errors="1")
+    suites.append(suite)
+    ET.indent(suites)
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True) + b"\n"
+
+
 def _escape(text: str) -> str:
     # GitHub workflow commands: %, CR and LF must be escaped in the message.
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")

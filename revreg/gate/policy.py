@@ -11,7 +11,11 @@ A policy file is TOML with one [policy] table; each key is a rule:
     min_effect = 1e-4               # the behavior's divergence while attached (KL or MSE)
     probe_set = "smoke"             # probe set name, NAME@sha256:..., or sha256:...
     max_age = "30d"                 # certification age: s, m, h or d
-    no_revoked_keys = true          # neither signer nor verifier revoked
+
+Always part of every gate, whatever the file says: the version is `certified` or `published`
+(never pending, rejected or yanked), its newest certification by a trusted verifier says PASS,
+and no revoked key counts (a revoked signer fails the gate; a revoked verifier's certifications
+are not evidence). `no_revoked_keys = true` is accepted for old policy files and changes nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Evidence:
     signer: KeyFacts
     certification: CertificationEvidence | None
     now: datetime
+    revoked_verifiers: tuple[KeyFacts, ...] = ()  # verifiers whose certifications were set aside
 
 
 @dataclass(frozen=True)
@@ -75,14 +80,20 @@ def _key_label(k: KeyFacts) -> str:
     return f"{k.name or '?'} ({k.keyid[:19]}…)"
 
 
+GATED_STATES = ("certified", "published")
+
+
 class Certified(Rule):
-    """Always part of a gate: a passing certification of exactly this digest."""
+    """Always part of a gate: the version is certified or published, and the newest certification
+    of exactly this digest by an unrevoked verifier says PASS."""
 
     name = "certified"
 
     def verify(self, e: Evidence) -> RuleResult:
+        if e.state not in GATED_STATES:
+            return self.result(False, f"{e.ref} is {e.state}; only a certified or published version passes")
         if e.certification is None:
-            return self.result(False, f"{e.ref} has no certification by a known verifier key")
+            return self.result(False, f"{e.ref} has no certification by a trusted, unrevoked verifier key")
         verdict = e.certification.predicate.get("verdict")
         return self.result(verdict == "PASS", f"verdict {verdict} by {_key_label(e.certification.verifier)}")
 
@@ -94,6 +105,8 @@ class KeyList(Rule):
 
     def __post_init__(self) -> None:
         self.name = f"{self.whose}s"
+        if not self.allowed:
+            raise InputError(f"policy rule {self.name} must list at least one key name or id")
 
     def verify(self, e: Evidence) -> RuleResult:
         key = e.signer if self.whose == "publisher" else (e.certification.verifier if e.certification else None)
@@ -125,6 +138,10 @@ class MaxAge(Rule):
         if e.certification is None:
             return self.result(False, "no certification")
         age = e.now - e.certification.certified_at
+        if age.total_seconds() < 0:
+            return self.result(
+                False, f"certified at {e.certification.certified_at.isoformat()}, after the time the gate judges"
+            )
         return self.result(
             age <= self.limit, f"certified {age.total_seconds() / 86400:.1f} days ago (limit {self.text})"
         )
@@ -135,8 +152,12 @@ class NoRevokedKeys(Rule):
 
     def verify(self, e: Evidence) -> RuleResult:
         revoked = [k for k in (e.signer, e.certification.verifier if e.certification else None) if k and k.revoked]
+        revoked += [k for k in e.revoked_verifiers if k not in revoked]
         if revoked:
-            return self.result(False, "revoked: " + ", ".join(_key_label(k) for k in revoked))
+            return self.result(
+                False,
+                "revoked: " + ", ".join(_key_label(k) for k in revoked) + " (a revoked key's signatures never count)",
+            )
         return self.result(True, "signer and verifier keys are not revoked")
 
 
@@ -161,7 +182,7 @@ def _device(value: str) -> Rule:
         "device",
         lambda p: (
             value == "any" or str(p.get("device", "")).split(":")[0] == value,
-            f"certified on {p.get('device')}",
+            f"certified on {p.get('device')} (required: {value})",
         ),
     )
 
@@ -186,10 +207,21 @@ def _probe_set(value: str) -> Rule:
 
 
 def _min_cycles(n: int) -> Rule:
-    return _predicate_rule("min_cycles", lambda p: (int(p.get("cycles") or 0) >= n, f"{p.get('cycles')} cycles"))
+    if n < 1:
+        raise InputError(f"policy rule min_cycles must be at least 1, got {n}")
+
+    def check(p: dict[str, Any]) -> tuple[bool, str]:
+        cycles = p.get("cycles")
+        ok = isinstance(cycles, int) and not isinstance(cycles, bool) and cycles >= n
+        return ok, f"{cycles} cycles (minimum {n})"
+
+    return _predicate_rule("min_cycles", check)
 
 
 def _min_effect(x: float) -> Rule:
+    if not 0 <= x < float("inf"):
+        raise InputError(f"policy rule min_effect must be a finite number of at least 0, got {x}")
+
     def check(p: dict[str, Any]) -> tuple[bool, str]:
         name, effect = metric(p.get("metrics") or {}, "adapted")
         return effect is not None and effect >= x, f"{name} while attached {effect} (minimum {x:g})"
@@ -198,7 +230,10 @@ def _min_effect(x: float) -> Rule:
 
 
 def _max_age(text: str) -> Rule:
-    return MaxAge(parse_duration(text, "policy rule max_age"), text)
+    limit = parse_duration(text, "policy rule max_age")
+    if limit.total_seconds() <= 0:
+        raise InputError(f"policy rule max_age must be a positive duration, got {text!r}")
+    return MaxAge(limit, text)
 
 
 RULES: dict[str, tuple[type | tuple[type, ...], str, Callable[[Any], Rule | None]]] = {
@@ -210,8 +245,12 @@ RULES: dict[str, tuple[type | tuple[type, ...], str, Callable[[Any], Rule | None
     "min_effect": ((int, float), "a number", lambda v: _min_effect(float(v))),
     "probe_set": (str, "a string", _probe_set),
     "max_age": (str, "a duration string", _max_age),
-    "no_revoked_keys": (bool, "true or false", lambda v: NoRevokedKeys() if v else None),
+    "no_revoked_keys": (bool, "true or false", lambda v: None if v else _revoked_keys_always_count()),
 }
+
+
+def _revoked_keys_always_count() -> Rule:
+    raise InputError("policy rule no_revoked_keys = false is not allowed: revoked keys never count; remove the rule")
 
 
 def parse_policy(text: str, where: str) -> AllOf:
@@ -232,12 +271,29 @@ def parse_policy(text: str, where: str) -> AllOf:
         rule = build(value)
         if rule is not None:
             rules.append(rule)
-    return AllOf(rules)
+    return AllOf([*rules, NoRevokedKeys()])
+
+
+def _decode(data: bytes, where: str) -> str:
+    """Policy files as editors write them: UTF-8, with or without a BOM, or UTF-16 with one
+    (PowerShell's `>`). Anything else is refused with one line, never guessed."""
+    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be")):
+        if data.startswith(bom):
+            data, encoding = data[len(bom) :], codec
+            break
+    else:
+        encoding = "utf-8"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{where} is not valid {encoding.upper()} (byte {exc.start}): save the policy as UTF-8"
+        ) from exc
 
 
 def load_policy(path: Path) -> AllOf:
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read policy {path}: {exc.strerror}") from exc
-    return parse_policy(text, str(path))
+    return parse_policy(_decode(data, str(path)), str(path))

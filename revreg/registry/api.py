@@ -26,6 +26,7 @@ from revreg.errors import (
     RevregError,
     SignatureError,
     UnknownKeyError,
+    Unreachable,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class StateError(RevregError):
 
 class GateError(RevregError):
     """The version does not meet the publish policy."""
+
+    exit_code = 1
 
 
 class AuthError(RevregError):
@@ -85,6 +88,7 @@ ERROR_STATUS: tuple[tuple[type[RevregError], int], ...] = (
     (KeyringError, 400),
     (CheckFailed, 400),
     (SchemaError, 503),
+    (Unreachable, 502),
     (RevregError, 400),
 )
 ERRORS_BY_NAME: dict[str, type[RevregError]] = {cls.__name__: cls for cls, _ in ERROR_STATUS}
@@ -164,6 +168,8 @@ class ProbeSetInfo:
     digest: str
     count: int
     created_at: datetime
+    output: str = ""  # which model output a certification compares
+    divergence: str = ""  # kl (distributions) or mse (hidden states)
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,14 @@ class RegistryAPI(Protocol):
 
     # versions
     def push(self, path: Path) -> PushResult: ...
-    def pull(self, ref: str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False) -> VersionInfo: ...
+    def pull(
+        self,
+        ref: str,
+        dest: Path,
+        fmt: str = "safetensors",
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
+    ) -> VersionInfo: ...
     def resolve(self, ref: str) -> VersionInfo: ...
     def ls(self, name: str | None = None) -> list[VersionInfo]: ...
     def show(self, ref: str) -> VersionDetail: ...
@@ -325,4 +338,4 @@ class RegistryAPI(Protocol):
     # integrity
     def audit_log(self, subject: str | None = None) -> list[AuditEntryInfo]: ...
     def audit_verify(self) -> ChainVerdict: ...
-    def fsck(self, prune: bool = False) -> FsckReport: ...
+    def fsck(self, prune: bool = False, grace: float = 3600.0) -> FsckReport: ...

@@ -3,7 +3,6 @@ deleted or reordered row breaks the chain at a place `verify` can name."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -13,19 +12,12 @@ from sqlalchemy.orm import Session
 
 from revreg.artifacts.canonical import canonical_json
 from revreg.registry.api import AuditEntryInfo, ChainVerdict
+from revreg.registry.chain import GENESIS, entry_hash
 from revreg.registry.models import AuditEntry, Setting
 
-GENESIS = "0" * 64
 HEAD_KEY = "audit_head"
 # Arbitrary constant naming revreg's audit lock among PostgreSQL advisory locks.
 _PG_LOCK = 0x7265_7672
-
-
-def entry_hash(prev_hash: str, seq: int, at: str, actor: str, action: str, subject: str, details: str) -> str:
-    body = canonical_json(
-        {"seq": seq, "at": at, "actor": actor, "action": action, "subject": subject, "details": details}
-    )
-    return hashlib.sha256(prev_hash.encode("ascii") + body).hexdigest()
 
 
 def now_iso() -> str:

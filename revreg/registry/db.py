@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from revreg.errors import InputError
+from revreg.errors import InputError, Unreachable
 from revreg.registry.api import SchemaError
 from revreg.registry.locate import location_of
 
@@ -55,6 +55,11 @@ def resolve(location: str | None) -> Location:
     return Location(f"sqlite:///{directory / DB_FILE}", directory)
 
 
+def _reason(exc: OperationalError) -> str:
+    text = str(exc.orig or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's begin() below own transactions instead of pysqlite's implicit ones.
     dbapi_connection.isolation_level = None
@@ -87,6 +92,8 @@ def current_revision(engine: Engine) -> str | None:
             if not inspect(conn).has_table("alembic_version"):
                 return None
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except OperationalError as exc:
+        raise Unreachable(f"cannot reach the registry database at {_redact(str(engine.url))}: {_reason(exc)}") from exc
     except SQLAlchemyError as exc:
         raise SchemaError(f"cannot open the registry database: {exc.__class__.__name__}: {exc.args[0]}") from exc
 

@@ -64,6 +64,12 @@ def deliver(
             )
         with renamed_in_errors(tmp, f"{source} for {info.ref}"):
             verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
+        signed = (verified.manifest.name, verified.manifest.version)
+        if signed != (info.name, info.version):
+            raise IntegrityError(
+                f"{source} for {info.ref} is signed as {signed[0]}:{signed[1]}; the registry's record of it was "
+                "altered (run `revreg fsck`)"
+            )
         if fmt == "peft":
             write_peft(verified.manifest, read_tensors(tmp), dest)
         else:

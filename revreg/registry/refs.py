@@ -28,6 +28,6 @@ def parse_ref(text: str) -> Ref:
         name, _, digest = text.partition("@")
         return Ref(check_name(name), digest=check_digest(digest))
     name, sep, selector = text.partition(":")
-    if sep and not VERSION_RE.match(selector):
+    if sep and not VERSION_RE.fullmatch(selector):
         raise InputError(f"invalid version or tag {selector!r} in {text!r}")
     return Ref(check_name(name), selector or None)

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from revreg import errors
-from revreg.artifacts.keys import TrustedKey, load_public_pem
+from revreg import errors, progress
+from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.registry.api import (
     ERRORS_BY_NAME,
     AuditEntryInfo,
@@ -26,6 +26,7 @@ from revreg.registry.api import (
     ProbeSetInfo,
     PushResult,
     Request,
+    StateError,
     Unsupported,
     VersionDetail,
     VersionInfo,
@@ -36,10 +37,27 @@ from revreg.registry.delivery import check_format, deliver
 BLOCK = 1 << 20
 RESUME_ATTEMPTS = 5
 T = TypeVar("T")
+# Key ids (sha256:… of the public key, as `revreg keys list` prints them) this client trusts,
+# comma-separated; when set, the server's word on who is trusted is not taken.
+PIN_ENV = {"publisher": "REVREG_PIN_PUBLISHERS", "verifier": "REVREG_PIN_VERIFIERS"}
+
+
+def pins_from_env() -> dict[str, frozenset[str]]:
+    pins = {}
+    for role, var in PIN_ENV.items():
+        raw = os.environ.get(var, "")
+        ids = frozenset(p.strip() for p in raw.split(",") if p.strip())
+        if ids:
+            pins[role] = ids
+    return pins
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise errors.InputError(f"{url!r} is not a usable registry URL ({exc})") from exc
     if parts.scheme == "http":
         host = parts.hostname or ""
         try:
@@ -51,6 +69,12 @@ def _check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _saved_token(url: str) -> str | None:
+    from revreg.config import saved_token
+
+    return saved_token(url)
+
+
 def _list(cls: type[T], docs: Any) -> list[T]:
     if not isinstance(docs, list):
         raise errors.RevregError(f"the server sent {type(docs).__name__} where a list of {cls.__name__} belongs")
@@ -58,9 +82,22 @@ def _list(cls: type[T], docs: Any) -> list[T]:
 
 
 class RemoteRegistry:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 600.0,
+        pins: dict[str, frozenset[str]] | None = None,
+    ) -> None:
         self.url = _check_url(url)
-        secret = token or os.environ.get("REVREG_TOKEN")
+        self.pins = pins_from_env() if pins is None else pins
+        secret = (token or os.environ.get("REVREG_TOKEN") or _saved_token(self.url) or "").strip()
+        if secret and not (secret.isascii() and secret.isprintable() and " " not in secret):
+            # Never echo it: a token is a secret even when it is malformed.
+            raise errors.InputError(
+                "the API token ($REVREG_TOKEN or the one `revreg login` stored) has spaces, control or "
+                "non-ASCII characters"
+            )
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0))
 
@@ -79,18 +116,22 @@ class RemoteRegistry:
                 kind, message = "InputError", f"request refused: {doc['detail']}"
         except (ValueError, AttributeError):
             kind, message = "", response.text[:200]
-        cls = ERRORS_BY_NAME.get(kind, errors.RevregError)
+        default: type[errors.RevregError] = errors.Unreachable if response.status_code >= 500 else errors.RevregError
+        cls = ERRORS_BY_NAME.get(kind, default)
         raise cls(f"{message} (HTTP {response.status_code} from {self.url})")
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise errors.RevregError(f"cannot reach the registry at {self.url}: {exc}") from exc
+            raise errors.Unreachable(f"cannot reach the registry at {self.url}: {exc}") from exc
         self._raise(response)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
-    def _upload(self, path: str, file: Path) -> Any:
+    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
         file = Path(file)
         try:
             with open(file, "rb") as fh:
@@ -104,14 +145,17 @@ class RemoteRegistry:
         def body() -> Iterator[bytes]:
             with open(file, "rb") as fh:
                 while block := fh.read(BLOCK):
+                    progress.advance(len(block))
                     yield block
 
         headers = {
             "X-Revreg-Digest": "sha256:" + h.hexdigest(),
             "Content-Length": str(size),
             "Content-Type": "application/octet-stream",
+            **(extra or {}),
         }
-        return self._call("PUT", path, content=body(), headers=headers)
+        with progress.task(f"upload {file.name}", size):
+            return self._call("PUT", path, content=body(), headers=headers)
 
     def _download(self, path: str, params: dict[str, Any], sink: BinaryIO) -> str:
         """Stream a download into `sink`, resuming with Range requests if the connection drops."""
@@ -126,13 +170,14 @@ class RemoteRegistry:
                     if written and response.status_code != 206:
                         raise errors.IntegrityError("the server ignored the resume request; pull again")
                     for chunk in response.iter_bytes(BLOCK):
+                        progress.advance(len(chunk))
                         sink.write(chunk)
                         h.update(chunk)
                         written += len(chunk)
                 return "sha256:" + h.hexdigest()
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if attempt == RESUME_ATTEMPTS - 1:
-                    raise errors.RevregError(f"download from {self.url} failed after {written} bytes: {exc}") from exc
+                    raise errors.Unreachable(f"download from {self.url} failed after {written} bytes: {exc}") from exc
         raise AssertionError("unreachable")
 
     # -- keys --------------------------------------------------------------------------------
@@ -148,10 +193,22 @@ class RemoteRegistry:
         return _list(KeyRecord, self._call("GET", "/v1/keys"))
 
     def trusted(self, role: str, include_revoked: bool = False) -> dict[str, TrustedKey]:
+        """The server's trust anchors for a role, each re-derived from its public key (a key id
+        that is not the key's own digest is refused); with pins for the role, only the pinned ones:
+        the server cannot add a key this client does not already trust."""
         rows = self._call("GET", "/v1/keys/pem", params={"role": role, "include_revoked": include_revoked})
-        return {
-            r["keyid"]: TrustedKey(r["name"], r["keyid"], load_public_pem(r["pem"].encode(), r["name"])) for r in rows
-        }
+        keys = {}
+        for r in rows:
+            public = load_public_pem(str(r["pem"]).encode(), str(r["name"]))
+            if keyid_of(public) != r["keyid"]:
+                raise errors.IntegrityError(
+                    f"{self.url} serves key {r['name']} as {r['keyid']}, but that public key is {keyid_of(public)}"
+                )
+            keys[r["keyid"]] = TrustedKey(r["name"], r["keyid"], public)
+        pinned = self.pins.get(role)
+        if pinned is None:
+            return keys
+        return {keyid: key for keyid, key in keys.items() if keyid in pinned}
 
     # -- bases -------------------------------------------------------------------------------
     def register_base(self, path: Path, name: str | None = None) -> tuple[BaseInfo, bool]:
@@ -165,18 +222,74 @@ class RemoteRegistry:
 
     # -- versions ----------------------------------------------------------------------------
     def push(self, path: Path) -> PushResult:
-        doc = self._upload("/v1/artifacts", path)
+        """Ask first (is this name ours to push, is this exact version stored already?), then
+        upload naming the behavior, so the server authorizes before it reads the body."""
+        from revreg.artifacts.artifact import file_digest, open_artifact
+
+        try:
+            name = open_artifact(Path(path)).manifest.name
+            digest = file_digest(Path(path))
+        except OSError as exc:
+            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+        check = self._call("POST", "/v1/uploads/check", json={"name": name, "digest": digest})
+        if check.get("stored"):
+            return PushResult(from_json(VersionInfo, check["version"]), False)
+        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": name})
         return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
 
-    def pull(self, ref: str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False) -> VersionInfo:
+    def pull(
+        self,
+        ref: str,
+        dest: Path,
+        fmt: str = "safetensors",
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
+    ) -> VersionInfo:
         check_format(fmt)
         info = self.resolve(ref)
+        self._check_answer(ref, info, allow_unpublished, allow_yanked)
         publishers = self.trusted("publisher")
-        params = {"ref": info.pinned, "allow_unpublished": allow_unpublished}
-        deliver(
-            info, publishers, Path(dest), fmt, lambda sink: self._download("/v1/artifact", params, sink), "download"
-        )
+        params = {"ref": info.pinned, "allow_unpublished": allow_unpublished, "allow_yanked": allow_yanked}
+        if info.state == "published" or ("verifier" in self.pins and not allow_unpublished):
+            self._check_certified(info)
+
+        def fill(sink: BinaryIO) -> str:
+            with progress.task(f"download {info.ref}", info.size):
+                return self._download("/v1/artifact", params, sink)
+
+        deliver(info, publishers, Path(dest), fmt, fill, "download")
         return info
+
+    def _check_answer(self, ref: str, info: VersionInfo, allow_unpublished: bool, allow_yanked: bool) -> None:
+        """What the server resolved must be what was asked for, in a state this pull accepts:
+        checked here, so a server cannot hand out another version or an unpublished one."""
+        from revreg.registry.refs import parse_ref
+
+        wanted = parse_ref(ref)
+        if (
+            info.name != wanted.name
+            or (wanted.digest is not None and info.digest != wanted.digest)
+            or (wanted.selector is not None and wanted.selector not in (info.version, *info.tags))
+        ):
+            raise errors.IntegrityError(f"asked {self.url} for {ref}, it answered with {info.ref} ({info.digest})")
+        if info.state == "yanked" and not allow_yanked:
+            raise StateError(f"{info.ref} was yanked ({info.yank_reason}); pass --allow-yanked to pull it anyway")
+        if info.state not in ("published", "yanked") and not allow_unpublished:
+            raise StateError(f"{info.ref} is {info.state}, not published (pass --allow-unpublished to pull it anyway)")
+
+    def _check_certified(self, info: VersionInfo) -> None:
+        """The publish gate again, on this side: the newest certification by a verifier this client
+        trusts (pinned, or the server's) must say PASS about exactly these bytes."""
+        from revreg.registry.policy import RequirePassingCertification
+
+        certifications = self.show(info.pinned).certifications
+        try:
+            RequirePassingCertification().verify(
+                info.ref, info.digest, [c.envelope for c in certifications], self.trusted("verifier")
+            )
+        except errors.RevregError as exc:
+            where = " pinned in REVREG_PIN_VERIFIERS" if "verifier" in self.pins else ""
+            raise type(exc)(f"{exc} (checked by this client against the verifier keys{where})") from exc
 
     def resolve(self, ref: str) -> VersionInfo:
         return from_json(VersionInfo, self._call("GET", "/v1/resolve", params={"ref": str(ref)}))
@@ -273,7 +386,7 @@ class RemoteRegistry:
     def audit_verify(self) -> ChainVerdict:
         return from_json(ChainVerdict, self._call("GET", "/v1/audit/verify"))
 
-    def fsck(self, prune: bool = False) -> FsckReport:
+    def fsck(self, prune: bool = False, grace: float = 3600.0) -> FsckReport:
         if prune:
             raise Unsupported("fsck --prune runs on the server's machine, not over HTTP")
         return from_json(FsckReport, self._call("GET", "/v1/fsck"))

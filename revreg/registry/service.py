@@ -11,23 +11,32 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from revreg import progress
 from revreg.artifacts.artifact import VERSION_RE, open_artifact, verify_artifact
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
-from revreg.errors import InputError, IntegrityError, RevregError, SignatureError, UnknownKeyError
+from revreg.errors import (
+    FormatError,
+    InputError,
+    IntegrityError,
+    SignatureError,
+    UnknownKeyError,
+    Unreachable,
+)
 from revreg.registry import audit
 from revreg.registry.api import (
     BaseInfo,
@@ -58,9 +67,10 @@ from revreg.registry.models import (
     Tag,
     Version,
 )
-from revreg.registry.policy import PublishGate, RequirePassingCertification
+from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
+    DEFAULT_GRACE,
     BlobStore,
     StagedBlob,
     check_digest,
@@ -87,6 +97,14 @@ def default_actor() -> str:
     except (KeyError, OSError):
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}"
+
+
+# How far ahead of this server's clock a verifier's signed finish time may be.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def _first_line(error: object) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _now() -> datetime:
@@ -142,7 +160,9 @@ class Registry:
         if loc.directory is not None:
             loc.directory.mkdir(parents=True, exist_ok=True)
         elif store is None:
-            raise InputError("a database registry needs --store DIR (or s3://…) for its blobs")
+            store = cls._recorded_store(loc)
+            if store is None:
+                raise InputError("a database registry needs --store DIR (or s3://…) for its blobs")
         # An embedded registry keeps its blobs beside the database, recorded relatively so the
         # directory can be moved; any other store is recorded absolutely.
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
@@ -166,8 +186,27 @@ class Registry:
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only session (queue and tokens build on it)."""
-        with Session(self.engine) as session:
-            yield session
+        try:
+            with Session(self.engine) as session:
+                yield session
+        except DataError as exc:
+            raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
+
+    @staticmethod
+    def _recorded_store(loc: Location) -> str | None:
+        """The blob store an existing database registry already records (re-running init on it
+        only brings the schema current)."""
+        from revreg.registry.db import current_revision
+
+        engine = make_engine(loc)
+        try:
+            if current_revision(engine) is None:
+                return None
+            with Session(engine) as s:
+                row = s.get(Setting, "store")
+                return row.value if row else None
+        finally:
+            engine.dispose()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -179,8 +218,11 @@ class Registry:
         except SAIntegrityError as exc:
             # Two writers raced on a unique constraint; the loser's transaction was rolled back.
             raise ConflictError(f"the registry changed concurrently ({exc.orig}); retry") from exc
+        except DataError as exc:
+            # A value the database cannot hold (a NUL byte in PostgreSQL text, an integer out of range).
+            raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
         except OperationalError as exc:
-            raise RevregError(f"registry database error: {exc.orig or exc}") from exc
+            raise Unreachable(f"registry database error: {_first_line(exc.orig or exc)}") from exc
 
     # -- keys --------------------------------------------------------------------------------
     def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
@@ -188,13 +230,22 @@ class Registry:
             raise InputError(f"role must be one of {', '.join(ROLES)}")
         check_key_name(name)
         key = load_public_pem(pem, name)
+        if not isinstance(key, Ed25519PublicKey):
+            # Ed25519 signatures have one valid encoding; ECDSA's have several (DER or raw, s or
+            # n - s), which would let anyone re-spell a recorded signature.
+            raise InputError(f"key {name} is {type(key).__name__}: a registry trusts Ed25519 keys only")
         keyid = keyid_of(key)
         text = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         with self.transaction() as s:
+            revoked = self._revoked(s, [keyid])
+            if revoked is not None:
+                # Revocation is of the key, in every role, for good: it can never be trusted again.
+                raise ConflictError(
+                    f"key {revoked.name} ({keyid}) was revoked ({revoked.revoked_reason}); revocation is permanent "
+                    "in every role: generate a new key"
+                )
             row = s.scalars(select(Key).where(Key.keyid == keyid, Key.role == role)).first()
             if row is not None:
-                if row.revoked_at is not None:
-                    raise ConflictError(f"key {row.name} ({keyid}) was revoked as {role}; revocation is permanent")
                 return self._key_record(row)
             row = Key(keyid=keyid, name=name, role=role, public_pem=text, added_at=_now(), added_by=self.actor)
             s.add(row)
@@ -292,7 +343,7 @@ class Registry:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source) as staged:
+        with source, self.store.stage(source, f"push {path.name}") as staged:
             return self.push_staged(staged, str(path))
 
     def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
@@ -316,6 +367,7 @@ class Registry:
                 raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
             existing = self._existing(m.name, m.version, staged.digest)
             if existing is not None:
+                self._restore_blob(staged, existing.ref)
                 return PushResult(existing, False)
             self.store.commit(staged)
             try:
@@ -323,6 +375,11 @@ class Registry:
                     _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                     _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                     behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
+                    if s.scalars(select(Tag.id).where(Tag.behavior_id == behavior.id, Tag.tag == m.version)).first():
+                        raise StateError(
+                            f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
+                            "a version and a tag never share a name: pick another version"
+                        )
                     s.add(
                         Version(
                             behavior_id=behavior.id,
@@ -348,9 +405,23 @@ class Registry:
             except ConflictError as exc:
                 existing = self._existing(m.name, m.version, staged.digest)
                 if existing is not None:
+                    self._restore_blob(staged, existing.ref)
                     return PushResult(existing, False)
                 raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
+        if not self.store.exists(staged.digest) and staged.path.exists():
+            # A prune that judged an older copy abandoned may have taken the object the push
+            # relied on (stores without local renames); the checked bytes are still staged.
+            self.store.commit(staged)
         return PushResult(self.resolve(Ref(m.name, m.version)), True)
+
+    def _restore_blob(self, staged: StagedBlob, subject: str) -> None:
+        """The version is recorded; if its blob went missing (lost, or pruned by an older revreg),
+        the bytes just checked put it back instead of answering "already present" over a hole."""
+        if self.store.exists(staged.digest):
+            return
+        self.store.commit(staged)
+        with self.transaction() as s:
+            audit.append(s, self.actor, "blob.restore", subject, {"digest": staged.digest})
 
     def _existing(self, name: str, version: str, digest: str) -> VersionInfo | None:
         """The version if it exists with these bytes; ConflictError if with other bytes."""
@@ -506,9 +577,32 @@ class Registry:
         certification and the end of its lease together)."""
         text = envelope.decode("utf-8") if isinstance(envelope, bytes) else envelope
         v = self._locked(s, ref)
-        cert = verify_certification(text, self.trusted("verifier", session=s))
+        verifiers = self.trusted("verifier", session=s)
+        cert = verify_certification(text, verifiers)
         if cert.subject_digest != v.digest:
             raise IntegrityError(f"the certification is about {cert.subject_digest}, not {v.digest}")
+        finished = signed_time(cert)
+        if finished == EPOCH or finished > _now() + CLOCK_SKEW:
+            raise FormatError(
+                f"the certification's finished_at {cert.finished_at!r} is missing, malformed or in the future; "
+                "a verdict's place in the version's history is its signed finish time"
+            )
+        recorded = list(
+            s.scalars(select(Certification.envelope).where(Certification.version_id == v.id).order_by(Certification.id))
+        )
+        # The same statement by the same key again (however its envelope is spelled) is a no-op.
+        statement = statement_key(text)
+        if any(statement_key(r) == statement for r in recorded):
+            return self._info(s, v)
+        # The newest verdict decides the state; evidence older than it changes nothing. Only
+        # unrevoked verifiers count here, exactly as in the publish gate.
+        current = newest(recorded, verifiers, v.digest)
+        if current is not None and finished < signed_time(current):
+            raise StateError(
+                f"{v.behavior.name}:{v.version} has a newer certification (finished {current.finished_at}, "
+                f"{current.verdict}); an older one ({cert.finished_at}, {cert.verdict}) changes nothing: "
+                "run a new certification"
+            )
         s.add(
             Certification(
                 version_id=v.id,
@@ -518,8 +612,10 @@ class Registry:
                 created_at=_now(),
             )
         )
+        verdict = newest([*recorded, text], verifiers, v.digest)
+        assert verdict is not None
         if v.state != "published":
-            self._transition(s, v, "certified" if cert.passed else "rejected")
+            self._transition(s, v, "certified" if verdict.passed else "rejected")
         audit.append(
             s,
             self.actor,
@@ -569,7 +665,7 @@ class Registry:
         """Point a tag at a version. Moving a tag to a version pushed before the one it points at
         is a downgrade (a rollback attack on `latest`), refused unless explicitly allowed."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        if not VERSION_RE.match(tag):
+        if not VERSION_RE.fullmatch(tag):
             raise InputError(f"invalid tag {tag!r}: use letters, digits, '.', '_', '+' or '-'")
         with self.transaction() as s:
             v = self.find_version(s, ref)
@@ -607,13 +703,18 @@ class Registry:
             return self._info(s, v)
 
     # -- pull --------------------------------------------------------------------------------
-    def check_pull(self, ref: Ref | str, allow_unpublished: bool = False) -> VersionInfo:
-        """Everything a version must satisfy before its bytes may leave the registry."""
+    def check_pull(self, ref: Ref | str, allow_unpublished: bool = False, allow_yanked: bool = False) -> VersionInfo:
+        """Everything a version must satisfy before its bytes may leave the registry. A yanked
+        version needs its own flag (unpublished is not enough), and each such pull is audited."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
         with self.reading() as s:
             v = self.find_version(s, ref)
             info = self._info(s, v)
-            if info.state != "published" and not allow_unpublished:
+            if info.state == "yanked" and not allow_yanked:
+                raise StateError(
+                    f"{info.ref} was yanked ({info.yank_reason}); pass --allow-yanked to pull it anyway (audited)"
+                )
+            if info.state not in ("published", "yanked") and not allow_unpublished:
                 raise StateError(
                     f"{info.ref} is {info.state}, not published (pass --allow-unpublished to pull it anyway)"
                 )
@@ -621,20 +722,28 @@ class Registry:
                 raise SignatureError(f"{info.ref} is signed by revoked key {info.signer_name} ({info.signer_keyid})")
             if info.state == "published":
                 self._gate(s, v)
+        if info.state == "yanked":
+            with self.transaction() as s:
+                audit.append(s, self.actor, "version.pull-yanked", info.ref, {"digest": info.digest})
         return info
 
     def pull(
-        self, ref: Ref | str, dest: Path, fmt: str = "safetensors", allow_unpublished: bool = False
+        self,
+        ref: Ref | str,
+        dest: Path,
+        fmt: str = "safetensors",
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
     ) -> VersionInfo:
         """Copy a version out, checking digest, signature and certification before anything
         reaches `dest`; `dest` appears complete or not at all."""
-        info = self.check_pull(ref, allow_unpublished)
+        info = self.check_pull(ref, allow_unpublished, allow_yanked)
         check_format(fmt)
         publishers = self.trusted("publisher")
         dest = Path(dest)
 
         def fill(sink: BinaryIO) -> str:
-            with self.store.open(info.digest) as source:
+            with self.store.open(info.digest) as source, progress.task(f"pull {info.ref}", info.size):
                 return copy_hashing(source, sink, durable=True)[0]
 
         deliver(info, publishers, dest, fmt, fill, "stored blob")
@@ -659,8 +768,9 @@ class Registry:
             manifest = read_probes(staged.path).manifest
             with self.reading() as s:
                 row = s.scalars(select(ProbeSet).where(ProbeSet.digest == staged.digest)).first()
-                if row is not None:
-                    return self._probe_info(row), False
+            if row is not None:
+                self._restore_blob(staged, f"probes:{row.name}")
+                return self._probe_info(row), False
             self.store.commit(staged)
             with self.transaction() as s:
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
@@ -718,7 +828,15 @@ class Registry:
 
     @staticmethod
     def _probe_info(row: ProbeSet) -> ProbeSetInfo:
-        return ProbeSetInfo(row.name, row.digest, json.loads(row.manifest)["count"], row.created_at)
+        manifest = json.loads(row.manifest)
+        return ProbeSetInfo(
+            row.name,
+            row.digest,
+            manifest["count"],
+            row.created_at,
+            str(manifest.get("output", "")),
+            str(manifest.get("divergence", "")),
+        )
 
     # -- certification queue -----------------------------------------------------------------
     def request_certification(
@@ -772,15 +890,29 @@ class Registry:
         with self.reading() as s:
             return audit.verify(s)
 
-    def fsck(self, prune: bool = False) -> FsckReport:
+    def fsck(self, prune: bool = False, grace: float = DEFAULT_GRACE) -> FsckReport:
+        """Check every blob against its digest and every row against its blob. With `prune`,
+        delete only what is provably abandoned: an orphan blob or staging file older than `grace`
+        seconds that no live writer holds, re-checked against the rows at the moment of deletion.
+        A push in flight is never touched, so no acknowledged version can lose its blob."""
+        with ExitStack() as stack:
+            return self._fsck(stack, prune, grace)
+
+    def _fsck(self, stack: ExitStack, prune: bool, grace: float) -> FsckReport:
         problems: list[str] = []
         warnings: list[str] = []
         with self.reading() as s:
             rows = {b.digest: b.size for b in s.scalars(select(Blob))}
-            versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
-        on_disk = set(self.store.digests())
+        on_disk: set[str] = set()
+        for name in self.store.digests():
+            try:
+                on_disk.add(check_digest(name))
+            except InputError:
+                warnings.append(f"stray object {name!r} in the blob store is not a blob; left alone")
         checked = 0
+        bar = stack.enter_context(progress.task("fsck: checking blobs", len(on_disk)))
         for digest in sorted(on_disk):
+            bar(1)
             with self.store.open(digest) as fh:
                 actual, size = digest_of(fh)
             checked += 1
@@ -789,16 +921,31 @@ class Registry:
             elif digest in rows and rows[digest] != size:
                 problems.append(f"blob {digest} has {size} bytes, its row says {rows[digest]}")
             elif digest not in rows:
-                warnings.append(f"blob {digest} has no row (left by an interrupted push)")
-                if prune:
-                    self.store.remove(digest)
+                if not prune:
+                    warnings.append(f"blob {digest} has no row (left by an interrupted push, or a push in flight)")
+                    continue
+                with self.store.orphan(digest, grace) as claim:
+                    if claim and not self._has_blob_row(digest) and self.store.remove_orphan(digest, claim):
+                        warnings.append(f"blob {digest} had no row (left by an interrupted push): pruned")
+                    else:
+                        warnings.append(f"blob {digest} has no row yet: younger than the grace period or in use, kept")
+        with self.reading() as s:
+            rows = {b.digest: b.size for b in s.scalars(select(Blob))}
+            versions = list(s.execute(select(Version, Behavior.name).join(Behavior)))
         for digest in sorted(rows.keys() - on_disk):
-            problems.append(f"blob row {digest} has no file in the store")
+            if not self.store.exists(digest):
+                problems.append(f"blob row {digest} has no file in the store (push the artifact again to restore it)")
         for v, name in versions:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
-        for partial in sorted(self.store.staging_dir.glob("*.partial")):
-            warnings.append(f"staging file {partial.name} left by an interrupted write")
-            if prune:
+        for partial, gone in self.store.stale_staging(grace):
+            if prune and gone:
                 partial.unlink(missing_ok=True)
+                warnings.append(f"staging file {partial.name} left by an interrupted write: pruned")
+            else:
+                warnings.append(f"staging file {partial.name} (an interrupted write, or one in flight)")
         return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))
+
+    def _has_blob_row(self, digest: str) -> bool:
+        with self.reading() as s:
+            return s.get(Blob, digest) is not None

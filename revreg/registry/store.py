@@ -3,23 +3,94 @@ visible only when complete: written to a temporary name, fsynced, checked, renam
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import queue
+import stat
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
+from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
 BLOCK = 4 << 20
 PIPELINE_BLOCKS = 4
 FLUSH_EVERY = 64 << 20
+# fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
+# live writer holds it: a push keeps a shared lock on its file from the first byte until its row
+# has committed (the lock follows the file through the rename into the store).
+DEFAULT_GRACE = 3600.0
+
+
+def writer_lock(path: Path) -> int:
+    """Open `path` and take a shared lock that marks it as in use by a live writer; the lock
+    lasts until the returned descriptor is closed (or the process dies)."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+@contextmanager
+def abandoned(path: Path, grace: float) -> Iterator[os.stat_result | None]:
+    """Whether `path` is provably abandoned: older than `grace` seconds and locked by no live
+    writer: then the locked file's stat (None otherwise). While the caller acts on it, it holds the
+    exclusive lock, so no writer can take that file."""
+    try:
+        # Never block on a FIFO or follow a link someone planted: regular files only.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        yield None
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield st if time.time() - st.st_mtime >= grace and _same_file(path, st) else None
+    finally:
+        os.close(fd)
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    """Whether `path` still names the inode we locked (a push may have renamed a new one onto it)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+
+
+def remove_if_same(path: Path, locked: os.stat_result) -> bool:
+    """Delete an orphan under the exclusive lock `abandoned` holds: move it aside first, then
+    unlink it only if what moved is the inode that was locked. If a push renamed a fresh copy
+    onto the path meanwhile, that copy (same digest, same bytes) is moved back instead."""
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.prune")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved = os.stat(aside, follow_symlinks=False)
+    if (moved.st_ino, moved.st_dev) == (locked.st_ino, locked.st_dev):
+        aside.unlink()
+        return True
+    if path.exists():
+        aside.unlink()  # yet another copy arrived: the bytes are there
+    else:
+        os.replace(aside, path)
+    return False
 
 
 @dataclass(frozen=True)
@@ -43,16 +114,36 @@ class BlobStore(ABC):
         return self.staging_dir / f"{uuid.uuid4().hex}.partial"
 
     @contextmanager
-    def stage(self, source: BinaryIO) -> Iterator[StagedBlob]:
-        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed."""
+    def stage(self, source: BinaryIO, label: str = "staging") -> Iterator[StagedBlob]:
+        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed.
+        The file is writer-locked for the whole block, through commit and the caller's row."""
         tmp = self.staging_path()
+        lock = None
         try:
             with open(tmp, "xb", buffering=0) as sink:
-                digest, size = copy_hashing(source, sink, durable=True)
+                lock = writer_lock(tmp)
+                with progress.task(label, _size_of(source)):
+                    digest, size = copy_hashing(source, sink, durable=True)
                 os.fsync(sink.fileno())
             yield StagedBlob(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
+            if lock is not None:
+                os.close(lock)
+
+    @contextmanager
+    def orphan(self, digest: str, grace: float) -> Iterator[Any]:
+        """A claim on a blob without a row if it may be deleted now (see `abandoned`), else None."""
+        yield None
+
+    def stale_staging(self, grace: float) -> Iterator[tuple[Path, os.stat_result | None]]:
+        """Staging files, each with whether it is abandoned (old and unlocked); a True holds the
+        lock until the next item is asked for."""
+        for path in sorted(self.staging_dir.glob("*.partial")) if self.staging_dir.is_dir() else []:
+            if path.is_symlink() or not path.is_file():
+                continue  # not a staging file revreg wrote; fsck reports nothing it cannot judge
+            with abandoned(path, grace) as gone:
+                yield path, gone
 
     @abstractmethod
     def create(self) -> None:
@@ -75,8 +166,20 @@ class BlobStore(ABC):
     def remove(self, digest: str) -> None:
         """Delete a blob (fsck --prune of orphans only)."""
 
+    def remove_orphan(self, digest: str, claim: Any) -> bool:
+        """Delete an orphan `orphan` claimed (while the claim is held)."""
+        self.remove(digest)
+        return True
+
     @abstractmethod
     def describe(self) -> str: ...
+
+
+def _size_of(source: BinaryIO) -> int | None:
+    try:
+        return os.fstat(source.fileno()).st_size
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tuple[str, int]:
@@ -119,6 +222,7 @@ def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tup
                 break
             sink.write(memoryview(buf)[:n])
             full.put((buf, n))
+            progress.advance(n)
             size += n
             since_flush += n
             if durable and since_flush >= FLUSH_EVERY:
@@ -191,11 +295,25 @@ class FileBlobStore(BlobStore):
         return self.path(digest).is_file()
 
     def digests(self) -> Iterator[str]:
+        """What lies in the store, as digests; entries that are not a blob where one belongs
+        (a directory, a link, a wrong prefix folder) are yielded as their path, which fsck
+        reports as a stray object."""
         for path in sorted((self.root / "sha256").glob("*/*")):
-            yield f"sha256:{path.name}"
+            if path.is_file() and not path.is_symlink() and path.parent.name == path.name[:2]:
+                yield f"sha256:{path.name}"
+            else:
+                yield str(path.relative_to(self.root))
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+
+    @contextmanager
+    def orphan(self, digest: str, grace: float) -> Iterator[os.stat_result | None]:
+        with abandoned(self.path(digest), grace) as claim:
+            yield claim
+
+    def remove_orphan(self, digest: str, claim: Any) -> bool:
+        return remove_if_same(self.path(digest), claim)
 
     def describe(self) -> str:
         return str(self.root)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -147,6 +149,19 @@ class S3BlobStore(BlobStore):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
             for item in page.get("Contents", []):
                 yield "sha256:" + item["Key"].rsplit("/", 1)[1]
+
+    @contextmanager
+    def orphan(self, digest: str, grace: float) -> Iterator[bool | None]:
+        """An object is written once, complete (If-None-Match), right before its row commits; one
+        older than `grace` without a row is abandoned."""
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
+        except ClientError:
+            yield None
+            return
+        yield True if (datetime.now(UTC) - head["LastModified"]).total_seconds() >= grace else None
 
     def remove(self, digest: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(digest))

@@ -51,6 +51,15 @@ class TokenInfo:
                 return True
         return False
 
+    def reads_something(self) -> bool:
+        return any(scope.split(":", 1)[0] in ("read", "admin") for scope in self.scopes)
+
+    def require_some(self, action: str) -> None:
+        """`action` on at least one namespace: for what all namespaces share (public keys, bases,
+        probe sets), which a team's token needs to pull, gate or push its own behaviors."""
+        if not any(scope.split(":", 1)[0] in (action, "admin") for scope in self.scopes):
+            raise ScopeError(f"token {self.name!r} has no {action} scope at all (its scopes: {', '.join(self.scopes)})")
+
     def require(self, action: str, name: str | None = None) -> None:
         if not self.allows(action, name):
             where = f" on namespace {namespace(name)!r}" if name else ""
@@ -73,18 +82,26 @@ class Tokens:
 
     def create(self, name: str, scopes: list[str], expires: timedelta | None = None) -> tuple[str, TokenInfo]:
         """A new token; the secret is returned once and never stored."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InputError(f"invalid token name {name!r}: letters, digits, '.', '_' or '-'")
         if not scopes:
             raise InputError("a token needs at least one --scope, e.g. read:* or push:team-a")
         for scope in scopes:
-            if not _SCOPE.match(scope):
+            if not _SCOPE.fullmatch(scope):
                 raise InputError(
                     f"invalid scope {scope!r}: use ACTION:NAMESPACE with ACTION one of "
                     f"{', '.join(ACTIONS)} and NAMESPACE a name or *"
                 )
         secret = PREFIX + secrets.token_urlsafe(32)
         now = datetime.now(UTC)
+        expires_at = None
+        if expires is not None:
+            if expires <= timedelta(0):
+                raise InputError("--expires must be a positive duration (leave it out for a token that never expires)")
+            try:
+                expires_at = now + expires
+            except OverflowError as exc:
+                raise InputError("--expires is too far in the future (past the year 9999)") from exc
         with self.registry.transaction() as s:
             if s.scalars(select(Token.id).where(Token.name == name)).first() is not None:
                 raise ConflictError(f"a token named {name!r} already exists: revoke it or pick another name")
@@ -94,7 +111,7 @@ class Tokens:
                 scopes=json.dumps(sorted(set(scopes))),
                 created_at=now,
                 created_by=self.registry.actor,
-                expires_at=now + expires if expires else None,
+                expires_at=expires_at,
             )
             s.add(row)
             audit.append(

@@ -4,13 +4,18 @@ the server authenticates, checks scopes, streams bytes and maps errors to HTTP s
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at
 # definition time, including the Principal dependency defined inside create_app.
 
+import asyncio
 import hashlib
+import json
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as FastAPIPath
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -18,65 +23,214 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import revreg
+from revreg.artifacts.artifact import check_name
+from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.identity import TensorManifest
-from revreg.errors import IntegrityError, RevregError
-from revreg.registry.api import AuthError, http_status, to_json
+from revreg.errors import FormatError, InputError, IntegrityError, RevregError
+from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to_json
 from revreg.registry.db import HEAD
 from revreg.registry.refs import parse_ref
 from revreg.registry.service import Registry
-from revreg.registry.store import FileBlobStore, StagedBlob, check_digest
+from revreg.registry.store import FileBlobStore, StagedBlob, check_digest, writer_lock
 from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
 UPLOAD_PATHS = ("/v1/artifacts", "/v1/probes")
 
 
-class BodyLimit:
-    """Refuse bodies over a limit (413) before reading them whole: JSON endpoints get MAX_JSON,
-    uploads the server's --max-upload. Counts streamed bytes too, not only Content-Length."""
+MAX_HEADERS = 16 << 10  # bytes of request headers, all together
+READ_TIMEOUT = 60.0  # seconds a request body may stall between two chunks
+MIN_RATE = 16 << 10  # bytes per second a body must average ...
+MIN_RATE_AFTER = 30.0  # ... once it has been arriving for this long (a trickle cannot hold a slot)
+MAX_UPLOADS = 32  # uploads in flight on this server
+# Headers whose every copy must mean the same thing to the Guard and to the endpoint behind it.
+SINGLE_HEADERS = {"authorization", "content-length", "x-revreg-name", "x-revreg-digest", "transfer-encoding", "range"}
+MAX_UPLOADS_PER_TOKEN = 4
 
-    def __init__(self, app: ASGIApp, max_upload: int) -> None:
-        self.app, self.max_upload = app, max_upload
+
+async def _refuse(send: Send, status: int, kind: str, message: str, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Answer at once and close: the body (if any) is never read."""
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close"), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The server's front door, before any endpoint and before a byte of any body is read:
+    header size; authentication (401 for a missing, unknown, expired or revoked token); for
+    uploads, the scope for the name the request declares (X-Revreg-Name) and a cap on uploads
+    in flight; then body limits that hold for chunked bodies too (413), and a read timeout
+    between chunks (408). A refused request costs a header parse and one token lookup."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        tokens: Tokens,
+        anonymous: TokenInfo | None,
+        max_upload: int,
+        read_timeout: float = READ_TIMEOUT,
+        min_rate: float = MIN_RATE,
+        min_rate_after: float = MIN_RATE_AFTER,
+    ) -> None:
+        self.app, self.tokens, self.anonymous, self.max_upload = app, tokens, anonymous, max_upload
+        self.read_timeout, self.min_rate, self.min_rate_after = read_timeout, min_rate, min_rate_after
+        self.uploads: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        limit = self.max_upload if scope["path"] in UPLOAD_PATHS else MAX_JSON
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADERS:
+            await _refuse(send, 431, "HeadersTooLarge", f"request headers over {MAX_HEADERS} bytes")
             return
-        seen = 0
+        names = [k.lower() for k, _ in scope["headers"]]
+        doubled = sorted({n.decode("latin-1") for n in names if names.count(n) > 1} & SINGLE_HEADERS)
+        if doubled:
+            await _refuse(send, 400, "InputError", f"header {doubled[0]} sent more than once")
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        try:
+            who = await self._authenticate(scope, headers.get(b"authorization"))
+            upload = scope["path"] in UPLOAD_PATHS
+            if upload:
+                self._authorize_upload(scope["path"], who, headers)
+        except RevregError as exc:
+            status = http_status(exc)
+            extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+            await _refuse(send, status, type(exc).__name__, str(exc), extra)
+            return
+        scope.setdefault("state", {})["revreg_principal"] = who
+        limit = self.max_upload if upload else MAX_JSON
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or len(declared) > 20 or int(declared) > limit):
+            await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+            return
+        if upload:
+            total = sum(self.uploads.values())
+            if total >= MAX_UPLOADS or self.uploads.get(who.name, 0) >= MAX_UPLOADS_PER_TOKEN:
+                await _refuse(
+                    send, 429, "TooManyUploads", "too many uploads in flight; retry later", [(b"retry-after", b"5")]
+                )
+                return
+            self.uploads[who.name] = self.uploads.get(who.name, 0) + 1
+        try:
+            if upload or scope["method"] not in ("POST", "PUT", "PATCH"):
+                await self._bounded(scope, receive, send, limit)
+            else:
+                await self._checked_json(scope, receive, send, limit)
+        finally:
+            if upload:
+                self.uploads[who.name] -= 1
+
+    async def _checked_json(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        """A JSON body (at most 1 MiB, already authorized) is read whole and parsed strictly here:
+        numbers that overflow, lone surrogates, duplicate keys are a 400, never a 500 further in.
+        The endpoint then reads the same bytes."""
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
+            except TimeoutError:
+                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+                return
+            if not message.get("more_body"):
+                break
+        if body:
+            try:
+                strict_loads(bytes(body), "request body")
+            except FormatError as exc:
+                await _refuse(send, 422, "FormatError", str(exc))  # 422 as FastAPI answers malformed JSON
+                return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _authenticate(self, scope: Scope, authorization: bytes | None) -> TokenInfo:
+        if authorization is None:
+            if self.anonymous is not None and scope["method"] in ("GET", "HEAD"):
+                return self.anonymous
+            raise AuthError("authentication required: send Authorization: Bearer <token>")
+        try:
+            text = authorization.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise AuthError("the Authorization header is not ASCII") from exc
+        scheme, _, secret = text.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise AuthError("use Authorization: Bearer <token>")
+        return await run_in_threadpool(self.tokens.authenticate, secret.strip())
+
+    @staticmethod
+    def _authorize_upload(path: str, who: TokenInfo, headers: dict[bytes, bytes]) -> None:
+        if path == "/v1/probes":
+            who.require_some("push")
+            return
+        raw = headers.get(b"x-revreg-name")
+        if raw is None:
+            raise InputError("an upload names the behavior it pushes: send X-Revreg-Name (revreg >= 0.2 does)")
+        who.require("push", check_name(raw.decode("ascii", "replace")))
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        seen, refused = 0, False
+        started = time.monotonic()
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
+            except TimeoutError:
+                refused = True
+                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
+                return {"type": "http.disconnect"}
             seen += len(message.get("body", b""))
+            elapsed = time.monotonic() - started
+            if message.get("more_body") and elapsed > self.min_rate_after and seen / elapsed < self.min_rate:
+                refused = True
+                await _refuse(
+                    send,
+                    408,
+                    "RequestTimeout",
+                    f"body arriving at {seen / elapsed:.0f} B/s, under {self.min_rate:.0f} B/s",
+                )
+                return {"type": "http.disconnect"}
             if seen > limit:
-                raise _TooLarge(limit)
+                # Answer 413 now; the endpoint sees a disconnect and cleans up, its own reply is dropped.
+                refused = True
+                await _refuse(send, 413, "PayloadTooLarge", f"request body over the limit of {limit} bytes")
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
+        async def guarded(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
 
 
-class _TooLarge(Exception):
-    pass
+ANONYMOUS = TokenInfo("anonymous", ("read:*",), datetime(2026, 1, 1, tzinfo=UTC), None, False)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"error":{{"type":"PayloadTooLarge","message":"request body over the limit of {limit} bytes"}}}}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body.encode()})
+RequestId = Annotated[int, FastAPIPath(ge=1, le=2**31 - 1)]
+
+
+class UploadCheckBody(BaseModel):
+    name: str = Field(max_length=128)
+    digest: str = Field(max_length=80)
 
 
 class RefBody(BaseModel):
@@ -145,7 +299,15 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         description="Signed, certified, reversible model behaviors. Authenticate with "
         "`Authorization: Bearer <token>` (see `revreg tokens`).",
     )
-    anonymous = TokenInfo("anonymous", ("read:*",), datetime.now(UTC), None, False)
+    anonymous = ANONYMOUS
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Name what was wrong without echoing the input back (it may not even be encodable).
+        where = "; ".join(
+            ".".join(str(p) for p in e.get("loc", ())) + f": {e.get('msg', '')}" for e in exc.errors()[:5]
+        )
+        return JSONResponse({"error": {"type": "InputError", "message": f"invalid request: {where}"}}, 422)
 
     @app.exception_handler(RevregError)
     async def revreg_error(request: Request, exc: RevregError) -> JSONResponse:
@@ -153,7 +315,10 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status, headers=headers)
 
-    async def principal(authorization: Annotated[str | None, Header()] = None) -> TokenInfo:
+    async def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> TokenInfo:
+        checked = request.scope.get("state", {}).get("revreg_principal")
+        if isinstance(checked, TokenInfo):
+            return checked  # the Guard authenticated this request before its body was read
         if not authorization:
             if anonymous_read:
                 return anonymous
@@ -201,6 +366,8 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     def versions(who: Principal, name: Annotated[str | None, Query(max_length=128)] = None) -> list[dict[str, Any]]:
         if name is not None:
             who.require("read", name)
+        elif not who.reads_something():
+            raise ScopeError(f"token {who.name!r} has no read scope (its scopes: {', '.join(who.scopes)})")
         return to_json([v for v in registry.ls(name) if who.allows("read", v.name)])
 
     @app.get("/v1/resolve")
@@ -223,6 +390,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         size = 0
         try:
             with open(path, "xb") as sink:
+                request.state.revreg_lock = writer_lock(path)
                 async for chunk in request.stream():
                     h.update(chunk)
                     sink.write(chunk)
@@ -244,32 +412,64 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         return StagedBlob(path, received, size)
 
     async def with_upload(request: Request, digest: str | None, store: Callable[[StagedBlob], Any]) -> Any:
-        staged = await receive_upload(request, digest)
         try:
-            return await run_in_threadpool(store, staged)
+            staged = await receive_upload(request, digest)
+            try:
+                return await run_in_threadpool(store, staged)
+            finally:
+                staged.path.unlink(missing_ok=True)
         finally:
-            staged.path.unlink(missing_ok=True)
+            lock = getattr(request.state, "revreg_lock", None)
+            if lock is not None:
+                os.close(lock)  # the writer lock lasts until the row has committed (or nothing was stored)
 
     @app.put("/v1/artifacts")
     async def push(
-        request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
+        request: Request,
+        who: Principal,
+        x_revreg_digest: Annotated[str | None, Header()] = None,
+        x_revreg_name: Annotated[str | None, Header(max_length=128)] = None,
     ) -> dict[str, Any]:
-        """Upload a signed artifact (the raw file as the body)."""
+        """Upload a signed artifact (the raw file as the body). `X-Revreg-Name` names the behavior
+        before the body is read (the push scope is checked on it); the manifest must agree."""
         reg = registry_actor(who)
+
+        def authorize(name: str) -> None:
+            if x_revreg_name is not None and name != x_revreg_name:
+                raise InputError(f"the upload declared {x_revreg_name!r} but the artifact is {name!r}")
+            who.require("push", name)
+
         result = await with_upload(
-            request,
-            x_revreg_digest,
-            lambda staged: reg.push_staged(staged, "upload", authorize=lambda name: who.require("push", name)),
+            request, x_revreg_digest, lambda staged: reg.push_staged(staged, "upload", authorize)
         )
         return {"created": result.created, "version": to_json(result.version)}
 
+    @app.post("/v1/uploads/check")
+    def upload_check(who: Principal, body: UploadCheckBody) -> dict[str, Any]:
+        """Before an upload: is the client allowed to push this name, and is this exact version
+        already stored (then the body need not be sent at all)?"""
+        who.require("push", check_name(body.name))
+        check_digest(body.digest)
+        try:
+            info = registry.resolve(f"{body.name}@{body.digest}")
+        except NotFound:
+            return {"stored": False, "version": None}
+        stored = registry.store.exists(body.digest)
+        return {"stored": stored, "version": to_json(info) if stored else None}
+
     @app.get("/v1/artifact")
     def artifact(
-        who: Principal, ref: Annotated[str, Query(max_length=512)], allow_unpublished: bool = False
+        who: Principal,
+        ref: Annotated[str, Query(max_length=512)],
+        allow_unpublished: bool = False,
+        allow_yanked: bool = False,
     ) -> Response:
         """Download a version's artifact; supports Range requests so an interrupted pull resumes."""
         who.require("read", name_of(ref))
-        info = registry.check_pull(ref, allow_unpublished)
+        if allow_yanked and who.name == ANONYMOUS.name:
+            # Each yanked pull writes an audit row: that needs someone to write it down as.
+            raise AuthError("pulling a yanked version needs a token (it is recorded in the audit log)")
+        info = registry_actor(who).check_pull(ref, allow_unpublished, allow_yanked)
         return blob_response(info.digest, {"X-Revreg-Ref": info.ref})
 
     @app.post("/v1/tags")
@@ -295,14 +495,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/keys")
     def keys(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.key_records())
 
     @app.get("/v1/keys/pem")
     def key_pems(
-        who: Principal, role: Annotated[str, Query(max_length=16)], include_revoked: bool = False
+        who: Principal, role: Annotated[Literal["publisher", "verifier"], Query()], include_revoked: bool = False
     ) -> list[dict[str, str]]:
-        who.require("read")
+        who.require_some("read")
         from cryptography.hazmat.primitives import serialization
 
         return [
@@ -328,25 +528,25 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/bases")
     def bases(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.bases())
 
     @app.post("/v1/bases")
     def register_base(who: Principal, body: BaseBody) -> dict[str, Any]:
-        who.require("push")
+        who.require_some("push")
         info, created = registry_actor(who).register_manifest(TensorManifest.from_dict(body.manifest), body.name)
         return {"created": created, "base": to_json(info)}
 
     @app.get("/v1/probes")
     def probe_sets(who: Principal) -> list[dict[str, Any]]:
-        who.require("read")
+        who.require_some("read")
         return to_json(registry.probe_sets())
 
     @app.put("/v1/probes")
     async def push_probes(
         request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
     ) -> dict[str, Any]:
-        who.require("push")
+        who.require_some("push")
         reg = registry_actor(who)
         info, created = await with_upload(
             request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload")
@@ -355,12 +555,12 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.get("/v1/probes/digest")
     def probe_digest(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, str]:
-        who.require("read")
+        who.require_some("read")
         return {"digest": registry.probe_digest(ref)}
 
     @app.get("/v1/probes/file")
     def probe_file(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> Response:
-        who.require("read")
+        who.require_some("read")
         return blob_response(registry.probe_digest(ref), {})
 
     def owner(who: TokenInfo, worker: str) -> str:
@@ -388,18 +588,18 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         return None if request is None else to_json(request)
 
     @app.post("/v1/queue/{request_id}/renew")
-    def renew(who: Principal, request_id: int, body: ClaimBody) -> dict[str, bool]:
+    def renew(who: Principal, request_id: RequestId, body: ClaimBody) -> dict[str, bool]:
         who.require("certify")
         return {"held": registry.renew_lease(request_id, owner(who, body.worker), body.lease)}
 
     @app.post("/v1/queue/{request_id}/complete")
-    def complete(who: Principal, request_id: int, body: CompleteBody) -> dict[str, Any] | None:
+    def complete(who: Principal, request_id: RequestId, body: CompleteBody) -> dict[str, Any] | None:
         who.require("certify")
         info = registry_actor(who).complete_request(request_id, owner(who, body.worker), body.envelope)
         return None if info is None else to_json(info)
 
     @app.post("/v1/queue/{request_id}/fail")
-    def fail(who: Principal, request_id: int, body: FailBody) -> dict[str, bool]:
+    def fail(who: Principal, request_id: RequestId, body: FailBody) -> dict[str, bool]:
         who.require("certify")
         registry_actor(who).fail_request(request_id, owner(who, body.worker), body.message)
         return {"ok": True}
@@ -422,5 +622,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     return app
 
 
-def asgi(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30) -> ASGIApp:
-    return BodyLimit(create_app(registry, anonymous_read, max_upload), max_upload)
+def asgi(
+    registry: Registry,
+    anonymous_read: bool = False,
+    max_upload: int = 64 << 30,
+    read_timeout: float = READ_TIMEOUT,
+    min_rate: float = MIN_RATE,
+    min_rate_after: float = MIN_RATE_AFTER,
+) -> ASGIApp:
+    anonymous = ANONYMOUS if anonymous_read else None
+    app = create_app(registry, anonymous_read, max_upload)
+    return Guard(app, Tokens(registry), anonymous, max_upload, read_timeout, min_rate, min_rate_after)

@@ -203,7 +203,7 @@ def run_baseline(
         identity_after = _identity_with(before, names, copies)
     finally:
         for module, param, original, _ in copies.values():
-            module._parameters[param] = original
+            module._parameters[param] = original  # type: ignore[assignment]  # the model's own Parameter, put back
     restored = fingerprint(model)
     adapted = compare(base_out, mutated, probes.masks, kind)
     reset = compare(base_out, after_reset, probes.masks, kind)

@@ -98,7 +98,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        h.update(memoryview(flat.to("cpu").numpy()))
+        h.update(flat.to("cpu").numpy().data)
     return h.hexdigest()
 
 

@@ -59,10 +59,26 @@ def load_factory(spec: str, weights: Path) -> nn.Module:
     return model.eval()
 
 
-def load_base(base: Path, factory: str | None = None, device: str = "cpu") -> tuple[nn.Module, TensorManifest]:
-    """The model, and the manifest of the weights it was loaded from (what identity is about)."""
+def load_base(
+    base: Path,
+    factory: str | None = None,
+    device: str = "cpu",
+    expected: str | None = None,
+    label: str = "the behavior",
+) -> tuple[nn.Module, TensorManifest]:
+    """The model, and the manifest of the weights it was loaded from (what identity is about).
+
+    The files are hashed first: with `expected` (the behavior's base identity), a base that is
+    not the behavior's is refused in the time hashing takes, before any model is built."""
     base = Path(base)
     if not base.exists():
         raise InputError(f"base model {base} does not exist")
+    weights = identity_of_path(base, expected.split(":", 1)[0] if expected else "sha256")
+    if expected is not None and weights.identity != expected:
+        from revreg.verifier.protocol import BaseMismatch
+
+        raise BaseMismatch(
+            f"{label} is bound to base {expected}, but {base} is {weights.identity}; refusing to run (nothing was loaded)"
+        )
     model = load_factory(factory, base) if factory else load_hf(base)
-    return model.to(device), identity_of_path(base)
+    return model.to(device), weights

@@ -221,7 +221,7 @@ def _leaf_as(model: nn.Module, name: str, before: Fingerprint) -> str | None:
     from revreg.artifacts.identity import hash_tensors
     from revreg.artifacts.sources import tensor_sources
 
-    tensor = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    tensor: torch.Tensor | None = dict(model.named_parameters(remove_duplicate=False)).get(name)
     if tensor is None:
         tensor = dict(model.named_buffers(remove_duplicate=False)).get(name)
     if tensor is None:
@@ -634,7 +634,8 @@ def verify_files(
         raise InputError(f"--device {device}: CUDA is not available on this machine")
     make_deterministic(device)
     behavior = load_behavior(behavior_path, trusted, device)
-    model, weights = load_base(base, factory, device)
+    label = f"{behavior.manifest.name}:{behavior.manifest.version}"
+    model, weights = load_base(base, factory, device, behavior.manifest.base, label)
     return verify(
         model,
         behavior,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ def first_output(output: object, change: Callable[[torch.Tensor], torch.Tensor],
     if isinstance(output, Mapping) and hasattr(output, "to_tuple") and output:
         key = next(iter(output))
         if isinstance(output[key], torch.Tensor):
-            changed = copy.copy(output)
+            changed: Any = copy.copy(output)
             changed[key] = change(output[key])  # ModelOutput sets the field and the key together
             return changed
     raise InputError(

@@ -32,7 +32,7 @@ def lora_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tenso
 
         def embedding_hook(mod: nn.Module, args: tuple[object, ...], output: object) -> object:
             ids = args[0]
-            assert isinstance(ids, torch.Tensor)
+            assert isinstance(ids, torch.Tensor) and isinstance(mod, nn.Embedding)
 
             def change(y: torch.Tensor) -> torch.Tensor:
                 after_a = F.embedding(
@@ -73,5 +73,7 @@ def _in_features(module: nn.Module, target: str) -> int:
     # transformers' Conv1D (GPT-2) stores weight as [in, out]; identified by duck typing so
     # revreg does not need transformers to attach.
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return int(module.weight.shape[0])
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0])
     raise InputError(f"lora (linear) on {target}: the module is a {type(module).__name__}, not Linear or Conv1D")
