@@ -21,7 +21,6 @@ from revreg.artifacts.artifact import (
     pack as pack_artifact,
 )
 from revreg.artifacts.identity import Identity, looks_like_identity, parse_identity
-from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
 from revreg.artifacts.peft_io import read_peft, write_peft
 from revreg.artifacts.sources import identity_of_path
 from revreg.artifacts.spec import read_spec
@@ -31,6 +30,9 @@ from revreg.cli.options import (
     keyring,
     keys_dir_option,
     passphrase_env_option,
+)
+from revreg.cli.options import (
+    signer as make_signer,
 )
 from revreg.errors import InputError, RevregError, UnknownKeyError
 
@@ -125,8 +127,7 @@ def pack(
     else:
         assert tensors_path is not None and spec_path is not None
         imported, extra = read_spec(tensors_path, spec_path)
-    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
-    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    signer = make_signer(keys_dir, key_name, passphrase_env)
     from revreg import progress
 
     with progress.task(f"pack {output.name}"):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from revreg.artifacts.keys import PASSPHRASE_ENV, Keyring
+from revreg.artifacts.keys import PASSPHRASE_ENV, Keyring, Signer, passphrase_from_env
 
 F = Callable[..., Any]
 
@@ -48,6 +49,13 @@ def json_option(f: F) -> F:
 
 def keyring(keys_dir: Path | None) -> Keyring:
     return Keyring(keys_dir)
+
+
+def signer(keys_dir: Path | None, key_name: str, passphrase_env: str | None) -> Signer:
+    """A keyring key ready to sign; its passphrase from $VAR (--passphrase-env), else
+    $REVREG_KEY_PASSPHRASE when set."""
+    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    return keyring(keys_dir).signer(key_name, passphrase_from_env(env))
 
 
 def human_bytes(n: int) -> str:

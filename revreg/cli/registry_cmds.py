@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.cli.options import signer as make_signer
 from revreg.errors import CheckFailed, InputError
 from revreg.registry.api import to_json
 from revreg.registry.locate import open_registry, require_local
@@ -406,15 +407,12 @@ def audit_checkpoint(
     `revreg audit verify --checkpoint FILE --checkpoint-key KEY` later detects any rewrite of
     the rows it covers, even one that recomputes the whole chain.
     """
-    import os
 
     from revreg.artifacts.artifact import utc_timestamp
-    from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
     from revreg.artifacts.safetensors_io import atomic_output
     from revreg.registry.checkpoint import make_checkpoint
 
-    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
-    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    signer = make_signer(keys_dir, key_name, passphrase_env)
     reg = _open(registry)
     verdict = reg.audit_verify()
     if not verdict.ok:

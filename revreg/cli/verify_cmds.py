@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from revreg.artifacts.keys import PASSPHRASE_ENV, passphrase_from_env
 from revreg.artifacts.probes import DIVERGENCES, OUTPUTS, from_prompts, from_tensors, read_probes, write_probes
 from revreg.cli.options import F, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.cli.options import signer as make_signer
 from revreg.cli.registry_cmds import _open, registry_option
 from revreg.errors import CheckFailed, InputError
 
@@ -279,8 +279,7 @@ def certify(
         return
     if key_name is None:
         raise InputError("certify needs --key VERIFIER_KEY (or --queue to leave it to the workers)")
-    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
-    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    signer = make_signer(keys_dir, key_name, passphrase_env)
     done = certify_ref(reg, ref, ProbeSource.choose(reg, probes_ref), base, signer, factory, device, cycles, baselines)
     recorded = done.recorded
     assert recorded is not None
@@ -331,8 +330,7 @@ def worker(
 
     from revreg.certification.worker import run_worker
 
-    env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
-    signer = keyring(keys_dir).signer(key_name, passphrase_from_env(env))
+    signer = make_signer(keys_dir, key_name, passphrase_env)
     name = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     done = run_worker(_open(registry), signer, name, lease, poll, drain, log=lambda m: click.echo(m, err=True))
     click.echo(f"{name}: certified {done} requests")

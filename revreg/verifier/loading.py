@@ -78,7 +78,8 @@ def load_base(
         from revreg.verifier.protocol import BaseMismatch
 
         raise BaseMismatch(
-            f"{label} is bound to base {expected}, but {base} is {weights.identity}; refusing to run (nothing was loaded)"
+            f"{label} is bound to base {expected}, but {base} is {weights.identity}; "
+            "refusing to run (nothing was loaded)"
         )
     model = load_factory(factory, base) if factory else load_hf(base)
     return model.to(device), weights
