@@ -28,14 +28,7 @@ FLUSH_EVERY = 64 << 20
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
 # has committed (the lock follows the file through the rename into the store).
 DEFAULT_GRACE = 3600.0
-
-
-def writer_lock(path: Path) -> int:
-    """Open `path` and take a shared lock that marks it as in use by a live writer; the lock
-    lasts until the returned descriptor is closed (or the process dies)."""
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
+CREATING_GRACE = 3600.0
 
 
 @contextmanager
@@ -108,28 +101,35 @@ class BlobStore(ABC):
 
     staging_dir: Path
 
-    def staging_path(self) -> Path:
-        """A fresh name in the staging area, for writers that stream by themselves (uploads)."""
+    def create_staging(self) -> tuple[Path, int]:
+        """A new, empty staging file, already writer-locked: (its path, the lock's descriptor).
+
+        It is created under a name fsck never considers, locked, and only then renamed to its
+        `.partial` name (the lock follows the inode), so fsck can never see a staging file in
+        the instant between its creation and its lock."""
         self.staging_dir.mkdir(parents=True, exist_ok=True)
-        return self.staging_dir / f"{uuid.uuid4().hex}.partial"
+        name = uuid.uuid4().hex
+        creating = self.staging_dir / f"{name}.creating"
+        fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        path = self.staging_dir / f"{name}.partial"
+        os.rename(creating, path)
+        return path, fd
 
     @contextmanager
     def stage(self, source: BinaryIO, label: str = "staging") -> Iterator[StagedBlob]:
         """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed.
         The file is writer-locked for the whole block, through commit and the caller's row."""
-        tmp = self.staging_path()
-        lock = None
+        tmp, lock = self.create_staging()
         try:
-            with open(tmp, "xb", buffering=0) as sink:
-                lock = writer_lock(tmp)
+            with open(tmp, "r+b", buffering=0) as sink:
                 with progress.task(label, _size_of(source)):
                     digest, size = copy_hashing(source, sink, durable=True)
                 os.fsync(sink.fileno())
             yield StagedBlob(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
-            if lock is not None:
-                os.close(lock)
+            os.close(lock)
 
     @contextmanager
     def orphan(self, digest: str, grace: float) -> Iterator[Any]:
@@ -139,10 +139,16 @@ class BlobStore(ABC):
     def stale_staging(self, grace: float) -> Iterator[tuple[Path, os.stat_result | None]]:
         """Staging files, each with whether it is abandoned (old and unlocked); a True holds the
         lock until the next item is asked for."""
-        for path in sorted(self.staging_dir.glob("*.partial")) if self.staging_dir.is_dir() else []:
+        if not self.staging_dir.is_dir():
+            return
+        # A `.creating` file lives for microseconds before it is locked and renamed; only one
+        # left by a process that died right then (an hour old at least) is abandoned.
+        found = [(p, grace) for p in self.staging_dir.glob("*.partial")]
+        found += [(p, max(grace, CREATING_GRACE)) for p in self.staging_dir.glob("*.creating")]
+        for path, wait in sorted(found):
             if path.is_symlink() or not path.is_file():
                 continue  # not a staging file revreg wrote; fsck reports nothing it cannot judge
-            with abandoned(path, grace) as gone:
+            with abandoned(path, wait) as gone:
                 yield path, gone
 
     @abstractmethod

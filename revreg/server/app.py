@@ -31,7 +31,7 @@ from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to
 from revreg.registry.db import HEAD
 from revreg.registry.refs import parse_ref
 from revreg.registry.service import Registry
-from revreg.registry.store import FileBlobStore, StagedBlob, check_digest, writer_lock
+from revreg.registry.store import FileBlobStore, StagedBlob, check_digest
 from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
@@ -385,12 +385,11 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         if digest is None:
             raise IntegrityError("send the body's sha256 in the X-Revreg-Digest header")
         check_digest(digest)
-        path = registry.store.staging_path()
+        path, request.state.revreg_lock = registry.store.create_staging()
         h = hashlib.sha256()
         size = 0
         try:
-            with open(path, "xb") as sink:
-                request.state.revreg_lock = writer_lock(path)
+            with open(path, "r+b") as sink:
                 async for chunk in request.stream():
                     h.update(chunk)
                     sink.write(chunk)
