@@ -17,6 +17,7 @@ from revreg.artifacts.dsse import Envelope, sign, verify
 from revreg.artifacts.identity import (
     BufferSource,
     Identity,
+    TensorSource,
     hash_tensors,
     parse_identity,
 )
@@ -25,6 +26,8 @@ from revreg.artifacts.safetensors_io import (
     SMALL_HEADER_BYTES,
     Header,
     MappedFile,
+    MappedTensor,
+    TensorData,
     canonical_header,
     read_header,
     write_safetensors,
@@ -239,6 +242,13 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
         raise InputError(f"tensors not used by any attachment: {', '.join(sorted(unused)[:5])}")
 
 
+def _source(name: str, dtype: str, shape: tuple[int, ...], data: TensorData) -> TensorSource:
+    """What hashing reads: a tensor in memory, or one left in its mapped file (chunk by chunk)."""
+    if isinstance(data, MappedTensor):
+        return MappedSource(data.file, data.info, alias=name)
+    return BufferSource(name, dtype, shape, memoryview(data))
+
+
 def _check_provenance(attachments: tuple[Attachment, ...], provenance: Mapping[str, Any]) -> None:
     from revreg.artifacts.peft_io import check_provenance
 
@@ -252,7 +262,7 @@ def utc_timestamp(when: datetime | None = None) -> str:
 
 def pack(
     out: Path,
-    tensors: Mapping[str, tuple[str, tuple[int, ...], memoryview | bytes]],
+    tensors: Mapping[str, tuple[str, tuple[int, ...], TensorData]],
     attachments: tuple[Attachment, ...],
     *,
     name: str,
@@ -267,7 +277,7 @@ def pack(
     """Sign and write an artifact. The same inputs, key and `created` give the same bytes."""
     _validate(attachments, {n: (d, s) for n, (d, s, _) in tensors.items()})
     _check_provenance(attachments, provenance or {})
-    digest = hash_tensors([BufferSource(n, d, s, memoryview(b)) for n, (d, s, b) in tensors.items()], "sha256").identity
+    digest = hash_tensors([_source(n, d, s, b) for n, (d, s, b) in tensors.items()], "sha256").identity
     manifest = BehaviorManifest(
         name=check_name(name),
         version=check_version(version),

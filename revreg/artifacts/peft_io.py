@@ -20,7 +20,7 @@ import regex
 
 from revreg.artifacts.artifact import KIND_ROLES, Attachment, BehaviorManifest
 from revreg.artifacts.canonical import strict_loads
-from revreg.artifacts.safetensors_io import MappedFile, write_safetensors
+from revreg.artifacts.safetensors_io import MappedFile, MappedTensor, TensorData, write_safetensors
 from revreg.errors import FormatError, InputError
 
 PREFIX = "base_model.model."
@@ -48,7 +48,7 @@ _REFUSED = {
 
 @dataclass(frozen=True)
 class Imported:
-    tensors: dict[str, tuple[str, tuple[int, ...], bytes]]
+    tensors: dict[str, tuple[str, tuple[int, ...], TensorData]]  # left in the mapped weights file
     attachments: tuple[Attachment, ...]
     provenance: dict[str, Any]
 
@@ -187,19 +187,20 @@ def read_peft(directory: Path) -> Imported:
     alpha_pattern = config.get("alpha_pattern") or {}
 
     parts: dict[str, dict[str, Any]] = {}
-    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    with MappedFile(weights_path) as mapped:
-        for info in mapped.header.tensors:
-            match = next(((s, v) for s, v in SUFFIXES.items() if info.name.endswith(s)), None)
-            if not info.name.startswith(PREFIX) or match is None:
-                raise InputError(f"unsupported tensor {info.name!r} in {weights_path}: expected LoRA A/B weights")
-            suffix, (layer, role) = match
-            target = info.name[len(PREFIX) : -len(suffix)]
-            entry = parts.setdefault(target, {"layer": layer})
-            if entry["layer"] != layer or role in entry:
-                raise FormatError(f"{weights_path}: conflicting LoRA tensors for {target}")
-            entry[role] = f"{target}.{KIND_ROLES['lora'][role]}"
-            tensors[entry[role]] = (info.dtype, info.shape, bytes(mapped.view(info)))
+    tensors: dict[str, tuple[str, tuple[int, ...], TensorData]] = {}
+    # The file stays mapped (each tensor is read a block at a time when packed), not copied.
+    mapped = MappedFile(weights_path)
+    for info in mapped.header.tensors:
+        match = next(((s, v) for s, v in SUFFIXES.items() if info.name.endswith(s)), None)
+        if not info.name.startswith(PREFIX) or match is None:
+            raise InputError(f"unsupported tensor {info.name!r} in {weights_path}: expected LoRA A/B weights")
+        suffix, (layer, role) = match
+        target = info.name[len(PREFIX) : -len(suffix)]
+        entry = parts.setdefault(target, {"layer": layer})
+        if entry["layer"] != layer or role in entry:
+            raise FormatError(f"{weights_path}: conflicting LoRA tensors for {target}")
+        entry[role] = f"{target}.{KIND_ROLES['lora'][role]}"
+        tensors[entry[role]] = (info.dtype, info.shape, MappedTensor(mapped, info))
     attachments = []
     for target, entry in sorted(parts.items()):
         if "A" not in entry or "B" not in entry:

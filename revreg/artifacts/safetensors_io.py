@@ -211,6 +211,39 @@ class MappedFile:
         self.close()
 
 
+WRITE_BLOCK = 4 << 20
+
+
+@dataclass(frozen=True)
+class MappedTensor:
+    """A tensor's bytes left where they are, in a mapped file: written and hashed a block at a
+    time, each block dropped from memory once used, so packing a large adapter never holds it."""
+
+    file: MappedFile
+    info: TensorInfo
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def blocks(self, size: int = WRITE_BLOCK) -> Iterator[memoryview]:
+        for lo in range(0, self.info.nbytes, size):
+            hi = min(lo + size, self.info.nbytes)
+            view = self.file.view(self.info, lo, hi)
+            try:
+                yield view
+            finally:
+                view.release()
+                self.file.drop(self.info, lo, hi)
+
+
+TensorData = bytes | memoryview | MappedTensor
+
+
+def data_nbytes(data: TensorData) -> int:
+    return data.nbytes if isinstance(data, MappedTensor) else memoryview(data).nbytes
+
+
 def encode_header(
     entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None
 ) -> tuple[bytes, list[str]]:
@@ -270,17 +303,23 @@ def atomic_output(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
 def write_safetensors(
     path: Path,
-    tensors: Mapping[str, tuple[str, tuple[int, ...], memoryview | bytes]],
+    tensors: Mapping[str, tuple[str, tuple[int, ...], TensorData]],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write name -> (dtype, shape, raw bytes) deterministically and atomically."""
+    """Write name -> (dtype, shape, raw bytes) deterministically and atomically; tensors left in
+    a mapped file are copied a block at a time."""
     for name, (dtype, shape, data) in tensors.items():
         if dtype not in ITEMSIZE:
             raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if memoryview(data).nbytes != _numel(shape) * ITEMSIZE[dtype]:
+        if data_nbytes(data) != _numel(shape) * ITEMSIZE[dtype]:
             raise InputError(f"tensor {name!r}: byte length does not match {dtype} {list(shape)}")
-    header, order = encode_header(((n, d, s, memoryview(b).nbytes) for n, (d, s, b) in tensors.items()), metadata)
+    header, order = encode_header(((n, d, s, data_nbytes(b)) for n, (d, s, b) in tensors.items()), metadata)
     with atomic_output(path) as fh:
         fh.write(header)
         for name in order:
-            fh.write(tensors[name][2])
+            data = tensors[name][2]
+            if isinstance(data, MappedTensor):
+                for block in data.blocks():
+                    fh.write(block)
+            else:
+                fh.write(data)

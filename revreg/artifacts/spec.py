@@ -14,7 +14,7 @@ from typing import Any
 from revreg.artifacts.artifact import KIND_ROLES, Attachment
 from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.peft_io import Imported
-from revreg.artifacts.safetensors_io import MappedFile
+from revreg.artifacts.safetensors_io import MappedFile, MappedTensor, TensorData
 from revreg.errors import InputError
 
 _FIELDS = {"target", "kind", "tensors", "layer", "alpha", "rslora"}
@@ -28,9 +28,12 @@ def read_spec(tensors_path: Path, spec_path: Path) -> tuple[Imported, dict[str, 
     unknown = set(spec) - {"attachments", "description", "license", "provenance"}
     if unknown:
         raise InputError(f"{spec_path}: unknown field {sorted(unknown)[0]!r}")
-    with MappedFile(Path(tensors_path)) as mapped:
-        source = {t.name: (t.dtype, t.shape, bytes(mapped.view(t))) for t in mapped.header.tensors}
-    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    # Tensors stay in the mapped file until packing writes them a block at a time.
+    mapped = MappedFile(Path(tensors_path))
+    source: dict[str, tuple[str, tuple[int, ...], TensorData]] = {
+        t.name: (t.dtype, t.shape, MappedTensor(mapped, t)) for t in mapped.header.tensors
+    }
+    tensors: dict[str, tuple[str, tuple[int, ...], TensorData]] = {}
     attachments = []
     for i, entry in enumerate(spec["attachments"]):
         where = f"{spec_path}: attachment {i}"
