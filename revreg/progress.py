@@ -15,7 +15,7 @@ from typing import Protocol
 
 class Display(Protocol):
     def start(self, label: str, total: int | None) -> object: ...
-    def advance(self, handle: object, n: int) -> None: ...
+    def advance(self, handle: object, n: int, label: str | None = None) -> None: ...
     def finish(self, handle: object) -> None: ...
 
 
@@ -59,6 +59,25 @@ def task(label: str, total: int | None = None) -> Iterator[Callable[[int], None]
     finally:
         _current.reset(token)
         display.finish(handle)
+
+
+class Phases:
+    """Steps of one long computation that is not a loop over bytes (a certification: base runs,
+    cycle k of n, each baseline); `step(label)` marks the next one begun."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self._display = _display.get()
+        self._label = label
+        self._handle = self._display.start(label, total) if self._display else None
+
+    def step(self, what: str) -> None:
+        if self._display is not None:
+            self._display.advance(self._handle, 1, f"{self._label}: {what}")
+
+    def done(self) -> None:
+        if self._display is not None:
+            self._display.finish(self._handle)
+            self._display = None
 
 
 def advance(n: int) -> None:

@@ -387,3 +387,12 @@ def test_verify_refuses_another_base_from_its_files_before_building_a_model(run,
         "--probes", toy["probes"],
     )  # fmt: skip
     assert result.exit_code == 2 and "refusing to run (nothing was loaded)" in result.stderr, result.output
+
+
+def test_verify_shows_its_phases_on_a_terminal(toy, keys_dir: Path):
+    code, terminal = _on_a_terminal(
+        ["verify", str(toy["artifact"]), "--base", str(toy["base"]), "--factory", "revreg.verifier.toy:build",
+         "--probes", str(toy["probes"]), "--cycles", "3"],
+        {"REVREG_KEYS": str(keys_dir)},
+    )  # fmt: skip
+    assert code == 0 and "verify toy:1.0.0" in terminal

@@ -28,8 +28,11 @@ class RichDisplay:
             self._running = True
         return self._progress.add_task(label, total=total)
 
-    def advance(self, handle: Any, n: int) -> None:
-        self._progress.advance(handle, n)
+    def advance(self, handle: Any, n: int, label: str | None = None) -> None:
+        if label:
+            self._progress.update(handle, advance=n, description=label)
+        else:
+            self._progress.update(handle, advance=n)
 
     def finish(self, handle: Any) -> None:
         self._progress.remove_task(handle)

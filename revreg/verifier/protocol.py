@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from revreg import progress
 from revreg.artifacts.artifact import utc_timestamp
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey
@@ -379,6 +380,10 @@ def verify(
         base=_base_facts(model, m.base, architecture),
     )
 
+    phases = progress.Phases(
+        f"verify {behavior.manifest.name}:{behavior.manifest.version}", 2 + cycles + len(baselines)
+    )
+    phases.step("determinism check (base run twice)")
     base_out = _run_base(model, probes)
     again = _run_base(model, probes)
     t = _timed(timings, "run_base", t)
@@ -413,11 +418,13 @@ def verify(
     if result.verdict == "INCONCLUSIVE":
         timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 6)
         result.finished_at = utc_timestamp()
+        phases.done()
         return result
 
     first_adapted: list[torch.Tensor] | None = None
     worst_reset: Divergence | None = None
     for index in range(cycles):
+        phases.step(f"cycle {index + 1} of {cycles}: attach, run, unload, fingerprint")
         ct: dict[str, float] = {}
         c = time.perf_counter()
         handle = _attach(engine, model, behavior)
@@ -481,10 +488,12 @@ def verify(
 
         b = time.perf_counter()
         for spec in baselines:
+            phases.step(f"baseline {spec}")
             result.baselines.append(run_baseline(model, behavior, probes, spec, base_out, before))
         _timed(timings, "baselines", b)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 6)
     result.finished_at = utc_timestamp()
+    phases.done()
     return result
 
 
