@@ -396,3 +396,14 @@ def test_verify_shows_its_phases_on_a_terminal(toy, keys_dir: Path):
         {"REVREG_KEYS": str(keys_dir)},
     )  # fmt: skip
     assert code == 0 and "verify toy:1.0.0" in terminal
+
+
+def test_key_and_base_changes_print_their_entities_with_json(run, tmp_path: Path, keys_dir: Path, toy):
+    env = {"REVREG_REGISTRY": str(tmp_path / "r")}
+    assert run("init", env=env).exit_code == 0
+    trusted = json.loads(run("keys", "trust", "alice", "--role", "publisher", "--json", env=env).stdout)
+    assert trusted["name"] == "alice" and trusted["role"] == "publisher" and not trusted["revoked"]
+    base = json.loads(run("base", "register", toy["base"], "--json", env=env).stdout)
+    assert base["created"] and base["base"]["identity"].startswith("sha256:")
+    (revoked,) = json.loads(run("keys", "revoke", "alice", "--reason", "r", "--json", env=env).stdout)
+    assert revoked["revoked"] and revoked["revoked_reason"] == "r"

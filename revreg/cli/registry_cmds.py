@@ -290,10 +290,14 @@ def base() -> None:
 @base.command("register")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--name", default=None, help="A human name for the base (e.g. gpt2-small).")
+@json_option
 @registry_option
-def base_register(path: Path, name: str | None, registry: str | None) -> None:
+def base_register(path: Path, name: str | None, as_json: bool, registry: str | None) -> None:
     """Record a base model's identity and per-tensor manifest in the registry."""
     info, created = _open(registry).register_base(path, name)
+    if as_json:
+        click.echo(json.dumps({"base": to_json(info), "created": created}, indent=1))
+        return
     click.echo(
         f"{'registered' if created else 'already registered:'} {info.identity} ({info.tensor_count} tensors, "
         f"{human_bytes(info.total_bytes)})"
@@ -481,9 +485,12 @@ def fsck(prune: bool, grace: str, as_json: bool, registry: str | None) -> None:
 @click.argument("key")
 @click.option("--role", type=click.Choice(["publisher", "verifier"]), required=True)
 @click.option("--name", default=None, help="Name to record (default: the keyring name, or the PEM file's stem).")
+@json_option
 @registry_option
 @keys_dir_option
-def keys_trust(key: str, role: str, name: str | None, registry: str | None, keys_dir: Path | None) -> None:
+def keys_trust(
+    key: str, role: str, name: str | None, as_json: bool, registry: str | None, keys_dir: Path | None
+) -> None:
     """Trust KEY (a keyring name or a PEM public key file) in the registry for ROLE."""
     path = Path(key)
     if path.is_file():
@@ -491,16 +498,21 @@ def keys_trust(key: str, role: str, name: str | None, registry: str | None, keys
     else:
         pem, default_name = keyring(keys_dir).public_pem(key), key
     record = _open(registry).trust_key(pem, name or default_name, role)
-    click.echo(f"trusted {record.name} {record.keyid} as {record.role}")
+    _done(record, as_json, f"trusted {record.name} {record.keyid} as {record.role}")
 
 
 @click.command("revoke")
 @click.argument("key")
 @click.option("--reason", required=True, help="Why the key is revoked (recorded in the audit log).")
+@json_option
 @registry_option
-def keys_revoke(key: str, reason: str, registry: str | None) -> None:
+def keys_revoke(key: str, reason: str, as_json: bool, registry: str | None) -> None:
     """Revoke KEY (key id or name) in the registry, in every role; its artifacts are refused."""
-    for record in _open(registry).revoke_key(key, reason):
+    records = _open(registry).revoke_key(key, reason)
+    if as_json:
+        click.echo(json.dumps(to_json(records), indent=1))
+        return
+    for record in records:
         click.echo(f"revoked {record.name} {record.keyid} ({record.role})")
 
 
