@@ -75,3 +75,38 @@ def test_a_shape_written_with_thousands_of_digits_is_refused_at_once(tmp_path: P
     raw = ('{"t":{"dtype":"U8","shape":[' + "9" * 4000 + '],"data_offsets":[0,0]}}').encode()
     with pytest.raises(FormatError, match="out of range"):
         parse_header(len(raw).to_bytes(8, "little") + raw, 8 + len(raw), "t")
+
+
+def test_pack_from_an_input_cut_short_is_an_input_error_not_a_crash(tmp_path: Path, keys_dir: Path):
+    """Packing reads the input tensors from their file; a file truncated after its header was read
+    is an InputError (reading a truncated mapping would kill the process with SIGBUS)."""
+    import numpy as np
+
+    from revreg.artifacts.artifact import pack
+    from revreg.artifacts.keys import Keyring
+    from revreg.artifacts.spec import read_spec
+    from revreg.errors import InputError
+
+    data = np.arange(1 << 20, dtype="<f4").tobytes()
+    write_safetensors(tmp_path / "t.safetensors", {"v": ("F32", (1 << 20,), data)})
+    (tmp_path / "spec.json").write_text(
+        json.dumps({"attachments": [{"target": "h", "kind": "steer", "tensors": {"vector": "v"}}]})
+    )
+    imported, _ = read_spec(tmp_path / "t.safetensors", tmp_path / "spec.json")
+    with open(tmp_path / "t.safetensors", "r+b") as fh:
+        fh.truncate(4096)
+    with pytest.raises(InputError, match="changed while it was being read"):
+        pack(
+            tmp_path / "out.safetensors", imported.tensors, imported.attachments, name="x", version="1",
+            base="sha256:" + "ab" * 32, signer=Keyring(keys_dir).signer("alice"), created="2026-01-01T00:00:00Z",
+        )  # fmt: skip
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_written_file_whose_tensors_are_not_what_was_signed_never_appears(tmp_path: Path):
+    from revreg.errors import InputError
+
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(InputError, match="changed while"):
+        write_safetensors(out, {"v": ("U8", (4,), b"\0\1\2\3")}, expect="sha256:" + "0" * 64)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

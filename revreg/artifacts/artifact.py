@@ -15,6 +15,7 @@ from typing import Any
 from revreg.artifacts.canonical import canonical_json, strict_loads
 from revreg.artifacts.dsse import Envelope, sign, verify
 from revreg.artifacts.identity import (
+    CHUNK_SIZE,
     BufferSource,
     Identity,
     TensorSource,
@@ -245,8 +246,35 @@ def _validate(attachments: tuple[Attachment, ...], header_shapes: Mapping[str, t
 def _source(name: str, dtype: str, shape: tuple[int, ...], data: TensorData) -> TensorSource:
     """What hashing reads: a tensor in memory, or one left in its mapped file (chunk by chunk)."""
     if isinstance(data, MappedTensor):
-        return MappedSource(data.file, data.info, alias=name)
+        return _ReadSource(name, data)
     return BufferSource(name, dtype, shape, memoryview(data))
+
+
+@dataclass(frozen=True)
+class _ReadSource:
+    """A tensor still in its input file, hashed from reads (a file cut short is an InputError)."""
+
+    name: str
+    tensor: MappedTensor
+
+    @property
+    def dtype(self) -> str:
+        return self.tensor.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+    def chunk(self, index: int) -> bytes:
+        lo = index * CHUNK_SIZE
+        return self.tensor.read(lo, min(lo + CHUNK_SIZE, self.tensor.nbytes))
+
+    def done(self, index: int) -> None:
+        return None
 
 
 def _check_provenance(attachments: tuple[Attachment, ...], provenance: Mapping[str, Any]) -> None:
@@ -291,10 +319,14 @@ def pack(
     )
     payload = manifest.to_bytes()
     envelope = sign(payload, PAYLOAD_TYPE, signer)
+    streamed = any(isinstance(d, MappedTensor) for _, _, d in tensors.values())
     write_safetensors(
         out,
         dict(tensors),
         {MANIFEST_KEY: payload.decode("utf-8"), SIGNATURE_KEY: envelope.to_json().decode("utf-8")},
+        # Tensors read from a file are read twice (hashed, then written): what was written must
+        # be what was signed, or there is no artifact.
+        expect=digest if streamed else None,
     )
     return manifest
 

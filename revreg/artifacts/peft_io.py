@@ -52,6 +52,12 @@ class Imported:
     attachments: tuple[Attachment, ...]
     provenance: dict[str, Any]
 
+    def close(self) -> None:
+        """Release the input files the tensors are read from (after packing)."""
+        files = {id(d.file): d.file for _, _, d in self.tensors.values() if isinstance(d, MappedTensor)}
+        for file in files.values():
+            file.close()
+
 
 # A pattern is matched against a module path with a time bound, so a hostile key such as
 # `(a|aa)+` cannot stall a push (Python's re has no timeout; the regex package does).

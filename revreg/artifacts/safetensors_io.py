@@ -194,6 +194,14 @@ class MappedFile:
             with contextlib.suppress(OSError):
                 self._mm.madvise(_MADV_POPULATE_READ, first, last - first)
 
+    def read(self, info: TensorInfo, lo: int, hi: int) -> bytes:
+        """Bytes [lo, hi) of a tensor, read (not mapped): a file cut short while it is read is an
+        InputError here, where touching the mapping would kill the process with SIGBUS."""
+        data = os.pread(self._fh.fileno(), hi - lo, self.header.data_start + info.start + lo)
+        if len(data) != hi - lo:
+            raise InputError(f"{self.path} changed while it was being read (it is shorter than its header says)")
+        return data
+
     def drop(self, info: TensorInfo, lo: int, hi: int) -> None:
         """Tell the kernel we are done with these bytes so they leave our resident set."""
         first, last = self._pages(info, lo, hi, inner=True)
@@ -226,18 +234,66 @@ class MappedTensor:
     def nbytes(self) -> int:
         return self.info.nbytes
 
-    def blocks(self, size: int = WRITE_BLOCK) -> Iterator[memoryview]:
+    def read(self, lo: int, hi: int) -> bytes:
+        return self.file.read(self.info, lo, hi)
+
+    def blocks(self, size: int = WRITE_BLOCK) -> Iterator[bytes]:
         for lo in range(0, self.info.nbytes, size):
-            hi = min(lo + size, self.info.nbytes)
-            view = self.file.view(self.info, lo, hi)
-            try:
-                yield view
-            finally:
-                view.release()
-                self.file.drop(self.info, lo, hi)
+            yield self.read(lo, min(lo + size, self.info.nbytes))
 
 
 TensorData = bytes | memoryview | MappedTensor
+
+
+def _check_written(fd: int, header: bytes, expect: str, path: Path) -> None:
+    from revreg.artifacts.identity import hash_tensors
+
+    written = parse_header(header, len(header) + _data_length(header), str(path))
+    sources = [_WrittenSource(fd, written.data_start, info) for info in written.tensors]
+    actual = hash_tensors(sources, expect.split(":", 1)[0]).identity
+    if actual != expect:
+        raise InputError(
+            f"the input changed while {path.name} was being written ({actual} != {expect}); nothing was written"
+        )
+
+
+def _data_length(header: bytes) -> int:
+    doc = strict_loads(header[8:], "header")
+    return max((v["data_offsets"][1] for k, v in doc.items() if k != "__metadata__"), default=0)
+
+
+@dataclass(frozen=True)
+class _WrittenSource:
+    """A tensor of the file being written, read back through its descriptor."""
+
+    fd: int
+    data_start: int
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    def chunk(self, index: int) -> bytes:
+        from revreg.artifacts.identity import CHUNK_SIZE
+
+        lo = index * CHUNK_SIZE
+        return os.pread(self.fd, min(CHUNK_SIZE, self.info.nbytes - lo), self.data_start + self.info.start + lo)
+
+    def done(self, index: int) -> None:
+        return None
 
 
 def data_nbytes(data: TensorData) -> int:
@@ -305,9 +361,12 @@ def write_safetensors(
     path: Path,
     tensors: Mapping[str, tuple[str, tuple[int, ...], TensorData]],
     metadata: dict[str, str] | None = None,
+    expect: str | None = None,
 ) -> None:
     """Write name -> (dtype, shape, raw bytes) deterministically and atomically; tensors left in
-    a mapped file are copied a block at a time."""
+    a file are copied a block at a time. With `expect` (the tensors' identity, as signed), the
+    written tensors are hashed again before the file takes its name: an input that changed
+    between hashing and writing leaves nothing behind."""
     for name, (dtype, shape, data) in tensors.items():
         if dtype not in ITEMSIZE:
             raise InputError(f"tensor {name!r}: unsupported dtype {dtype!r}")
@@ -323,3 +382,6 @@ def write_safetensors(
                     fh.write(block)
             else:
                 fh.write(data)
+        if expect is not None:
+            fh.flush()
+            _check_written(fh.fileno(), header, expect, path)

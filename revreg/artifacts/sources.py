@@ -25,11 +25,10 @@ class MappedSource:
 
     file: MappedFile
     info: TensorInfo
-    alias: str | None = None  # the name it is hashed under, when not its name in the file
 
     @property
     def name(self) -> str:
-        return self.alias or self.info.name
+        return self.info.name
 
     @property
     def dtype(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -130,7 +131,7 @@ def pack(
     signer = make_signer(keys_dir, key_name, passphrase_env)
     from revreg import progress
 
-    with progress.task(f"pack {output.name}"):
+    with progress.task(f"pack {output.name}"), contextlib.closing(imported):
         manifest = pack_artifact(
             output,
             imported.tensors,

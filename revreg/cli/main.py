@@ -33,6 +33,8 @@ class RevregGroup(click.Group):
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
+            if display is not None:
+                display.close()  # the error gets its own line, not the progress bar's
             click.echo(f"revreg: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         finally:

@@ -97,14 +97,16 @@ def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
     """
     reg = _open(registry)
     results = []
-    for path in files:
-        result = reg.push(path)
-        results.append(result)
-        if not as_json:
-            verb = "pushed" if result.created else "already present:"
-            click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
-    if as_json:
-        click.echo(json.dumps(to_json(results), indent=1))
+    try:
+        for path in files:
+            result = reg.push(path)
+            results.append(result)
+            if not as_json:
+                verb = "pushed" if result.created else "already present:"
+                click.echo(f"{verb} {result.version.ref} {result.version.digest} ({result.version.state})")
+    finally:
+        if as_json:  # what was stored before a later file failed, so a script knows
+            click.echo(json.dumps(to_json(results), indent=1))
 
 
 @click.command()

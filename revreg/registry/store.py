@@ -111,9 +111,14 @@ class BlobStore(ABC):
         name = uuid.uuid4().hex
         creating = self.staging_dir / f"{name}.creating"
         fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_SH)
         path = self.staging_dir / f"{name}.partial"
-        os.rename(creating, path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(creating, path)
+        except BaseException:
+            os.close(fd)
+            creating.unlink(missing_ok=True)
+            raise
         return path, fd
 
     @contextmanager

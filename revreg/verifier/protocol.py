@@ -381,7 +381,7 @@ def verify(
     )
 
     phases = progress.Phases(
-        f"verify {behavior.manifest.name}:{behavior.manifest.version}", 2 + cycles + len(baselines)
+        f"verify {behavior.manifest.name}:{behavior.manifest.version}", 1 + cycles + len(baselines)
     )
     phases.step("determinism check (base run twice)")
     base_out = _run_base(model, probes)
