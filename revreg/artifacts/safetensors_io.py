@@ -262,12 +262,9 @@ def _data_length(header: bytes) -> int:
     return max((v["data_offsets"][1] for k, v in doc.items() if k != "__metadata__"), default=0)
 
 
-@dataclass(frozen=True)
-class _WrittenSource:
-    """A tensor of the file being written, read back through its descriptor."""
+class InfoFields:
+    """name, dtype, shape and nbytes of a tensor source, read from its `info` (a TensorInfo)."""
 
-    fd: int
-    data_start: int
     info: TensorInfo
 
     @property
@@ -285,6 +282,15 @@ class _WrittenSource:
     @property
     def nbytes(self) -> int:
         return self.info.nbytes
+
+
+@dataclass(frozen=True)
+class _WrittenSource(InfoFields):
+    """A tensor of the file being written, read back through its descriptor."""
+
+    fd: int
+    data_start: int
+    info: TensorInfo
 
     def chunk(self, index: int) -> bytes:
         from revreg.artifacts.identity import CHUNK_SIZE

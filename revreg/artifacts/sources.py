@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import CHUNK_SIZE, TensorManifest, TensorSource, hash_tensors
-from revreg.artifacts.safetensors_io import MappedFile, TensorInfo
+from revreg.artifacts.safetensors_io import InfoFields, MappedFile, TensorInfo
 from revreg.errors import FormatError, InputError
 
 if TYPE_CHECKING:
@@ -20,27 +20,11 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class MappedSource:
+class MappedSource(InfoFields):
     """A tensor inside a mapped safetensors file, read without copying."""
 
     file: MappedFile
     info: TensorInfo
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def dtype(self) -> str:
-        return self.info.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.info.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.nbytes
 
     def chunk(self, index: int) -> memoryview:
         lo = index * CHUNK_SIZE
