@@ -436,15 +436,12 @@ def test_a_provenance_that_contradicts_the_signed_lora_is_refused_at_pack_push_a
 
 
 def test_a_backtracking_pattern_is_cut_off_not_run_to_the_end():
-    import time
-
     from revreg.artifacts.peft_io import _pattern_value
 
-    started = time.monotonic()
-    # With Python's re this takes minutes (x1.6 per character); the bound ends it at once.
+    # With Python's re this takes minutes (x1.6 per character); the matcher's time bound ends it
+    # with this error (how long that takes is measured in benchmarks/bench_parsers.py).
     with pytest.raises(RevregError, match="takes too long to match"):
         _pattern_value({"(a|aa)+": 4}, "a" * 60 + "b", 8, "rank_pattern")
-    assert time.monotonic() - started < 5
 
 
 def re_escape(text: str) -> str:
@@ -463,20 +460,14 @@ def re_escape(text: str) -> str:
         ({"target_modules": ["mlp"]}, "not among the PEFT config's target_modules"),
     ],
 )
-def test_hostile_peft_configs_are_refused_in_bounded_time(
-    artifact: Path, keys_dir: Path, tmp_path: Path, patch, fragment
-):
-    import time
-
+def test_hostile_peft_configs_are_refused(artifact: Path, keys_dir: Path, tmp_path: Path, patch, fragment):
     manifest = open_artifact(artifact).manifest
     config = {**manifest.provenance["peft_config"], **patch}
     forged = _signed_with_provenance(
         artifact, tmp_path / "f.safetensors", keys_dir, {**manifest.provenance, "peft_config": config}
     )
-    started = time.monotonic()
     with pytest.raises(RevregError, match=fragment):
         verify_artifact(open_artifact(forged), Keyring(keys_dir).trusted())
-    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize("number", ["1e999", "-1e999", "9" * 5000])

@@ -261,18 +261,15 @@ def test_anonymous_readers_cannot_write_audit_rows_by_pulling_yanked_versions(ho
     assert r.status_code == 401 and len(registry.audit_log()) == rows
 
 
-def test_a_hostile_shape_costs_nothing_and_is_a_clean_error():
-    import time
-
+def test_a_hostile_shape_is_a_clean_error():
+    # Its cost (it is refused before any big product is formed) is in benchmarks/bench_parsers.py.
     from revreg.artifacts.safetensors_io import parse_header
     from revreg.errors import FormatError
 
     for shape in ("[" + ",".join(["2"] * 16000) + "]", "[" + ",".join(["9" * 60] * 100) + "]"):
         raw = ('{"t":{"dtype":"U8","shape":' + shape + ',"data_offsets":[0,8]}}').encode()
-        started = time.monotonic()
         with pytest.raises(FormatError):
             parse_header(len(raw).to_bytes(8, "little") + raw + b"\0" * 8, 16 + len(raw), "t")
-        assert time.monotonic() - started < 2
 
 
 @pytest.mark.parametrize(
