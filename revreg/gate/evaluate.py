@@ -66,11 +66,12 @@ def evaluate(registry: RegistryAPI, ref: str, policy: AllOf, now: datetime | Non
         facts = KeyFacts(current.verifier.keyid, current.verifier.name, bool(record and record.revoked))
         evidence = CertificationEvidence(current.predicate, facts, _when(current.finished_at, row.created_at))
     # Certifications set aside because their verifier is revoked are named, never counted.
-    everyone = registry.trusted("verifier", include_revoked=True)
+    # Each row records the key that signed it, checked when it was recorded.
+    signed_by = {row.verifier_keyid for row in rows}
     revoked = tuple(
-        KeyFacts(keyid, key.name, True)
-        for keyid, key in everyone.items()
-        if keyid not in verifiers and newest_index([row.envelope for row in rows], {keyid: key}, v.digest)
+        KeyFacts(k.keyid, k.name, True)
+        for (keyid, role), k in keys.items()
+        if role == "verifier" and k.revoked and keyid in signed_by
     )
     results = policy.verify(Evidence(v.ref, v.digest, v.state, signer, evidence, now, revoked))
     accepted = evidence

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from revreg import errors, progress
+from revreg.artifacts.artifact import file_digest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.registry.api import (
     ERRORS_BY_NAME,
@@ -131,14 +132,12 @@ class RemoteRegistry:
         except ValueError as exc:
             raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
-    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
+    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None, digest: str | None = None) -> Any:
+        """PUT a file, declaring its sha256 (hashed here unless the caller already did)."""
         file = Path(file)
         try:
-            with open(file, "rb") as fh:
-                h, size = hashlib.sha256(), 0
-                while block := fh.read(BLOCK):
-                    h.update(block)
-                    size += len(block)
+            size = file.stat().st_size
+            digest = digest or file_digest(file)
         except OSError as exc:
             raise errors.InputError(f"cannot read {file}: {exc.strerror}") from exc
 
@@ -149,7 +148,7 @@ class RemoteRegistry:
                     yield block
 
         headers = {
-            "X-Revreg-Digest": "sha256:" + h.hexdigest(),
+            "X-Revreg-Digest": digest,
             "Content-Length": str(size),
             "Content-Type": "application/octet-stream",
             **(extra or {}),
@@ -224,7 +223,7 @@ class RemoteRegistry:
     def push(self, path: Path) -> PushResult:
         """Ask first (is this name ours to push, is this exact version stored already?), then
         upload naming the behavior, so the server authorizes before it reads the body."""
-        from revreg.artifacts.artifact import file_digest, open_artifact
+        from revreg.artifacts.artifact import open_artifact
 
         try:
             name = open_artifact(Path(path)).manifest.name
@@ -234,7 +233,7 @@ class RemoteRegistry:
         check = self._call("POST", "/v1/uploads/check", json={"name": name, "digest": digest})
         if check.get("stored"):
             return PushResult(from_json(VersionInfo, check["version"]), False)
-        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": name})
+        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": name}, digest)
         return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
 
     def pull(
