@@ -123,18 +123,22 @@ class Guard:
             if upload:
                 self.uploads[who.name] -= 1
 
+    async def _receive(self, receive: Receive, send: Send) -> Message | None:
+        """The next body message, or None after answering 408 to a body that stalled."""
+        try:
+            return await asyncio.wait_for(receive(), timeout=self.read_timeout)
+        except TimeoutError:
+            await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
+            return None
+
     async def _checked_json(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         """A JSON body (at most 1 MiB, already authorized) is read whole and parsed strictly here:
         numbers that overflow, lone surrogates, duplicate keys are a 400, never a 500 further in.
         The endpoint then reads the same bytes."""
         body = bytearray()
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
-            except TimeoutError:
-                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
-                return
-            if message["type"] == "http.disconnect":
+            message = await self._receive(receive, send)
+            if message is None or message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
             if len(body) > limit:
@@ -191,12 +195,11 @@ class Guard:
             nonlocal seen, refused
             if refused:
                 return {"type": "http.disconnect"}
-            try:
-                message = await asyncio.wait_for(receive(), timeout=self.read_timeout)
-            except TimeoutError:
+            received = await self._receive(receive, send)
+            if received is None:
                 refused = True
-                await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
                 return {"type": "http.disconnect"}
+            message = received
             seen += len(message.get("body", b""))
             elapsed = time.monotonic() - started
             if message.get("more_body") and elapsed > self.min_rate_after and seen / elapsed < self.min_rate:
