@@ -407,3 +407,30 @@ def test_key_and_base_changes_print_their_entities_with_json(run, tmp_path: Path
     assert base["created"] and base["base"]["identity"].startswith("sha256:")
     (revoked,) = json.loads(run("keys", "revoke", "alice", "--reason", "r", "--json", env=env).stdout)
     assert revoked["revoked"] and revoked["revoked_reason"] == "r"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("inspect", "/nonexistent.safetensors"), ("pull",), ("ls", "--nope"), ("nosuchcommand",), ("pull", "x", "-o")],
+)
+def test_usage_errors_are_one_line_exit_2(run, args):
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("revreg: error: "), result.stderr
+
+
+def test_pull_never_replaces_a_symlink_without_force(run, reg: Registry, keys_dir: Path, tmp_path: Path):
+    env = {"REVREG_REGISTRY": reg.describe()}
+    reg.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    result = run("pull", "demo:1.0.0", "-o", dangling, "--allow-unpublished", env=env)
+    assert result.exit_code == 2 and "already exists" in result.stderr and dangling.is_symlink()
+
+
+def test_a_key_file_that_is_not_pem_is_named_as_the_file(run, reg: Registry, tmp_path: Path):
+    bad = tmp_path / "v.ssh"
+    bad.write_text("ssh-ed25519 AAAA")
+    result = run("keys", "trust", bad, "--role", "verifier", "--name", "other", env={"REVREG_REGISTRY": reg.describe()})
+    assert result.exit_code == 2 and "v.ssh" in result.stderr

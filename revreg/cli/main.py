@@ -30,6 +30,13 @@ class RevregGroup(click.Group):
         try:
             with showing(display):
                 return super().invoke(ctx)
+        except click.UsageError as exc:
+            # A bad argument, option or command name: one line like every other bad input.
+            if display is not None:
+                display.close()
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"revreg: error: {exc.format_message()}{where}", err=True)
+            ctx.exit(2)
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise

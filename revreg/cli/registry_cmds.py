@@ -139,7 +139,7 @@ def pull(
     The digest, signature and (for published versions) certification are checked before
     anything is written to the output, which appears complete or not at all.
     """
-    if output.exists() and not (force and output.is_file()):
+    if (output.exists() or output.is_symlink()) and not (force and (output.is_file() or output.is_symlink())):
         what = "a directory" if output.is_dir() else "a file"
         hint = "" if output.is_dir() else " (pass --force to replace it)"
         raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
@@ -497,6 +497,9 @@ def keys_trust(
     path = Path(key)
     if path.is_file():
         pem, default_name = path.read_bytes(), path.stem
+        from revreg.artifacts.keys import load_public_pem
+
+        load_public_pem(pem, str(path))  # a file that is not a PEM key is named as the file
     else:
         pem, default_name = keyring(keys_dir).public_pem(key), key
     record = _open(registry).trust_key(pem, name or default_name, role)
