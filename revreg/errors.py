@@ -17,6 +17,10 @@ class InputError(RevregError):
     """An input could not be parsed or is not what the command needs."""
 
 
+class BaseMismatch(InputError):
+    """A model, or a base's files, are not the base a behavior is bound to."""
+
+
 class FormatError(InputError):
     """A file is not a well-formed safetensors file or revreg artifact."""
 

@@ -14,7 +14,7 @@ import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch import nn
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, hash_tensors, root_digest
 from revreg.artifacts.sources import tensor_sources
+
+if TYPE_CHECKING:
+    from revreg.verifier.live import LeafCache
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -310,11 +313,16 @@ def _namespace(ns: Any, label: str) -> dict[str, Token]:
     return {f"name {k}": Same(v, f"{label}.{k}") for k, v in vars(ns).items() if not k.startswith("__")}
 
 
-def fingerprint(model: nn.Module, stream: bool | None = None) -> Fingerprint:
+def fingerprint(
+    model: nn.Module, stream: bool | None = None, cache: LeafCache | None = None, reuse: bool = False
+) -> Fingerprint:
     """Everything docs/verifier.md's threat model lists, for `model` and the process it runs in.
 
     The fingerprint holds strong references to the model's objects, so none of them can be
     freed and its address reused while it is kept. `stream` is the identity hashing option.
+    With `cache`, tensor leaves are stored there; with `reuse` too, leaves of tensors whose
+    version counters did not move are taken from it instead of hashed (the library's reference
+    snapshot at attach time; never what a proof compares against).
     """
     cap = _Capture()
     # state_dict first, so that aliases resolve to the names identity hashing keeps; then
@@ -332,8 +340,11 @@ def fingerprint(model: nn.Module, stream: bool | None = None) -> Fingerprint:
     # so a model changed into one is a finding rather than a crash; in an identity they make a
     # leaf no checkpoint has, so such a base is refused by the identity check.
     scheme = [(n, t) for n, _, t in named if str(t.dtype) in TORCH_TO_SAFETENSORS]
-    sources, aliases = tensor_sources(scheme, stream)
-    digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
+    if cache is not None:
+        digests, aliases = cache.leaves(scheme, stream, reuse=reuse)
+    else:
+        sources, aliases = tensor_sources(scheme, stream)
+        digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
     digests |= {n: tensor_digest(t) for n, _, t in named if str(t.dtype) not in TORCH_TO_SAFETENSORS}
     tensors = {name: digests[aliases.get(name, name)] for name, _, _ in named}
     by_object: dict[int, list[str]] = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.sources import identity_of_path
-from revreg.errors import InputError
+from revreg.errors import BaseMismatch, InputError
 
 
 def load_hf(directory: Path) -> nn.Module:
@@ -75,8 +75,6 @@ def load_base(
         raise InputError(f"base model {base} does not exist")
     weights = identity_of_path(base, expected.split(":", 1)[0] if expected else "sha256")
     if expected is not None and weights.identity != expected:
-        from revreg.verifier.protocol import BaseMismatch
-
         raise BaseMismatch(
             f"{label} is bound to base {expected}, but {base} is {weights.identity}; "
             "refusing to run (nothing was loaded)"

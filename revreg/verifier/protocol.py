@@ -19,20 +19,17 @@ from revreg.artifacts.artifact import utc_timestamp
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.predicate import SCHEMA_VERSION
-from revreg.errors import InputError, RevregError
+from revreg.errors import BaseMismatch, InputError, RevregError
 from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine
 from revreg.verifier.environment import environment
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
+from revreg.verifier.live import LeafCache
 from revreg.verifier.metrics import Divergence, bitwise_equal, compare, failed_run, recoverability
 from revreg.verifier.runner import Probes, run
 
 INERT_FLOOR = 1e-8  # below this divergence a behavior is treated as having no effect
 LEAKAGE_THRESHOLD = 1e-6  # the paper's "exact" threshold for per-probe divergence after reset
 RECHECK_RUNS = 3  # runs of the bare base when a cycle fails, before the behavior is blamed
-
-
-class BaseMismatch(InputError):
-    """The model is not the base the behavior is bound to."""
 
 
 @dataclass
@@ -173,7 +170,11 @@ def _strict_json(value: Any, path: str, non_finite: dict[str, str]) -> Any:
 
 
 def check_base(
-    model: nn.Module, behavior: Behavior, before: Fingerprint, weights: TensorManifest | None = None
+    model: nn.Module,
+    behavior: Behavior,
+    before: Fingerprint,
+    weights: TensorManifest | None = None,
+    cache: LeafCache | None = None,
 ) -> None:
     """Refuse, before anything runs, a model that is not the behavior's base.
 
@@ -182,18 +183,25 @@ def check_base(
     name, as a parameter or a buffer (persistent or not: checkpoints written by older library
     versions keep buffers such as BERT's position_ids that newer ones no longer save), with no
     state of its own beyond them. A tied tensor may be in the files under any of its names
-    (`safetensors.torch.save_model` keeps one). Without weights, the live model's own identity
-    must match.
+    (`safetensors.torch.save_model` keeps one). Without weights, the live model must answer to
+    the identity by the rule of docs/spec/identity.md: its state_dict, plus any kinds of its
+    non-persistent buffers a checkpoint may also hold. `cache` holds the leaves `before` was
+    hashed from, so they are not hashed twice.
     """
     expected = behavior.manifest.base
     label = f"{behavior.manifest.name}:{behavior.manifest.version}"
     if weights is None:
-        actual = before.identity
-        if not expected.startswith("sha256:"):
+        if expected.startswith("sha256:"):
+            from revreg.verifier.live import live_identity
+
+            live = live_identity(model, cached=cache is not None, cache=cache)
+            ok, actual = live.matches(expected), live.identity
+        else:
             from revreg.artifacts.sources import identity_of_module
 
             actual = identity_of_module(model, expected.split(":", 1)[0]).identity
-        if actual != expected:
+            ok = actual == expected
+        if not ok:
             raise BaseMismatch(f"{label} is bound to base {expected}, but the model is {actual}; refusing to run")
         return
     if weights.identity != expected:
@@ -249,26 +257,64 @@ def _run_base(model: nn.Module, probes: Probes) -> list[torch.Tensor]:
         raise InputError(f"the base model does not run probe set {probes.name}: {_describe_error(exc)}") from exc
 
 
-def _attach(engine: Engine, model: nn.Module, behavior: Behavior) -> Attached:
+def _label(behavior: Behavior | Sequence[Behavior]) -> str:
+    members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
+    return " + ".join(f"{b.manifest.name}:{b.manifest.version}" for b in members)
+
+
+def _attach(engine: Engine, model: nn.Module, behavior: Behavior | Sequence[Behavior]) -> Attached | _Stacked:
+    """Attach one behavior, or a stack in order; one handle that unloads them all."""
+    members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
+    parts: list[Attached] = []
     try:
-        return engine.attach(model, behavior)
-    except RevregError:
+        for b in members:
+            try:
+                parts.append(engine.attach(model, b))
+            except RevregError:
+                raise
+            except Exception as exc:
+                raise InputError(f"cannot attach {_label(b)} to this model: {_describe_error(exc)}") from exc
+    except BaseException:
+        for part in reversed(parts):
+            part.unload()
         raise
-    except Exception as exc:
-        m = behavior.manifest
-        raise InputError(f"cannot attach {m.name}:{m.version} to this model: {_describe_error(exc)}") from exc
+    if len(parts) == 1:
+        return parts[0]
+    return _Stacked(parts)
 
 
-def _run_attached(model: nn.Module, probes: Probes, handle: Attached, behavior: Behavior) -> list[torch.Tensor]:
+class _Stacked:
+    """Several attachments unloaded together, the last attached first."""
+
+    def __init__(self, parts: list[Attached]) -> None:
+        self.parts = parts
+        self.effects = [e for p in parts for e in p.effects]
+
+    @property
+    def measure(self) -> bool:
+        return all(p.measure for p in self.parts)
+
+    @measure.setter
+    def measure(self, value: bool) -> None:
+        for part in self.parts:
+            part.measure = value
+
+    def unload(self) -> None:
+        for part in reversed(self.parts):
+            part.unload()
+
+    @property
+    def attached(self) -> bool:
+        return any(p.attached for p in self.parts)
+
+
+def _run_attached(model: nn.Module, probes: Probes, handle: Attached | _Stacked, label: str) -> list[torch.Tensor]:
     try:
         return run(model, probes)
     except RevregError:
         raise
     except Exception as exc:
-        m = behavior.manifest
-        raise InputError(
-            f"with {m.name}:{m.version} attached the model does not run the probes: {_describe_error(exc)}"
-        ) from exc
+        raise InputError(f"with {label} attached the model does not run the probes: {_describe_error(exc)}") from exc
     finally:
         handle.unload()
 
@@ -329,7 +375,7 @@ def _recheck(model: nn.Module, probes: Probes, base_out: list[torch.Tensor], run
 
 def verify(
     model: nn.Module,
-    behavior: Behavior,
+    behavior: Behavior | Sequence[Behavior],
     probes: Probes,
     *,
     cycles: int = 3,
@@ -346,24 +392,48 @@ def verify(
     from revreg.verifier.baselines import check_specs
 
     check_specs(baselines)
+    members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
+    if not members:
+        raise InputError("nothing to verify: give at least one behavior")
+    if len({b.digest for b in members}) != len(members):
+        raise InputError("a stack names the same behavior twice; attaching it twice would apply it twice")
+    if len(members) > 1 and baselines:
+        raise InputError("mutation baselines run on one behavior, not a stack: verify the members one by one")
     engine = engine or HookEngine()
     kind = probes.file.manifest.divergence
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    pristine = fingerprint(model)
+    leaves = LeafCache()
+    pristine = fingerprint(model, cache=leaves)
     t = _timed(timings, "fingerprint", t)
-    check_base(model, behavior, pristine, weights)
-    m = behavior.manifest
+    for member in members:
+        check_base(model, member, pristine, weights, leaves)
+    m = members[0].manifest
+    described = [
+        {
+            "name": b.manifest.name,
+            "version": b.manifest.version,
+            "digest": b.digest,
+            "base": b.manifest.base,
+            "attachments": len(b.manifest.attachments),
+            "bytes": b.nbytes,
+        }
+        for b in members
+    ]
+    label = _label(members)
     result = VerificationResult(
         verdict="PASS",
         reasons=[],
-        behavior={
-            "name": m.name,
-            "version": m.version,
-            "digest": behavior.digest,
+        behavior=described[0]
+        if len(members) == 1
+        else {
+            "name": label,
+            "version": "stack",
+            "digest": None,
             "base": m.base,
-            "attachments": len(m.attachments),
-            "bytes": behavior.nbytes,
+            "attachments": sum(d["attachments"] for d in described),
+            "bytes": sum(d["bytes"] for d in described),
+            "stack": described,
         },
         probes={
             "name": probes.name,
@@ -380,9 +450,7 @@ def verify(
         base=_base_facts(model, m.base, architecture),
     )
 
-    phases = progress.Phases(
-        f"verify {behavior.manifest.name}:{behavior.manifest.version}", 1 + cycles + len(baselines)
-    )
+    phases = progress.Phases(f"verify {label}", 1 + cycles + len(baselines))
     phases.step("determinism check (base run twice)")
     base_out = _run_base(model, probes)
     again = _run_base(model, probes)
@@ -427,11 +495,11 @@ def verify(
         phases.step(f"cycle {index + 1} of {cycles}: attach, run, unload, fingerprint")
         ct: dict[str, float] = {}
         c = time.perf_counter()
-        handle = _attach(engine, model, behavior)
+        handle = _attach(engine, model, members)
         if hasattr(handle, "measure"):
             handle.measure = index == 0
         c = _timed(ct, "attach", c)
-        adapted = _run_attached(model, probes, handle, behavior)
+        adapted = _run_attached(model, probes, handle, label)
         c = _timed(ct, "run_adapted_unload", c)
         if index == 0:
             result.effects = [e.to_dict() for e in getattr(handle, "effects", [])]
@@ -447,7 +515,7 @@ def verify(
             first_adapted = adapted
             if not _same_shapes(base_out, adapted):
                 raise InputError(
-                    f"{m.name}:{m.version} changes the shape of the probe outputs "
+                    f"{label} changes the shape of the probe outputs "
                     f"({_shapes(base_out)} -> {_shapes(adapted)}); there is nothing to compare"
                 )
             result.adapted = compare(base_out, adapted, probes.masks, kind)
@@ -489,7 +557,7 @@ def verify(
         b = time.perf_counter()
         for spec in baselines:
             phases.step(f"baseline {spec}")
-            result.baselines.append(run_baseline(model, behavior, probes, spec, base_out, before))
+            result.baselines.append(run_baseline(model, members[0], probes, spec, base_out, before))
         _timed(timings, "baselines", b)
     timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 6)
     result.finished_at = utc_timestamp()
@@ -570,7 +638,12 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     m = d["metrics"]
     rows = [
         ("verdict", result.verdict),
-        ("behavior", f"{result.behavior['name']}:{result.behavior['version']}"),
+        (
+            "behavior",
+            f"stack of {len(result.behavior['stack'])}: {result.behavior['name']}"
+            if "stack" in result.behavior
+            else f"{result.behavior['name']}:{result.behavior['version']}",
+        ),
         ("probes", f"{result.probes['name']} ({result.probes['count']} probes, {result.probes['divergence']})"),
         ("device", result.device),
         ("deterministic", str(result.determinism.get("repeatable"))),
@@ -624,7 +697,7 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
 
 
 def verify_files(
-    behavior_path: Path,
+    behavior_path: Path | Sequence[Path],
     trusted: Mapping[str, TrustedKey],
     probes_path: Path,
     base: Path,
@@ -633,7 +706,8 @@ def verify_files(
     cycles: int = 3,
     baselines: Sequence[str] = (),
 ) -> VerificationResult:
-    """The protocol from files on disk: what `revreg verify`, `certify` and workers run."""
+    """The protocol from files on disk: what `revreg verify`, `certify` and workers run. Several
+    behavior files are a stack, attached in the order given and unloaded together."""
     from revreg.verifier.engine import load_behavior
     from revreg.verifier.environment import make_deterministic
     from revreg.verifier.loading import load_base
@@ -642,12 +716,17 @@ def verify_files(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
     make_deterministic(device)
-    behavior = load_behavior(behavior_path, trusted, device)
-    label = f"{behavior.manifest.name}:{behavior.manifest.version}"
-    model, weights = load_base(base, factory, device, behavior.manifest.base, label)
+    paths = [Path(behavior_path)] if isinstance(behavior_path, str | Path) else [Path(p) for p in behavior_path]
+    members = [load_behavior(p, trusted, device) for p in paths]
+    bases = {b.manifest.base for b in members}
+    if len(bases) > 1:
+        raise BaseMismatch(
+            f"the stack's behaviors are bound to different bases ({', '.join(sorted(bases))}); a stack runs on one base"
+        )
+    model, weights = load_base(base, factory, device, members[0].manifest.base, _label(members))
     return verify(
         model,
-        behavior,
+        members[0] if len(members) == 1 else members,
         load_probes(probes_path, device),
         cycles=cycles,
         device=device,

@@ -1,0 +1,259 @@
+"""Behaviors attached in the user's own process: refused on a model that is not their base,
+stackable, and unloaded with proof on request (docs/api.md).
+
+A `Handle` holds the hooks of one `attach` call (one behavior or a stack of them). `unload()`
+removes them; `unload(verify=True)` then compares a full fingerprint of the model, hashed
+afresh, with the snapshot taken when it was attached, and raises `RollbackError` naming every
+difference.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+from torch import nn
+
+from revreg.errors import BaseMismatch, InputError, IntegrityError, RevregError
+from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine
+from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
+from revreg.verifier.live import cache_of, live_identity
+
+Check = Literal["cached", "full"]
+CHECKS: tuple[str, ...] = ("cached", "full")
+
+# State of the process rather than of the model: the user's own code changes it between attach
+# and unload (sampling draws random numbers, inference runs under no_grad), so a library
+# snapshot does not compare it. The verifier's protocol does (docs/verifier.md).
+PROCESS_FIELDS = frozenset(
+    {
+        "cpu rng state",
+        "python rng state",
+        "numpy rng state",
+        "grad mode",
+        "inference mode",
+        "cpu autocast",
+        "cuda autocast",
+    }
+)
+
+
+class RollbackError(IntegrityError):
+    """After unload the model is not what it was when the behavior was attached."""
+
+    def __init__(self, message: str, changes: list[Change]) -> None:
+        super().__init__(message)
+        self.changes = changes
+
+
+class StackError(InputError):
+    """An attach or a verified unload that the current stack of behaviors does not allow."""
+
+
+def _model_changes(before: Fingerprint, after: Fingerprint) -> list[Change]:
+    return [
+        c
+        for c in before.changes(after)
+        if not (c.subject == "torch" and (c.field in PROCESS_FIELDS or c.field.startswith("cuda:")))
+    ]
+
+
+def _shown(changes: list[Change], limit: int = 5) -> str:
+    more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""
+    return "; ".join(str(c) for c in changes[:limit]) + more
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A model's full state at one moment, to prove later that it is back to it."""
+
+    model: weakref.ref[nn.Module]
+    fingerprint: Fingerprint
+
+    def changes(self, model: nn.Module) -> list[Change]:
+        """What differs now, from a fingerprint hashed afresh (no cached leaf is trusted)."""
+        if self.model() is not model:
+            raise InputError("this snapshot was taken of another model")
+        return _model_changes(self.fingerprint, fingerprint(model, cache=cache_of(model)))
+
+    def verify(self, model: nn.Module) -> None:
+        """Raise RollbackError unless `model` is bit for bit what it was at the snapshot."""
+        changes = self.changes(model)
+        if changes:
+            raise RollbackError(f"the model is not back to its snapshot: {_shown(changes)}", changes)
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """Take a snapshot of `model` (parameters, buffers, structure, hooks, attributes). Tensor
+    leaves are reused from the model's cache where no version counter moved; the comparison
+    in `verify` hashes everything again, so a write the counters missed still shows there."""
+    return Snapshot(weakref.ref(model), fingerprint(model, cache=cache_of(model), reuse=True))
+
+
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[Handle]] = weakref.WeakKeyDictionary()
+
+
+def attached_to(model: nn.Module) -> tuple[Handle, ...]:
+    """The handles attached to `model` now, oldest first."""
+    return tuple(_LIVE.get(model, ()))
+
+
+def _label(behavior: Behavior) -> str:
+    return f"{behavior.manifest.name}:{behavior.manifest.version}"
+
+
+class Handle:
+    """What one `attach` call put on a model. Use as a context manager, or call `unload()`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        behaviors: tuple[Behavior, ...],
+        parts: list[Attached],
+        below: tuple[Handle, ...],
+        reference: Snapshot | None,
+        verify_on_exit: bool,
+    ) -> None:
+        self.model = model
+        self.behaviors = behaviors
+        self._parts = parts
+        self._below = below
+        self._reference = reference
+        self._verify_on_exit = verify_on_exit
+
+    @property
+    def attached(self) -> bool:
+        return any(p.attached for p in self._parts)
+
+    @property
+    def effects(self) -> list[Effect]:
+        """Per attachment: how often its hook ran and the largest change it made."""
+        return [e for p in self._parts for e in p.effects]
+
+    def __repr__(self) -> str:
+        names = ", ".join(_label(b) for b in self.behaviors)
+        return f"<revreg.Handle {names} {'attached' if self.attached else 'unloaded'}>"
+
+    def unload(self, verify: bool = False) -> None:
+        """Remove this handle's hooks. With verify=True, first check that the stack is as it was
+        when this handle attached (else StackError, nothing removed), then prove from a fresh
+        full fingerprint that the model is back to its snapshot (else RollbackError)."""
+        live = _LIVE.get(self.model, [])
+        if self not in live:
+            raise StackError(f"{self!r} is not attached (already unloaded)")
+        if verify:
+            if self._reference is None:
+                raise InputError(
+                    "this handle was attached without a snapshot: attach(..., verify=True) to unload with "
+                    "proof, or take revreg.snapshot(model) before attaching and call its verify(model) after"
+                )
+            others = tuple(h for h in live if h is not self)
+            if others != self._below:
+                added = [h for h in others if h not in self._below]
+                gone = [h for h in self._below if h not in others]
+                reason = (
+                    f"{', '.join(repr(h) for h in added)} attached after it is still on: unload that first"
+                    if added
+                    else f"{', '.join(repr(h) for h in gone)}, on when it attached, has been unloaded since"
+                )
+                raise StackError(f"cannot prove {self!r} unloaded: {reason} (nothing was unloaded)")
+        for part in reversed(self._parts):
+            part.unload()
+        live.remove(self)
+        if verify:
+            assert self._reference is not None
+            changes = self._reference.changes(self.model)
+            if changes:
+                raise RollbackError(
+                    f"after unloading {', '.join(_label(b) for b in self.behaviors)} the model is not back "
+                    f"bit for bit: {_shown(changes)}",
+                    changes,
+                )
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self in _LIVE.get(self.model, []):
+            # On an exception inside the block the hooks still come off; the proof is only
+            # attempted when the block ended normally, so it never hides the original error.
+            self.unload(verify=self._verify_on_exit and exc_type is None)
+
+
+def check_base(model: nn.Module, behaviors: Sequence[Behavior], check: str = "cached") -> None:
+    """Refuse a model whose identity is not every behavior's base (BaseMismatch)."""
+    if check not in CHECKS:
+        raise InputError(f"check={check!r}: use one of {', '.join(CHECKS)}")
+    live = None
+    for b in behaviors:
+        expected = b.manifest.base
+        if expected.startswith("sha256:"):
+            live = live or live_identity(model, cached=check == "cached")
+            ok, actual = live.matches(expected), live.identity
+        else:
+            from revreg.artifacts.sources import identity_of_module
+
+            actual = identity_of_module(model, expected.split(":", 1)[0]).identity
+            ok = actual == expected
+        if not ok:
+            raise BaseMismatch(
+                f"{_label(b)} is bound to base {expected}, but this model is {actual}; refusing to attach "
+                "(nothing was attached)"
+            )
+
+
+def attach(
+    model: nn.Module,
+    behavior: Behavior | Sequence[Behavior],
+    *,
+    check: Check = "cached",
+    verify: bool = False,
+    engine: Engine | None = None,
+) -> Handle:
+    """Attach one behavior, or a stack of them in order, to `model` with forward hooks.
+
+    Refused (nothing attached) when the model is not every behavior's base, when a behavior is
+    already attached to this model, or when a target module is missing. `check="full"` hashes
+    the model's tensors now instead of reusing leaves cached while no version counter moved.
+    `verify=True` snapshots the model first, so that `unload(verify=True)`, and leaving a
+    `with` block, prove the model is back bit for bit.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"attach needs a torch.nn.Module, got {type(model).__name__}")
+    behaviors = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
+    if not behaviors or not all(isinstance(b, Behavior) for b in behaviors):
+        raise InputError("attach needs a Behavior (from revreg.load_behavior or registry.pull) or a list of them")
+    below = attached_to(model)
+    on = {b.digest: h for h in below for b in h.behaviors}
+    seen: set[str] = set()
+    for b in behaviors:
+        if b.digest in on or b.digest in seen:
+            raise StackError(
+                f"{_label(b)} ({b.digest[:19]}) is already attached to this model; attaching it twice would "
+                "apply it twice (nothing was attached)"
+            )
+        seen.add(b.digest)
+    check_base(model, behaviors, check)
+    reference = snapshot(model) if verify else None
+    engine = engine or HookEngine()
+    parts: list[Attached] = []
+    try:
+        for b in behaviors:
+            try:
+                parts.append(engine.attach(model, b))
+            except RevregError:
+                raise
+            except Exception as exc:
+                raise InputError(f"cannot attach {_label(b)} to this model: {type(exc).__name__}: {exc}") from exc
+    except BaseException:
+        for part in reversed(parts):
+            part.unload()
+        raise
+    handle = Handle(model, behaviors, parts, below, reference, verify)
+    _LIVE.setdefault(model, []).append(handle)
+    return handle

@@ -1,0 +1,157 @@
+"""A live model's base identity, cheap to ask again: per-tensor leaves cached while the tensors'
+version counters say nothing was written, and the matching rule for checkpoints that also keep
+non-persistent buffers (docs/spec/identity.md, "Live module").
+
+What the cache can and cannot see is stated in docs/api.md: writes through autograd (in-place
+ops, `copy_`, `load_state_dict`, optimizer steps) bump a tensor's version counter and are seen;
+writes that bypass it (`tensor.data.add_()`, numpy or DLPack views, raw storage) are not. The
+verifier's protocol and `unload(verify=True)` never use the cache for what they prove.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
+from revreg.artifacts.identity import Identity, TensorSource, hash_tensors, root_digest
+from revreg.artifacts.sources import tensor_sources
+from revreg.errors import InputError
+
+# Non-persistent buffers are grouped by the last component of their name (every layer's
+# `inv_freq` is one group); a checkpoint writer keeps a kind of buffer everywhere or nowhere.
+# Up to this many groups every combination is tried, beyond it only none and all.
+MAX_GROUPS = 10
+
+
+def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """What must be unchanged for a cached leaf of `t` to be reused, or None when `t` cannot be
+    cached (inference tensors have no version counter)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (
+        version,
+        t.untyped_storage().data_ptr() if t.numel() else 0,
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        t.device,
+        t.is_conj(),
+        t.is_neg(),
+    )
+
+
+@dataclass
+class _Entry:
+    ref: weakref.ref[torch.Tensor]
+    key: tuple[Any, ...]
+    leaf: str
+
+
+class LeafCache:
+    """Identity leaves of one model's tensors, by name, each valid while the same tensor object
+    has the same version counter, storage, layout and dtype."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self.hashed = 0  # tensors hashed (not reused) by the last call, for tests and benchmarks
+
+    def leaves(
+        self, named: Sequence[tuple[str, torch.Tensor]], stream: bool | None = None, reuse: bool = True
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """{name: leaf hex} for every distinct tensor of `named` (scheme dtypes only), and the
+        aliases (later name -> first name for the same memory). With reuse=False every tensor is
+        hashed and the cache refreshed from what was read."""
+        sources, aliases = tensor_sources(named, stream)
+        by_name = dict(named)
+        known: dict[str, str] = {}
+        todo: list[TensorSource] = []
+        for source in sources:
+            entry = self._entries.get(source.name)
+            tensor = by_name[source.name]
+            if reuse and entry is not None and entry.ref() is tensor and entry.key == _key(tensor):
+                known[source.name] = entry.leaf
+            else:
+                todo.append(source)
+        # Keys are taken before hashing: a write during hashing bumps the counter and the next
+        # call hashes again rather than trusting a leaf of bytes that moved.
+        keys = {s.name: _key(by_name[s.name]) for s in todo}
+        fresh = {t.name: t.digest for t in hash_tensors(todo).tensors} if todo else {}
+        self.hashed = len(todo)
+        for name, leaf in fresh.items():
+            key = keys[name]
+            if key is None:
+                self._entries.pop(name, None)
+            else:
+                self._entries[name] = _Entry(weakref.ref(by_name[name]), key, leaf)
+        return known | fresh, aliases
+
+
+_CACHES: weakref.WeakKeyDictionary[nn.Module, LeafCache] = weakref.WeakKeyDictionary()
+
+
+def cache_of(model: nn.Module) -> LeafCache:
+    cache = _CACHES.get(model)
+    if cache is None:
+        cache = _CACHES[model] = LeafCache()
+    return cache
+
+
+@dataclass(frozen=True)
+class LiveIdentity:
+    """A live model's identity (its state_dict) and the identities it also answers to: those of
+    checkpoints that hold its state_dict plus some kinds of its non-persistent buffers."""
+
+    identity: Identity
+    candidates: frozenset[str]
+    optional: tuple[str, ...]  # the non-persistent buffer names that may be in a checkpoint
+
+    def matches(self, expected: str) -> bool:
+        return expected in self.candidates
+
+
+def _persistent(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    state = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
+    listed = {n for n, _ in state}
+    others = [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if n not in listed]
+    return state, others
+
+
+def live_identity(
+    model: nn.Module, cached: bool = True, stream: bool | None = None, cache: LeafCache | None = None
+) -> LiveIdentity:
+    """The identity of `model` as revreg.attach checks it: leaves from the model's cache (or
+    `cache`) when `cached` and no version counter moved, else hashed now (and the cache
+    refreshed)."""
+    state, optional = _persistent(model)
+    for name, t in state:
+        if str(t.dtype) not in TORCH_TO_SAFETENSORS:
+            raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash: no base identity")
+    optional = [(n, t) for n, t in optional if str(t.dtype) in TORCH_TO_SAFETENSORS]
+    leaves, aliases = (cache or cache_of(model)).leaves([*state, *optional], stream, reuse=cached)
+    core = [(n, bytes.fromhex(leaves[n])) for n, _ in state if n not in aliases]
+    opt = [(n, bytes.fromhex(leaves[n])) for n, _ in optional if n not in aliases]
+    identity = Identity(f"sha256:{root_digest('sha256', core).hex()}")
+    groups: dict[str, list[tuple[str, bytes]]] = {}
+    for name, leaf in opt:
+        groups.setdefault(name.rsplit(".", 1)[-1], []).append((name, leaf))
+    kinds = sorted(groups)
+    if len(kinds) <= MAX_GROUPS:
+        subsets: Iterable[tuple[str, ...]] = itertools.chain.from_iterable(
+            itertools.combinations(kinds, r) for r in range(len(kinds) + 1)
+        )
+    else:
+        subsets = [(), tuple(kinds)]
+    candidates = {
+        f"sha256:{root_digest('sha256', core + [x for k in subset for x in groups[k]]).hex()}" for subset in subsets
+    }
+    return LiveIdentity(identity, frozenset(candidates), tuple(n for n, _ in opt))
