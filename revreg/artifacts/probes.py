@@ -127,6 +127,36 @@ def read_probes(path: Path) -> ProbeFile:
     return ProbeFile(path, manifest, file_digest(path))
 
 
+# Heads whose output is a distribution over a vocabulary or labels: compared by KL/JS.
+_LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "ForSequenceClassification")
+
+
+def output_for(model_dir: Path) -> tuple[str, str]:
+    """The output to compare and its divergence, from the model type in `model_dir`/config.json:
+    logits (KL) for a language-model or classifier head, last_hidden_state (MSE) for a bare
+    encoder or decoder. Anything else is an InputError that names the flags."""
+    hint = (
+        "pass --output logits (language models, classifiers) or --output last_hidden_state --divergence mse "
+        "(encoders, embedding models)"
+    )
+    config = Path(model_dir) / "config.json"
+    try:
+        doc = strict_loads(config.read_bytes(), str(config))
+    except (OSError, FormatError) as exc:
+        raise InputError(
+            f"cannot tell which output of {model_dir} to compare (no readable config.json): {hint}"
+        ) from exc
+    architectures = doc.get("architectures") if isinstance(doc, dict) else None
+    names = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+    if len(names) == 1:
+        if names[0].endswith(_LOGIT_HEADS):
+            return "logits", "kl"
+        if names[0].endswith("Model"):
+            return "last_hidden_state", "mse"
+    shown = ", ".join(names) or "none"
+    raise InputError(f"cannot tell which output of {model_dir} to compare (architectures: {shown}): {hint}")
+
+
 def from_prompts(
     prompts: list[str],
     tokenizer_dir: Path,

@@ -41,9 +41,13 @@ from revreg.errors import InputError, RevregError, UnknownKeyError
 def _base_identity(base: str) -> Identity:
     if looks_like_identity(base):
         return parse_identity(base)
-    if not Path(base).exists():
-        raise InputError(f"--base {base!r} is neither an identity (sha256:<hex>) nor an existing model path")
-    return identity_of_path(Path(base)).identity
+    from revreg.artifacts.hfcache import resolve_model
+
+    try:
+        path = resolve_model(base)
+    except InputError as exc:
+        raise InputError(f"--base: {exc}; or give an identity (sha256:<hex>)") from exc
+    return identity_of_path(path).identity
 
 
 def _created(value: str | None) -> str:
@@ -79,7 +83,12 @@ def _created(value: str | None) -> str:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON spec saying where each tensor attaches (lora, ia3, steer).",
 )
-@click.option("--base", required=True, help="Base model path (file, shards, HF directory) or identity string.")
+@click.option(
+    "--base",
+    required=True,
+    help="Base model: a path (file, shards, HF directory), org/name[@revision] from the local Hugging Face cache, "
+    "or an identity string.",
+)
 @click.option("--name", required=True, help="Behavior name (lowercase, no path separators).")
 @click.option("--version", "version", required=True, help="Behavior version, e.g. 1.0.0.")
 @click.option("--key", "key_name", required=True, help="Signing key name in the keyring.")

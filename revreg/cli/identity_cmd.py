@@ -13,7 +13,7 @@ from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.identity import ALGORITHMS, TensorManifest, hash_tensors
 from revreg.artifacts.safetensors_io import atomic_output
 from revreg.artifacts.sources import identity_of_path, open_checkpoint
-from revreg.cli.options import human_bytes, json_option
+from revreg.cli.options import MODEL, human_bytes, json_option
 from revreg.errors import CheckFailed
 
 
@@ -35,7 +35,7 @@ def _manifest(path: Path, algorithm: str) -> TensorManifest:
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=MODEL)
 @click.option(
     "--algorithm",
     type=click.Choice(ALGORITHMS),
@@ -57,8 +57,9 @@ def _manifest(path: Path, algorithm: str) -> TensorManifest:
 def identity(path: Path, algorithm: str, manifest_out: Path | None, compare: Path | None, as_json: bool) -> None:
     """Print the identity hash of the model weights at PATH.
 
-    PATH is a .safetensors file, a sharded checkpoint (*.safetensors.index.json) or a
-    Hugging Face model directory. The same tensors give the same identity from any of them.
+    PATH is a .safetensors file, a sharded checkpoint (*.safetensors.index.json), a
+    Hugging Face model directory, or org/name[@revision] from the local Hugging Face cache
+    (never downloaded). The same tensors give the same identity from any of them.
     """
     manifest = _manifest(path, algorithm)
     if manifest_out:

@@ -14,6 +14,27 @@ from revreg.artifacts.keys import PASSPHRASE_ENV, Keyring, Signer, passphrase_fr
 F = Callable[..., Any]
 
 
+class ModelPath(click.ParamType):
+    """A model: a path, a Hugging Face cache repo folder, or org/name[@revision] from the local
+    Hugging Face cache (never downloaded)."""
+
+    name = "MODEL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            return value
+        from revreg.artifacts.hfcache import resolve_model
+        from revreg.errors import InputError
+
+        try:
+            return resolve_model(str(value))
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+MODEL = ModelPath()
+
+
 def keys_dir_option(f: F) -> F:
     return click.option(
         "--keys-dir",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from revreg.cli.options import F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.cli.options import MODEL, F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
 from revreg.cli.options import signer as make_signer
 from revreg.errors import CheckFailed, InputError
 from revreg.registry.api import to_json
@@ -290,7 +290,7 @@ def base() -> None:
 
 
 @base.command("register")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=MODEL)
 @click.option("--name", default=None, help="A human name for the base (e.g. gpt2-small).")
 @json_option
 @registry_option

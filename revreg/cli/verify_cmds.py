@@ -10,8 +10,16 @@ from typing import Any
 
 import click
 
-from revreg.artifacts.probes import DIVERGENCES, OUTPUTS, from_prompts, from_tensors, read_probes, write_probes
-from revreg.cli.options import F, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.artifacts.probes import (
+    DIVERGENCES,
+    OUTPUTS,
+    from_prompts,
+    from_tensors,
+    output_for,
+    read_probes,
+    write_probes,
+)
+from revreg.cli.options import MODEL, F, json_option, keyring, keys_dir_option, passphrase_env_option
 from revreg.cli.options import signer as make_signer
 from revreg.cli.registry_cmds import _open, registry_option
 from revreg.errors import CheckFailed, InputError
@@ -31,8 +39,8 @@ def probes() -> None:
 )
 @click.option(
     "--tokenizer",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="A local tokenizer directory (never downloaded).",
+    type=MODEL,
+    help="A local tokenizer: a model directory, or org/name[@revision] from the Hugging Face cache.",
 )
 @click.option(
     "--inputs",
@@ -46,14 +54,16 @@ def probes() -> None:
     "output_name",
     type=click.Choice(OUTPUTS),
     default=None,
-    help="Which model output to compare (default: logits for prompts, output for tensors).",
+    help="Which model output to compare. Default with --prompts: from the model type in the tokenizer "
+    "directory's config.json (logits for a causal LM or classifier, last_hidden_state for an encoder); "
+    "with --inputs: output.",
 )
 @click.option(
     "--divergence",
     type=click.Choice(DIVERGENCES),
-    default="kl",
-    show_default=True,
-    help="kl: softmax KL/JS over the last dimension (logits); mse: for embeddings.",
+    default=None,
+    help="kl: softmax KL/JS over the last dimension (logits); mse: for hidden states and embeddings. "
+    "Default: kl for logits and output, mse for last_hidden_state.",
 )
 @click.option("--mask", default=None, help="With --inputs: an input whose zeros mark ignored positions.")
 @click.option("--max-length", type=int, default=32, show_default=True, help="Token length (prompts are padded).")
@@ -65,7 +75,7 @@ def probes_create(
     inputs_file: Path | None,
     name: str,
     output_name: str | None,
-    divergence: str,
+    divergence: str | None,
     mask: str | None,
     max_length: int,
     batch_size: int,
@@ -77,14 +87,21 @@ def probes_create(
     if prompts_file:
         assert tokenizer is not None
         prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-        tensors, manifest = from_prompts(
-            prompts, tokenizer, name, max_length, batch_size, output_name or "logits", divergence
-        )
+        if output_name is None:
+            output_name, guessed = output_for(tokenizer)
+            divergence = divergence or guessed
+        divergence = divergence or ("mse" if output_name == "last_hidden_state" else "kl")
+        tensors, manifest = from_prompts(prompts, tokenizer, name, max_length, batch_size, output_name, divergence)
     else:
         assert inputs_file is not None
-        tensors, manifest = from_tensors(inputs_file, name, batch_size, output_name or "output", divergence, mask)
+        output_name = output_name or "output"
+        divergence = divergence or ("mse" if output_name == "last_hidden_state" else "kl")
+        tensors, manifest = from_tensors(inputs_file, name, batch_size, output_name, divergence, mask)
     write_probes(out, tensors, manifest)
-    click.echo(f"probe set {manifest.name}: {manifest.count} probes -> {out} ({read_probes(out).digest})")
+    click.echo(
+        f"probe set {manifest.name}: {manifest.count} probes, compares {manifest.output} by {manifest.divergence} "
+        f"-> {out} ({read_probes(out).digest})"
+    )
 
 
 @probes.command("push")
@@ -131,9 +148,10 @@ def verifier_options(f: F) -> F:
         click.option(
             "--base",
             "base",
-            type=click.Path(exists=True, path_type=Path),
+            type=MODEL,
             required=True,
-            help="The base model: a Hugging Face directory, or a weights file with --factory.",
+            help="The base model: a Hugging Face directory or org/name[@revision] from the local Hugging Face "
+            "cache (never downloaded), or a weights file with --factory.",
         ),
         click.option(
             "--factory",
