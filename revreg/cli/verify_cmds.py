@@ -180,15 +180,24 @@ def verifier_options(f: F) -> F:
     return f
 
 
-def _local_or_pulled(behavior: str, registry: str | None, keys_dir: Path | None, tmp: Path) -> tuple[Path, Any]:
-    """`revreg verify` takes a file (trusted by the keyring) or a registry ref (pinned, pulled)."""
-    if Path(behavior).is_file():
-        return Path(behavior), keyring(keys_dir).trusted()
+def _local_or_pulled(
+    behaviors: tuple[str, ...], registry: str | None, keys_dir: Path | None, tmp: Path
+) -> tuple[list[Path], Any]:
+    """`revreg verify` takes files (trusted by the keyring) or registry refs (pinned, pulled);
+    several are a stack, all of one kind, so that one set of keys decides whom to trust."""
+    files = [Path(b).is_file() for b in behaviors]
+    if all(files):
+        return [Path(b) for b in behaviors], keyring(keys_dir).trusted()
+    if any(files):
+        raise InputError("a stack is either artifact files or registry refs, not both: pull the refs first")
     reg = _open(registry)
-    version = reg.resolve(behavior)
-    path = tmp / "behavior.safetensors"
-    reg.pull(version.pinned, path, allow_unpublished=True)
-    return path, reg.trusted("publisher")
+    paths = []
+    for i, ref in enumerate(behaviors):
+        version = reg.resolve(ref)
+        path = tmp / f"behavior-{i}.safetensors"
+        reg.pull(version.pinned, path, allow_unpublished=True)
+        paths.append(path)
+    return paths, reg.trusted("publisher")
 
 
 def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> None:
@@ -204,13 +213,13 @@ def _print(result: Any, as_json: bool, extra: dict[str, Any] | None = None) -> N
 
 
 @click.command()
-@click.argument("behavior")
+@click.argument("behaviors", metavar="BEHAVIOR...", nargs=-1, required=True)
 @verifier_options
 @json_option
 @registry_option
 @keys_dir_option
 def verify(
-    behavior: str,
+    behaviors: tuple[str, ...],
     base: Path,
     factory: str | None,
     probes_ref: str,
@@ -225,17 +234,19 @@ def verify(
 
     Loads the base, checks it is the behavior's base, runs the probes twice (determinism),
     then CYCLES times attaches, runs, unloads and fingerprints the full model state.
+    Several BEHAVIORs are a stack: attached in the order given, unloaded together, and the
+    proof is that the whole stack leaves the base bit for bit as it was.
     Exit 0 on PASS, 1 on FAIL or INCONCLUSIVE.
     """
     from revreg.certification.certify import ProbeSource
     from revreg.verifier.protocol import verify_files
 
     with tempfile.TemporaryDirectory(prefix="revreg-verify-") as tmp:
-        behavior_path, trusted = _local_or_pulled(behavior, registry, keys_dir, Path(tmp))
+        behavior_paths, trusted = _local_or_pulled(behaviors, registry, keys_dir, Path(tmp))
         local_probes = Path(probes_ref).is_file()
         reg = None if local_probes else _open(registry)
         probes_path, _ = ProbeSource.choose(reg, probes_ref).materialize(reg, Path(tmp))
-        result = verify_files(behavior_path, trusted, probes_path, base, factory, device, cycles, baselines)
+        result = verify_files(behavior_paths, trusted, probes_path, base, factory, device, cycles, baselines)
     _print(result, as_json)
     if not result.passed:
         raise CheckFailed(f"verification {result.verdict}: {'; '.join(result.reasons)}")
