@@ -25,14 +25,14 @@ browser:
 		echo "warning: chromium is not installed; the browser test skips (and fails under CI)"
 
 test: $(STAMP) browser
-	$(VENV)/bin/ruff check revreg tests benchmarks fuzz
-	$(VENV)/bin/ruff format --check revreg tests benchmarks fuzz
+	$(VENV)/bin/ruff check revreg tests benchmarks fuzz examples
+	$(VENV)/bin/ruff format --check revreg tests benchmarks fuzz examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
 
 # The same without the tests marked slow (crash campaigns, workers, long fuzz budgets): for the edit loop.
 test-fast: $(STAMP)
-	$(VENV)/bin/ruff check revreg tests benchmarks fuzz
+	$(VENV)/bin/ruff check revreg tests benchmarks fuzz examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -m "not slow"
 

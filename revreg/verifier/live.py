@@ -64,6 +64,7 @@ class LeafCache:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self.hashed = 0  # tensors hashed (not reused) by the last call, for tests and benchmarks
+        self.last: tuple[Any, LiveIdentity] | None = None  # live_identity's last leaves and result
 
     def leaves(
         self, named: Sequence[tuple[str, torch.Tensor]], stream: bool | None = None, reuse: bool = True
@@ -71,17 +72,35 @@ class LeafCache:
         """{name: leaf hex} for every distinct tensor of `named` (scheme dtypes only), and the
         aliases (later name -> first name for the same memory). With reuse=False every tensor is
         hashed and the cache refreshed from what was read."""
-        sources, aliases = tensor_sources(named, stream)
-        by_name = dict(named)
+        # Aliases by the rule of tensor_sources (same memory, same view: hashed once, under the
+        # first name), found without building any view of the bytes.
+        aliases: dict[str, str] = {}
+        first: dict[tuple[Any, ...], str] = {}
+        by_name: dict[str, torch.Tensor] = {}
+        for name, tensor in named:
+            if tensor.numel():
+                where = (
+                    tensor.device,
+                    tensor.untyped_storage().data_ptr(),
+                    tensor.storage_offset(),
+                    tuple(tensor.shape),
+                    tensor.stride(),
+                    tensor.dtype,
+                )
+                if where in first:
+                    aliases[name] = first[where]
+                    continue
+                first[where] = name
+            by_name[name] = tensor
         known: dict[str, str] = {}
-        todo: list[TensorSource] = []
-        for source in sources:
-            entry = self._entries.get(source.name)
-            tensor = by_name[source.name]
+        missing: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in by_name.items():
+            entry = self._entries.get(name)
             if reuse and entry is not None and entry.ref() is tensor and entry.key == _key(tensor):
-                known[source.name] = entry.leaf
+                known[name] = entry.leaf
             else:
-                todo.append(source)
+                missing.append((name, tensor))
+        todo: list[TensorSource] = tensor_sources(missing, stream)[0] if missing else []
         # Keys are taken before hashing: a write during hashing bumps the counter and the next
         # call hashes again rather than trusting a leaf of bytes that moved.
         keys = {s.name: _key(by_name[s.name]) for s in todo}
@@ -137,9 +156,18 @@ def live_identity(
         if str(t.dtype) not in TORCH_TO_SAFETENSORS:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash: no base identity")
     optional = [(n, t) for n, t in optional if str(t.dtype) in TORCH_TO_SAFETENSORS]
-    leaves, aliases = (cache or cache_of(model)).leaves([*state, *optional], stream, reuse=cached)
-    core = [(n, bytes.fromhex(leaves[n])) for n, _ in state if n not in aliases]
-    opt = [(n, bytes.fromhex(leaves[n])) for n, _ in optional if n not in aliases]
+    store = cache or cache_of(model)
+    leaves, aliases = store.leaves([*state, *optional], stream, reuse=cached)
+    core_hex = tuple((n, leaves[n]) for n, _ in state if n not in aliases)
+    opt_hex = tuple((n, leaves[n]) for n, _ in optional if n not in aliases)
+    if store.last is not None and store.last[0] == (core_hex, opt_hex):
+        return store.last[1]  # the same leaves under the same names: the same roots
+    result = _identity_of([(n, bytes.fromhex(h)) for n, h in core_hex], [(n, bytes.fromhex(h)) for n, h in opt_hex])
+    store.last = ((core_hex, opt_hex), result)
+    return result
+
+
+def _identity_of(core: list[tuple[str, bytes]], opt: list[tuple[str, bytes]]) -> LiveIdentity:
     identity = Identity(f"sha256:{root_digest('sha256', core).hex()}")
     groups: dict[str, list[tuple[str, bytes]]] = {}
     for name, leaf in opt:
