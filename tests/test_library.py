@@ -77,6 +77,9 @@ def test_every_write_the_version_counter_sees_is_refused(tmp_path: Path, keys_di
         lambda m: m.load_state_dict({**m.state_dict(), "up.bias": m.up.bias + 1}),
         lambda m: setattr(m.up, "weight", nn.Parameter(m.up.weight.detach() * 2)),  # a new tensor object
         lambda m: m.up.register_buffer("planted", torch.zeros(3)),  # a new persistent buffer
+        lambda m: m.up.weight.set_(m.up.weight.detach().clone().add_(1)),  # new storage, same object
+        lambda m: _sgd_step(m),  # an optimizer step
+        lambda m: m.down.half(),  # a dtype change
     ]
     for edit in edits:
         fresh_model, _, _ = toy_setup(tmp_path, keys_dir)
@@ -85,6 +88,30 @@ def test_every_write_the_version_counter_sees_is_refused(tmp_path: Path, keys_di
             edit(fresh_model)
         with pytest.raises(revreg.BaseMismatch):
             revreg.attach(fresh_model, behavior, check=check)
+
+
+def _sgd_step(model: nn.Module) -> None:
+    with torch.enable_grad():
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+def test_the_cached_check_sees_writes_on_cuda(tmp_path: Path, keys_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    model = model.to("cuda")
+    revreg.attach(model, behavior).unload()
+    assert cache_of(model).hashed > 0
+    revreg.attach(model, behavior).unload()
+    assert cache_of(model).hashed == 0
+    with torch.no_grad():
+        model.up.weight.mul_(1.5)
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.attach(model, behavior)
 
 
 def test_the_cache_is_used_while_nothing_changed(tmp_path: Path, keys_dir: Path) -> None:
