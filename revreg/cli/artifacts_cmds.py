@@ -46,7 +46,10 @@ def _base_identity(base: str) -> Identity:
     try:
         path = resolve_model(base)
     except InputError as exc:
-        raise InputError(f"--base: {exc}; or give an identity (sha256:<hex>)") from exc
+        raise InputError(
+            f"--base {base!r} is neither an identity (sha256:<64 hex>) nor a model path or Hugging Face cache "
+            f"entry ({exc})"
+        ) from exc
     return identity_of_path(path).identity
 
 
