@@ -10,20 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_FUNCTIONS = (
-    "Registry",
-    "attach",
-    "identity",
-    "load_base",
-    "load_behavior",
-    "load_probes",
-    "open_registry",
-    "snapshot",
-    "verify",
-)
-_TYPES = ("Behavior", "Handle", "Snapshot", "RollbackError", "StackError", "VerificationResult")
-_ERRORS = ("RevregError", "InputError", "IntegrityError", "SignatureError", "BaseMismatch", "Unreachable")
-
 __all__ = [
     "BaseMismatch",
     "Behavior",
@@ -69,19 +55,11 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     # Lazy (PEP 562): `revreg ls` imports this package and must not import torch.
-    if name in _FUNCTIONS:
-        from revreg import library
+    if name not in __all__:
+        raise AttributeError(f"module 'revreg' has no attribute {name!r}")
+    from revreg import library
 
-        return getattr(library, name)
-    if name in _TYPES:
-        from revreg import library
-
-        return library.exported(name)
-    if name in _ERRORS:
-        from revreg import errors
-
-        return getattr(errors, name)
-    raise AttributeError(f"module 'revreg' has no attribute {name!r}")
+    return library.exported(name)
 
 
 def __dir__() -> list[str]:

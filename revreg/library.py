@@ -32,6 +32,21 @@ if TYPE_CHECKING:
     from revreg.verifier.runner import Probes
 
 
+_PUBLIC = frozenset(
+    (
+        "Registry",
+        "attach",
+        "identity",
+        "load_base",
+        "load_behavior",
+        "load_probes",
+        "open_registry",
+        "snapshot",
+        "verify",
+    )
+)
+
+
 class Registry:
     """A registry opened with `open_registry`: the same rules as the CLI, from Python."""
 
@@ -212,22 +227,16 @@ def verify(
     return _verify(built.to(device), members, loaded, cycles=cycles, device=device, baselines=baselines)
 
 
-__all__ = [
-    "Registry",
-    "attach",
-    "identity",
-    "load_base",
-    "load_behavior",
-    "load_probes",
-    "open_registry",
-    "snapshot",
-    "verify",
-]
-
-
 def exported(name: str) -> Any:
-    """Names re-exported by `revreg` that live elsewhere (types and errors)."""
-    if name in ("Behavior",):
+    """What `revreg.NAME` is: a function or class of this module, or a type or error defined
+    elsewhere (imported here only when asked for)."""
+    if name in _PUBLIC:
+        return globals()[name]
+    if name in ("BaseMismatch", "InputError", "IntegrityError", "RevregError", "SignatureError", "Unreachable"):
+        from revreg import errors
+
+        return getattr(errors, name)
+    if name == "Behavior":
         from revreg.verifier import engine
 
         return getattr(engine, name)

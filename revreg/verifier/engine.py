@@ -8,7 +8,7 @@ Unloading removes every hook and drops every tensor the handle holds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -114,6 +114,30 @@ class HookEngine:
             attached.unload()
             raise
         return attached
+
+
+def attach_all(engine: Engine, model: nn.Module, behaviors: Sequence[Behavior]) -> list[Attached]:
+    """Attach each behavior in order; on any failure the ones already attached come off again,
+    so a stack is attached whole or not at all. Errors that are not revreg's are reported as
+    bad input naming the behavior."""
+    from revreg.errors import RevregError
+
+    parts: list[Attached] = []
+    try:
+        for b in behaviors:
+            try:
+                parts.append(engine.attach(model, b))
+            except RevregError:
+                raise
+            except Exception as exc:
+                m = b.manifest
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                raise InputError(f"cannot attach {m.name}:{m.version} to this model: {reason}") from exc
+    except BaseException:
+        for part in reversed(parts):
+            part.unload()
+        raise
+    return parts
 
 
 def _measured(hook: Callable[..., object], effect: Effect, attached: Attached) -> Callable[..., object]:

@@ -17,8 +17,8 @@ from typing import Literal
 
 from torch import nn
 
-from revreg.errors import BaseMismatch, InputError, IntegrityError, RevregError
-from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine
+from revreg.errors import BaseMismatch, InputError, IntegrityError
+from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine, attach_all
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
 from revreg.verifier.live import cache_of, live_identity
 
@@ -240,20 +240,7 @@ def attach(
         seen.add(b.digest)
     check_base(model, behaviors, check)
     reference = snapshot(model) if verify else None
-    engine = engine or HookEngine()
-    parts: list[Attached] = []
-    try:
-        for b in behaviors:
-            try:
-                parts.append(engine.attach(model, b))
-            except RevregError:
-                raise
-            except Exception as exc:
-                raise InputError(f"cannot attach {_label(b)} to this model: {type(exc).__name__}: {exc}") from exc
-    except BaseException:
-        for part in reversed(parts):
-            part.unload()
-        raise
+    parts = attach_all(engine or HookEngine(), model, behaviors)
     handle = Handle(model, behaviors, parts, below, reference, verify)
     _LIVE.setdefault(model, []).append(handle)
     return handle

@@ -20,7 +20,7 @@ from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.predicate import SCHEMA_VERSION
 from revreg.errors import BaseMismatch, InputError, RevregError
-from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine
+from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine, attach_all
 from revreg.verifier.environment import environment
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
 from revreg.verifier.live import LeafCache
@@ -265,19 +265,7 @@ def _label(behavior: Behavior | Sequence[Behavior]) -> str:
 def _attach(engine: Engine, model: nn.Module, behavior: Behavior | Sequence[Behavior]) -> Attached | _Stacked:
     """Attach one behavior, or a stack in order; one handle that unloads them all."""
     members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
-    parts: list[Attached] = []
-    try:
-        for b in members:
-            try:
-                parts.append(engine.attach(model, b))
-            except RevregError:
-                raise
-            except Exception as exc:
-                raise InputError(f"cannot attach {_label(b)} to this model: {_describe_error(exc)}") from exc
-    except BaseException:
-        for part in reversed(parts):
-            part.unload()
-        raise
+    parts = attach_all(engine, model, members)
     if len(parts) == 1:
         return parts[0]
     return _Stacked(parts)
