@@ -36,7 +36,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from revreg.errors import BaseMismatch, InputError, IntegrityError, RevregError, SignatureError, Unreachable
+    from revreg.errors import (
+        BaseMismatch,
+        InputError,
+        IntegrityError,
+        RevregError,
+        RollbackError,
+        SignatureError,
+        StackError,
+        Unreachable,
+    )
     from revreg.library import (
         Registry,
         attach,
@@ -49,7 +58,7 @@ if TYPE_CHECKING:
         verify,
     )
     from revreg.verifier.engine import Behavior
-    from revreg.verifier.handles import Handle, RollbackError, Snapshot, StackError
+    from revreg.verifier.handles import Handle, Snapshot
     from revreg.verifier.protocol import VerificationResult
 
 

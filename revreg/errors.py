@@ -5,6 +5,8 @@ The CLI catches `RevregError` once and prints its message as one line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class RevregError(Exception):
     """Base class. Exit codes: 1 a check ran and failed (signature, digest, tamper, revoked,
@@ -21,6 +23,10 @@ class BaseMismatch(InputError):
     """A model, or a base's files, are not the base a behavior is bound to."""
 
 
+class StackError(InputError):
+    """An attach or a verified unload that the current stack of behaviors does not allow."""
+
+
 class FormatError(InputError):
     """A file is not a well-formed safetensors file or revreg artifact."""
 
@@ -29,6 +35,14 @@ class IntegrityError(RevregError):
     """Bytes do not match the digest that was recorded for them."""
 
     exit_code = 1
+
+
+class RollbackError(IntegrityError):
+    """After unload the model is not what it was when the behavior was attached."""
+
+    def __init__(self, message: str, changes: Sequence[object] = ()) -> None:
+        super().__init__(message)
+        self.changes = list(changes)  # the fingerprint's Change entries, one per difference
 
 
 class SignatureError(RevregError):

@@ -45,6 +45,8 @@ _PUBLIC = frozenset(
         "verify",
     )
 )
+_ERRORS = frozenset(("BaseMismatch", "InputError", "IntegrityError", "RevregError", "RollbackError", "SignatureError"))
+_ERRORS |= {"StackError", "Unreachable"}
 
 
 class Registry:
@@ -148,16 +150,21 @@ def load_base(
 
 
 def identity(model_or_path: nn.Module | str | Path, algorithm: str = "sha256") -> str:
-    """The base identity of a live module (its state_dict) or of model files (a path or
+    """The base identity of a live module (its parameters and persistent buffers, as the default
+    state_dict lists them) or of model files (a path or
     org/name[@revision] from the local Hugging Face cache)."""
     if isinstance(model_or_path, str | Path):
         from revreg.artifacts.hfcache import resolve_model
         from revreg.artifacts.sources import identity_of_path
 
         return identity_of_path(resolve_model(model_or_path), algorithm).identity
-    from revreg.artifacts.sources import identity_of_module
+    if algorithm != "sha256":
+        from revreg.artifacts.sources import identity_of_module
 
-    return identity_of_module(model_or_path, algorithm).identity
+        return identity_of_module(model_or_path, algorithm).identity
+    from revreg.verifier.live import live_identity
+
+    return live_identity(model_or_path, cached=False).identity
 
 
 def attach(
@@ -224,6 +231,13 @@ def verify(
     built = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(built, torch.nn.Module):
         raise InputError(f"the factory returned a {type(built).__name__}, not a torch module")
+    from revreg.verifier.handles import attached_to
+
+    if attached_to(built):
+        from revreg.errors import StackError
+
+        on = ", ".join(repr(h) for h in attached_to(built))
+        raise StackError(f"the model has behaviors attached ({on}): unload them first; verify runs on the bare base")
     return _verify(built.to(device), members, loaded, cycles=cycles, device=device, baselines=baselines)
 
 
@@ -232,7 +246,7 @@ def exported(name: str) -> Any:
     elsewhere (imported here only when asked for)."""
     if name in _PUBLIC:
         return globals()[name]
-    if name in ("BaseMismatch", "InputError", "IntegrityError", "RevregError", "SignatureError", "Unreachable"):
+    if name in _ERRORS:
         from revreg import errors
 
         return getattr(errors, name)
@@ -240,7 +254,7 @@ def exported(name: str) -> Any:
         from revreg.verifier import engine
 
         return getattr(engine, name)
-    if name in ("Handle", "Snapshot", "RollbackError", "StackError"):
+    if name in ("Handle", "Snapshot"):
         from revreg.verifier import handles
 
         return getattr(handles, name)

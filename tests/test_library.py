@@ -396,3 +396,78 @@ def test_load_behavior_refuses_an_untrusted_signer(tmp_path: Path, keys_dir: Pat
         revreg.load_behavior(path, keys_dir=stranger)
     with pytest.raises(revreg.SignatureError):
         revreg.load_behavior(path, trusted={})
+
+
+# -- found by the red team ---------------------------------------------------------------------
+def test_a_lossy_dtype_round_trip_is_refused_even_when_the_address_is_reused(tmp_path: Path, keys_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4096, 4096)).eval()  # 64 MiB: freed and re-mapped at the same address
+    behavior = make_behavior(tmp_path, keys_dir, model, [("0", "steer", {"vector": torch.ones(4096)})])
+    revreg.attach(model, behavior).unload()
+    model.half()
+    model.float()
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.attach(model, behavior)
+
+
+def test_a_state_dict_hook_cannot_impersonate_the_base(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    from revreg.verifier.toy import build
+
+    evil = build()
+    with torch.no_grad():
+        evil.up.weight.neg_()  # another model...
+    real = {k: v.clone() for k, v in model.state_dict().items()}  # ...whose state_dict shows the base's
+    evil._register_state_dict_hook(lambda module, state, prefix, local: state.update(real))
+    assert evil.state_dict().keys() == real.keys()
+    for check in ("cached", "full"):
+        with pytest.raises(revreg.BaseMismatch):
+            revreg.attach(evil, behavior, check=check)
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.verify(evil, behavior, tmp_path / "p.probes.safetensors", cycles=1)
+
+
+def test_a_negated_view_is_not_a_tie(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, _ = gpt2_setup(tmp_path, keys_dir)
+    model.lm_head.weight = nn.Parameter(torch._neg_view(model.transformer.wte.weight.detach()))
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.attach(model, behavior, check="full")
+
+
+def test_a_copy_sharing_the_modules_sees_the_same_stack(tmp_path: Path, keys_dir: Path) -> None:
+    import copy
+
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    twin = copy.copy(model)  # other root object, the same submodules
+    with revreg.attach(model, behavior), pytest.raises(revreg.StackError, match="already attached"):
+        revreg.attach(twin, behavior)
+    a = revreg.attach(model, behavior, verify=True)
+    other = make_behavior(tmp_path, keys_dir, model, [("down", "steer", {"vector": torch.ones(32)})], name="o")
+    revreg.attach(twin, other)
+    with pytest.raises(revreg.StackError, match="attached after it is still on"):
+        a.unload(verify=True)
+    assert a.attached
+
+
+def test_a_with_block_always_ends_with_its_behavior_off(tmp_path: Path, keys_dir: Path) -> None:
+    model, first, second, _ = _two(tmp_path, keys_dir)
+    with pytest.raises(revreg.StackError), revreg.attach(model, first, verify=True) as outer:
+        inner = revreg.attach(model, second)
+    assert not outer.attached and inner.attached
+    inner.unload()
+
+
+def test_stacks_on_different_bases_and_verify_over_attached_behaviors_are_refused(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    model, first, _, probes = _two(tmp_path, keys_dir)
+    other = make_behavior(
+        tmp_path, keys_dir, model, [("transformer.h.0.mlp", "steer", {"vector": torch.ones(32)})],
+        base=live_identity(model).identity.replace("sha256:", "blake3:"), name="o",
+    )  # fmt: skip
+    with pytest.raises(revreg.BaseMismatch, match="different bases"):
+        revreg.attach(model, [first, other])
+    with pytest.raises(revreg.BaseMismatch, match="different bases"):
+        revreg.verify(model, [first, other], probes)
+    with revreg.attach(model, first), pytest.raises(revreg.StackError, match="unload them first"):
+        revreg.verify(model, first, probes)

@@ -215,3 +215,22 @@ def test_cli_verify_takes_a_stack(tmp_path: Path, run, keys_dir: Path) -> None:
         "--probes", probes.file.path,
     )  # fmt: skip
     assert mixed.exit_code == 2 and "different bases" in mixed.output
+
+
+def test_cache_refs_and_revisions_cannot_lead_outside_the_cache(tmp_path: Path) -> None:
+    folder = _cache(tmp_path, "acme/tiny-gpt2")
+    outside = tmp_path / "outside"
+    _gpt2_with_tokenizer(outside)
+    evil = tmp_path / "hub" / "models--acme--evil"
+    (evil / "refs").mkdir(parents=True)
+    (evil / "snapshots").mkdir()
+    (evil / "refs" / "main").write_text("../../../outside")
+    link = tmp_path / "hub" / "models--acme--link"
+    (link / "refs").mkdir(parents=True)
+    (link / "snapshots").mkdir()
+    (link / "refs" / "main").write_text(REVISION)
+    (link / "snapshots" / REVISION).symlink_to(outside)
+    for spec in ("acme/evil", evil, "acme/link", link, "acme/tiny-gpt2@../../../outside", f"acme/../{folder.name}"):
+        done = _revreg(tmp_path, "identity", spec)
+        assert done.returncode == 2, (spec, done.stdout, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1

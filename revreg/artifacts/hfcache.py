@@ -12,6 +12,16 @@ from revreg.errors import InputError
 # The Hub's repo id rules, loosely: one optional namespace, then a name; a revision after '@'.
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 _REVISION = re.compile(r"[\w.-][\w./-]{0,254}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _inside(snapshot: Path, repo: Path) -> Path:
+    """The snapshot folder, refused unless it is a real folder directly under repo/snapshots
+    (a ref, revision or symlink that leads elsewhere is not the cache's model)."""
+    snapshots = (repo / "snapshots").resolve()
+    if snapshot.is_symlink() or snapshot.resolve().parent != snapshots or not snapshot.is_dir():
+        raise InputError(f"{snapshot} is not a snapshot folder inside {snapshots}; refusing it")
+    return snapshot
 
 
 def is_cache_repo(path: Path) -> bool:
@@ -34,12 +44,12 @@ def _repo_snapshot(repo: Path, revision: str | None) -> Path:
             revision = found[0]
     elif (repo / "refs" / revision).is_file():
         revision = (repo / "refs" / revision).read_text().strip()
-    if Path(revision).name != revision or revision in ("", ".", ".."):
-        raise InputError(f"revision {revision!r} of {repo} is not a plain name")
+    if not _COMMIT.fullmatch(revision):
+        raise InputError(f"revision {revision!r} of {repo} is not a 40-hex commit; refusing it")
     snapshot = snapshots / revision
     if not snapshot.is_dir():
         raise InputError(f"{repo} has no snapshot {revision}: it is not in the local cache (revreg never downloads)")
-    return snapshot
+    return _inside(snapshot, repo)
 
 
 def resolve_model(text: str | Path) -> Path:
@@ -50,7 +60,11 @@ def resolve_model(text: str | Path) -> Path:
         return _repo_snapshot(path, None) if is_cache_repo(path) else path
     spec = str(text)
     repo_id, _, revision = spec.partition("@")
-    if not _REPO_ID.fullmatch(repo_id) or (revision and not _REVISION.fullmatch(revision)):
+    if (
+        not _REPO_ID.fullmatch(repo_id)
+        or ".." in repo_id.split("/")
+        or (revision and (not _REVISION.fullmatch(revision) or ".." in revision.split("/")))
+    ):
         raise InputError(f"{spec} does not exist (and is not a Hugging Face repo id such as org/name[@revision])")
     try:
         from huggingface_hub import snapshot_download
@@ -71,4 +85,7 @@ def resolve_model(text: str | Path) -> Path:
         ) from exc
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot resolve {spec} in the local Hugging Face cache: {exc}") from exc
-    return Path(found)
+    found_path = Path(found)
+    if not _COMMIT.fullmatch(found_path.name):
+        raise InputError(f"{spec} resolved to {found_path}, which is not a snapshot of a commit; refusing it")
+    return _inside(found_path, found_path.parent.parent)

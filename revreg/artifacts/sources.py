@@ -148,7 +148,16 @@ def tensor_sources(
     sources: list[TensorSource] = []
     for name, tensor in named:
         t = tensor.detach()
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t.is_neg(),
+            t.is_conj(),
+        )
         if t.numel() and key in first:
             aliases[name] = first[key]
             continue
@@ -156,7 +165,8 @@ def tensor_sources(
         dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
         if dtype is None:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash")
-        flat = t.contiguous().reshape(-1).view(torch_uint8())
+        # A lazily negated or conjugated view holds other values than its storage's bytes.
+        flat = t.resolve_neg().resolve_conj().contiguous().reshape(-1).view(torch_uint8())
         on_device = t.device.type != "cpu"
         sources.append(LiveSource(name, dtype, tuple(t.shape), flat, on_device if stream is None else stream))
     return sources, aliases

@@ -17,7 +17,7 @@ from typing import Literal
 
 from torch import nn
 
-from revreg.errors import BaseMismatch, InputError, IntegrityError
+from revreg.errors import BaseMismatch, InputError, RollbackError, StackError
 from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine, attach_all
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
 from revreg.verifier.live import cache_of, live_identity
@@ -27,7 +27,8 @@ CHECKS: tuple[str, ...] = ("cached", "full")
 
 # State of the process rather than of the model: the user's own code changes it between attach
 # and unload (sampling draws random numbers, inference runs under no_grad), so a library
-# snapshot does not compare it. The verifier's protocol does (docs/verifier.md).
+# snapshot does not compare it. The verifier's protocol does (docs/verifier.md). Autocast is
+# compared: a context manager has restored it by the time a block unloads.
 PROCESS_FIELDS = frozenset(
     {
         "cpu rng state",
@@ -35,22 +36,8 @@ PROCESS_FIELDS = frozenset(
         "numpy rng state",
         "grad mode",
         "inference mode",
-        "cpu autocast",
-        "cuda autocast",
     }
 )
-
-
-class RollbackError(IntegrityError):
-    """After unload the model is not what it was when the behavior was attached."""
-
-    def __init__(self, message: str, changes: list[Change]) -> None:
-        super().__init__(message)
-        self.changes = changes
-
-
-class StackError(InputError):
-    """An attach or a verified unload that the current stack of behaviors does not allow."""
 
 
 def _model_changes(before: Fingerprint, after: Fingerprint) -> list[Change]:
@@ -87,18 +74,20 @@ class Snapshot:
 
 
 def snapshot(model: nn.Module) -> Snapshot:
-    """Take a snapshot of `model` (parameters, buffers, structure, hooks, attributes). Tensor
-    leaves are reused from the model's cache where no version counter moved; the comparison
-    in `verify` hashes everything again, so a write the counters missed still shows there."""
-    return Snapshot(weakref.ref(model), fingerprint(model, cache=cache_of(model), reuse=True))
+    """Take a snapshot of `model` (parameters, buffers, structure, hooks, attributes), every
+    tensor hashed now: a proof compares two fresh readings, never a cached one."""
+    return Snapshot(weakref.ref(model), fingerprint(model, cache=cache_of(model)))
 
 
-_LIVE: weakref.WeakKeyDictionary[nn.Module, list[Handle]] = weakref.WeakKeyDictionary()
+# Every handle attached now, oldest first. A handle belongs to every model that contains one of
+# its target modules: a copy or a wrapper sharing the modules sees the same stack.
+_LIVE: list[Handle] = []
 
 
 def attached_to(model: nn.Module) -> tuple[Handle, ...]:
-    """The handles attached to `model` now, oldest first."""
-    return tuple(_LIVE.get(model, ()))
+    """The handles attached to `model` (to any of its modules) now, oldest first."""
+    mine = {id(m) for m in model.modules()}
+    return tuple(h for h in _LIVE if any(id(t) in mine for t in h.targets))
 
 
 def _label(behavior: Behavior) -> str:
@@ -119,6 +108,8 @@ class Handle:
     ) -> None:
         self.model = model
         self.behaviors = behaviors
+        modules = dict(model.named_modules())
+        self.targets = [modules[a.target] for b in behaviors for a in b.manifest.attachments if a.target in modules]
         self._parts = parts
         self._below = below
         self._reference = reference
@@ -141,8 +132,7 @@ class Handle:
         """Remove this handle's hooks. With verify=True, first check that the stack is as it was
         when this handle attached (else StackError, nothing removed), then prove from a fresh
         full fingerprint that the model is back to its snapshot (else RollbackError)."""
-        live = _LIVE.get(self.model, [])
-        if self not in live:
+        if self not in _LIVE:
             raise StackError(f"{self!r} is not attached (already unloaded)")
         if verify:
             if self._reference is None:
@@ -150,7 +140,7 @@ class Handle:
                     "this handle was attached without a snapshot: attach(..., verify=True) to unload with "
                     "proof, or take revreg.snapshot(model) before attaching and call its verify(model) after"
                 )
-            others = tuple(h for h in live if h is not self)
+            others = tuple(h for h in attached_to(self.model) if h is not self)
             if others != self._below:
                 added = [h for h in others if h not in self._below]
                 gone = [h for h in self._below if h not in others]
@@ -162,7 +152,7 @@ class Handle:
                 raise StackError(f"cannot prove {self!r} unloaded: {reason} (nothing was unloaded)")
         for part in reversed(self._parts):
             part.unload()
-        live.remove(self)
+        _LIVE.remove(self)
         if verify:
             assert self._reference is not None
             changes = self._reference.changes(self.model)
@@ -179,10 +169,14 @@ class Handle:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self in _LIVE.get(self.model, []):
+        if self in _LIVE:
             # On an exception inside the block the hooks still come off; the proof is only
             # attempted when the block ended normally, so it never hides the original error.
-            self.unload(verify=self._verify_on_exit and exc_type is None)
+            try:
+                self.unload(verify=self._verify_on_exit and exc_type is None)
+            except StackError:
+                self.unload()  # the block always ends with its behavior off; the proof could not run
+                raise
 
 
 def check_base(model: nn.Module, behaviors: Sequence[Behavior], check: str = "cached") -> None:
@@ -238,9 +232,15 @@ def attach(
                 "apply it twice (nothing was attached)"
             )
         seen.add(b.digest)
+    bases = {b.manifest.base for b in behaviors}
+    if len(bases) > 1:
+        raise BaseMismatch(
+            f"the stack's behaviors are bound to different bases ({', '.join(sorted(bases))}); a stack runs on one "
+            "base (nothing was attached)"
+        )
     check_base(model, behaviors, check)
     reference = snapshot(model) if verify else None
     parts = attach_all(engine or HookEngine(), model, behaviors)
     handle = Handle(model, behaviors, parts, below, reference, verify)
-    _LIVE.setdefault(model, []).append(handle)
+    _LIVE.append(handle)
     return handle

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, TensorSource, hash_tensors, root_digest
@@ -52,9 +53,19 @@ def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
 
 @dataclass
 class _Entry:
-    ref: weakref.ref[torch.Tensor]
+    tensor_id: int
+    storage: StorageWeakRef | None  # the storage itself, not its address: a freed address is reused
     key: tuple[Any, ...]
     leaf: str
+
+    def valid_for(self, tensor: torch.Tensor) -> bool:
+        if self.tensor_id != id(tensor) or self.key != _key(tensor):
+            return False
+        if self.storage is None:
+            return not tensor.numel()
+        # A live weak reference to the same storage impl: an expired one whose address was
+        # reused by a new storage never matches.
+        return not self.storage.expired() and self.storage == StorageWeakRef(tensor.untyped_storage())
 
 
 class LeafCache:
@@ -86,6 +97,8 @@ class LeafCache:
                     tuple(tensor.shape),
                     tensor.stride(),
                     tensor.dtype,
+                    tensor.is_neg(),
+                    tensor.is_conj(),
                 )
                 if where in first:
                     aliases[name] = first[where]
@@ -96,7 +109,7 @@ class LeafCache:
         missing: list[tuple[str, torch.Tensor]] = []
         for name, tensor in by_name.items():
             entry = self._entries.get(name)
-            if reuse and entry is not None and entry.ref() is tensor and entry.key == _key(tensor):
+            if reuse and entry is not None and entry.valid_for(tensor):
                 known[name] = entry.leaf
             else:
                 missing.append((name, tensor))
@@ -111,7 +124,9 @@ class LeafCache:
             if key is None:
                 self._entries.pop(name, None)
             else:
-                self._entries[name] = _Entry(weakref.ref(by_name[name]), key, leaf)
+                t = by_name[name]
+                storage = StorageWeakRef(t.untyped_storage()) if t.numel() else None
+                self._entries[name] = _Entry(id(t), storage, key, leaf)
         return known | fresh, aliases
 
 
@@ -139,10 +154,20 @@ class LiveIdentity:
 
 
 def _persistent(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    state = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
-    listed = {n for n, _ in state}
-    others = [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if n not in listed]
-    return state, others
+    """The persistent and the non-persistent tensors of `model`, read from the module registries
+    in state_dict order (what the default state_dict returns), so a state_dict hook or override
+    cannot show tensors the model does not compute with."""
+    state: list[tuple[str, torch.Tensor]] = []
+    optional: list[tuple[str, torch.Tensor]] = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for name, p in module._parameters.items():
+            if p is not None:
+                state.append((prefix + name, p))
+        for name, b in module._buffers.items():
+            if b is not None:
+                (optional if name in module._non_persistent_buffers_set else state).append((prefix + name, b))
+    return state, optional
 
 
 def live_identity(

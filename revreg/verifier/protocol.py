@@ -385,6 +385,11 @@ def verify(
         raise InputError("nothing to verify: give at least one behavior")
     if len({b.digest for b in members}) != len(members):
         raise InputError("a stack names the same behavior twice; attaching it twice would apply it twice")
+    bases = sorted({b.manifest.base for b in members})
+    if len(bases) > 1:
+        raise BaseMismatch(
+            f"the stack's behaviors are bound to different bases ({', '.join(bases)}); a stack runs on one base"
+        )
     if len(members) > 1 and baselines:
         raise InputError("mutation baselines run on one behavior, not a stack: verify the members one by one")
     engine = engine or HookEngine()
