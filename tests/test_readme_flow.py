@@ -70,6 +70,10 @@ def _env(tmp: Path) -> dict[str, str]:
         "HF_HUB_CACHE": str(tmp / "hub"),
         "TRANSFORMERS_OFFLINE": "1",
         "REVREG_REGISTRY": "",
+        # One thread: a multi-threaded CPU matmul on a loaded 2-core machine was seen to give two
+        # runs of the base that differ (the verifier then says INCONCLUSIVE, correctly).
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 
 
@@ -196,6 +200,8 @@ def test_cli_verify_takes_a_stack(tmp_path: Path, run, keys_dir: Path) -> None:
 
     from tests.verifier_helpers import gpt2_setup, make_behavior
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _env: multi-threaded CPU matmuls under load were seen to differ run to run
     model, _, probes = gpt2_setup(tmp_path, keys_dir)
     make_behavior(tmp_path, keys_dir, model, [("transformer.h.0.mlp", "steer", {"vector": torch.randn(32)})], name="s")
     model.save_pretrained(tmp_path / "base")
@@ -215,6 +221,7 @@ def test_cli_verify_takes_a_stack(tmp_path: Path, run, keys_dir: Path) -> None:
         "--probes", probes.file.path,
     )  # fmt: skip
     assert mixed.exit_code == 2 and "different bases" in mixed.output
+    torch.set_num_threads(threads)
 
 
 def test_cache_refs_and_revisions_cannot_lead_outside_the_cache(tmp_path: Path) -> None:
