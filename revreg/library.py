@@ -158,13 +158,9 @@ def identity(model_or_path: nn.Module | str | Path, algorithm: str = "sha256") -
         from revreg.artifacts.sources import identity_of_path
 
         return identity_of_path(resolve_model(model_or_path), algorithm).identity
-    if algorithm != "sha256":
-        from revreg.artifacts.sources import identity_of_module
+    from revreg.artifacts.sources import identity_of_module
 
-        return identity_of_module(model_or_path, algorithm).identity
-    from revreg.verifier.live import live_identity
-
-    return live_identity(model_or_path, cached=False).identity
+    return identity_of_module(model_or_path, algorithm).identity
 
 
 def attach(
@@ -214,14 +210,11 @@ def verify(
     import torch
 
     from revreg.verifier.engine import Behavior as _Behavior
-    from revreg.verifier.environment import make_deterministic
+    from revreg.verifier.protocol import prepare_device
     from revreg.verifier.protocol import verify as _verify
     from revreg.verifier.runner import Probes as _Probes
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device}: CUDA is not available on this machine")
-    if deterministic:
-        make_deterministic(device)
+    prepare_device(device, deterministic)
     if isinstance(behavior, str | Path):
         behavior = load_behavior(behavior, trusted=trusted, device=device)
     members: Behavior | Sequence[Behavior] = behavior

@@ -131,10 +131,15 @@ def read_probes(path: Path) -> ProbeFile:
 _LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "ForSequenceClassification")
 
 
-def output_for(model_dir: Path) -> tuple[str, str]:
-    """The output to compare and its divergence, from the model type in `model_dir`/config.json:
-    logits (KL) for a language-model or classifier head, last_hidden_state (MSE) for a bare
-    encoder or decoder. Anything else is an InputError that names the flags."""
+def divergence_for(output: str) -> str:
+    """The default divergence for an output: MSE for hidden states, KL for distributions."""
+    return "mse" if output == "last_hidden_state" else "kl"
+
+
+def output_for(model_dir: Path) -> str:
+    """The output to compare, from the model type in `model_dir`/config.json: logits for a
+    language-model or classifier head, last_hidden_state for a bare encoder or decoder.
+    Anything else is an InputError that names the flags."""
     hint = (
         "pass --output logits (language models, classifiers) or --output last_hidden_state --divergence mse "
         "(encoders, embedding models)"
@@ -150,9 +155,9 @@ def output_for(model_dir: Path) -> tuple[str, str]:
     names = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
     if len(names) == 1:
         if names[0].endswith(_LOGIT_HEADS):
-            return "logits", "kl"
+            return "logits"
         if names[0].endswith("Model"):
-            return "last_hidden_state", "mse"
+            return "last_hidden_state"
     shown = ", ".join(names) or "none"
     raise InputError(f"cannot tell which output of {model_dir} to compare (architectures: {shown}): {hint}")
 

@@ -134,51 +134,86 @@ class LiveSource:
         return None
 
 
+def view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same values by construction: the same memory read the same way."""
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        t.is_neg(),
+        t.is_conj(),
+    )
+
+
+def distinct_tensors(
+    named: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each distinct memory once, under its first name, and the aliases (a later name -> that
+    first name). Empty tensors are never aliases: they hold no memory to share."""
+    first: dict[tuple[Any, ...], str] = {}
+    distinct: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in named:
+        if tensor.numel():
+            key = view_key(tensor)
+            if key in first:
+                aliases[name] = first[key]
+                continue
+            first[key] = name
+        distinct[name] = tensor
+    return distinct, aliases
+
+
+def live_source(name: str, tensor: torch.Tensor, stream: bool | None = None) -> LiveSource:
+    """A source for one live tensor; `stream` forces (True) or forbids (False) the chunked
+    device-to-host path, by default used for every tensor not on the CPU."""
+    t = tensor.detach()
+    dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
+    if dtype is None:
+        raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash")
+    # A lazily negated or conjugated view holds other values than its storage's bytes.
+    flat = t.resolve_neg().resolve_conj().contiguous().reshape(-1).view(torch_uint8())
+    on_device = t.device.type != "cpu"
+    return LiveSource(name, dtype, tuple(t.shape), flat, on_device if stream is None else stream)
+
+
 def tensor_sources(
     named: Iterable[tuple[str, torch.Tensor]], stream: bool | None = None
 ) -> tuple[list[TensorSource], dict[str, str]]:
-    """Sources for named live tensors, each distinct memory hashed once.
+    """Sources for named live tensors, each distinct memory hashed once, and the aliases."""
+    distinct, aliases = distinct_tensors(named)
+    return [live_source(n, t, stream) for n, t in distinct.items()], aliases
 
-    Returns the sources and the aliases (a later name -> the first name for the same memory).
-    `stream` forces (True) or forbids (False) the chunked device-to-host path; by default it
-    is used for every tensor not on the CPU.
-    """
-    first: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    sources: list[TensorSource] = []
-    for name, tensor in named:
-        t = tensor.detach()
-        key = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-            t.is_neg(),
-            t.is_conj(),
-        )
-        if t.numel() and key in first:
-            aliases[name] = first[key]
-            continue
-        first[key] = name
-        dtype = TORCH_TO_SAFETENSORS.get(str(t.dtype))
-        if dtype is None:
-            raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash")
-        # A lazily negated or conjugated view holds other values than its storage's bytes.
-        flat = t.resolve_neg().resolve_conj().contiguous().reshape(-1).view(torch_uint8())
-        on_device = t.device.type != "cpu"
-        sources.append(LiveSource(name, dtype, tuple(t.shape), flat, on_device if stream is None else stream))
-    return sources, aliases
+
+def module_tensors(
+    module: torch.nn.Module,
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """A module's persistent tensors (parameters and persistent buffers) and its non-persistent
+    buffers, read from the module registries in the order the default state_dict lists them.
+    A state_dict hook or override cannot make these show tensors the model does not use."""
+    persistent: list[tuple[str, torch.Tensor]] = []
+    optional: list[tuple[str, torch.Tensor]] = []
+    for path, sub in module.named_modules(remove_duplicate=False):
+        prefix = f"{path}." if path else ""
+        for name, p in sub._parameters.items():
+            if p is not None:
+                persistent.append((prefix + name, p))
+        for name, b in sub._buffers.items():
+            if b is not None:
+                (optional if name in sub._non_persistent_buffers_set else persistent).append((prefix + name, b))
+    return persistent, optional
 
 
 def live_sources(module: torch.nn.Module, stream: bool | None = None) -> list[TensorSource]:
-    """Sources for a module's state_dict, with aliases collapsed.
+    """Sources for a module's persistent tensors, with aliases collapsed.
 
     Names that share memory (tied weights such as GPT-2's lm_head and wte) are hashed once,
     under the first name in state_dict order, which is the name checkpoint writers keep.
     """
-    return tensor_sources(module.state_dict(keep_vars=True).items(), stream)[0]
+    return tensor_sources(module_tensors(module)[0], stream)[0]
 
 
 def torch_uint8() -> torch.dtype:

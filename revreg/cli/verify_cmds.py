@@ -13,6 +13,7 @@ import click
 from revreg.artifacts.probes import (
     DIVERGENCES,
     OUTPUTS,
+    divergence_for,
     from_prompts,
     from_tensors,
     output_for,
@@ -87,15 +88,13 @@ def probes_create(
     if prompts_file:
         assert tokenizer is not None
         prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-        if output_name is None:
-            output_name, guessed = output_for(tokenizer)
-            divergence = divergence or guessed
-        divergence = divergence or ("mse" if output_name == "last_hidden_state" else "kl")
+        output_name = output_name or output_for(tokenizer)
+        divergence = divergence or divergence_for(output_name)
         tensors, manifest = from_prompts(prompts, tokenizer, name, max_length, batch_size, output_name, divergence)
     else:
         assert inputs_file is not None
         output_name = output_name or "output"
-        divergence = divergence or ("mse" if output_name == "last_hidden_state" else "kl")
+        divergence = divergence or divergence_for(output_name)
         tensors, manifest = from_tensors(inputs_file, name, batch_size, output_name, divergence, mask)
     write_probes(out, tensors, manifest)
     click.echo(

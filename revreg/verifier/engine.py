@@ -21,7 +21,7 @@ from revreg.artifacts.artifact import BehaviorManifest, VerifiedArtifact, load_a
 from revreg.artifacts.identity import hash_tensors
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.sources import tensor_sources
-from revreg.errors import InputError, IntegrityError
+from revreg.errors import BaseMismatch, InputError, IntegrityError
 from revreg.verifier.kinds import KINDS
 
 
@@ -37,6 +37,25 @@ class Behavior:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name}:{self.manifest.version}"
+
+
+def stack_label(behaviors: Sequence[Behavior]) -> str:
+    return " + ".join(b.label for b in behaviors)
+
+
+def one_base(behaviors: Sequence[Behavior]) -> str:
+    """The base every behavior of a stack is bound to; members bound to different bases are
+    refused (BaseMismatch): a stack runs on one base."""
+    bases = sorted({b.manifest.base for b in behaviors})
+    if len(bases) != 1:
+        raise BaseMismatch(
+            f"the stack's behaviors are bound to different bases ({', '.join(bases)}); a stack runs on one base"
+        )
+    return bases[0]
 
 
 def load_behavior(path: Path, trusted: Mapping[str, TrustedKey], device: str = "cpu") -> Behavior:
@@ -130,9 +149,8 @@ def attach_all(engine: Engine, model: nn.Module, behaviors: Sequence[Behavior]) 
             except RevregError:
                 raise
             except Exception as exc:
-                m = b.manifest
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                raise InputError(f"cannot attach {m.name}:{m.version} to this model: {reason}") from exc
+                raise InputError(f"cannot attach {b.label} to this model: {reason}") from exc
     except BaseException:
         for part in reversed(parts):
             part.unload()

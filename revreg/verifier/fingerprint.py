@@ -21,7 +21,7 @@ from torch import nn
 
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, hash_tensors, root_digest
-from revreg.artifacts.sources import tensor_sources
+from revreg.artifacts.sources import module_tensors, tensor_sources
 
 if TYPE_CHECKING:
     from revreg.verifier.live import LeafCache
@@ -251,6 +251,17 @@ def _hooks(d: Any, cap: _Capture, path: str) -> Value:
     return Value(items, str(len(items)))
 
 
+def _extra_state(model: nn.Module) -> dict[str, Any]:
+    """What state_dict stores under `<module>._extra_state` for modules that define it."""
+    from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
+
+    return {
+        f"{path}.{_EXTRA_STATE_KEY_SUFFIX}" if path else _EXTRA_STATE_KEY_SUFFIX: sub.get_extra_state()
+        for path, sub in model.named_modules(remove_duplicate=False)
+        if type(sub).get_extra_state is not nn.Module.get_extra_state
+    }
+
+
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
     for n, p in model.named_parameters(remove_duplicate=False):
         yield n, "param", p
@@ -313,24 +324,22 @@ def _namespace(ns: Any, label: str) -> dict[str, Token]:
     return {f"name {k}": Same(v, f"{label}.{k}") for k, v in vars(ns).items() if not k.startswith("__")}
 
 
-def fingerprint(
-    model: nn.Module, stream: bool | None = None, cache: LeafCache | None = None, reuse: bool = False
-) -> Fingerprint:
+def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache | None = None) -> Fingerprint:
     """Everything docs/verifier.md's threat model lists, for `model` and the process it runs in.
 
     The fingerprint holds strong references to the model's objects, so none of them can be
     freed and its address reused while it is kept. `stream` is the identity hashing option.
-    With `cache`, tensor leaves are stored there; with `reuse` too, leaves of tensors whose
-    version counters did not move are taken from it instead of hashed (the library's reference
-    snapshot at attach time; never what a proof compares against).
+    Every tensor is hashed; with `cache`, the leaves are also stored there, for later cached
+    base checks (a fingerprint itself never reuses a cached leaf).
     """
     cap = _Capture()
-    # state_dict first, so that aliases resolve to the names identity hashing keeps; then
-    # every other parameter and buffer (non-persistent buffers, aliases by their other names).
-    state = model.state_dict(keep_vars=True)
-    extra_state = {n: v for n, v in state.items() if not isinstance(v, torch.Tensor)}
-    named: list[tuple[str, str, torch.Tensor]] = [(n, "state", t) for n, t in state.items() if n not in extra_state]
-    listed = set(state)
+    # The persistent tensors first, from the module registries in state_dict order (what identity
+    # hashes, so aliases resolve to the names it keeps; no state_dict hook can stand in for
+    # them); then every other parameter and buffer (non-persistent buffers).
+    persistent, _ = module_tensors(model)
+    extra_state = _extra_state(model)
+    named: list[tuple[str, str, torch.Tensor]] = [(n, "state", t) for n, t in persistent]
+    listed = {n for n, _ in persistent}
     for n, kind, t in _named_tensors(model):
         if n not in listed:
             named.append((n, kind, t))
@@ -341,7 +350,7 @@ def fingerprint(
     # leaf no checkpoint has, so such a base is refused by the identity check.
     scheme = [(n, t) for n, _, t in named if str(t.dtype) in TORCH_TO_SAFETENSORS]
     if cache is not None:
-        digests, aliases = cache.leaves(scheme, stream, reuse=reuse)
+        digests, aliases = cache.leaves(scheme, stream, reuse=False)
     else:
         sources, aliases = tensor_sources(scheme, stream)
         digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
@@ -386,7 +395,7 @@ def fingerprint(
         cap.state[f"tensor {name}"] = fields
     for name, v in extra_state.items():
         cap.state[f"extra state {name}"] = {"value": cap.value(v, name)}
-    identity_names = tuple(n for n in state if n not in aliases and n not in extra_state)
+    identity_names = tuple(n for n, _ in persistent if n not in aliases)
 
     classes: dict[type, None] = {}
     for path, module in model.named_modules(remove_duplicate=False):

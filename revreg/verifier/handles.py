@@ -18,9 +18,9 @@ from typing import Literal
 from torch import nn
 
 from revreg.errors import BaseMismatch, InputError, RollbackError, StackError
-from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine, attach_all
+from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine, attach_all, one_base, stack_label
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
-from revreg.verifier.live import cache_of, live_identity
+from revreg.verifier.live import answers_to, cache_of
 
 Check = Literal["cached", "full"]
 CHECKS: tuple[str, ...] = ("cached", "full")
@@ -90,10 +90,6 @@ def attached_to(model: nn.Module) -> tuple[Handle, ...]:
     return tuple(h for h in _LIVE if any(id(t) in mine for t in h.targets))
 
 
-def _label(behavior: Behavior) -> str:
-    return f"{behavior.manifest.name}:{behavior.manifest.version}"
-
-
 class Handle:
     """What one `attach` call put on a model. Use as a context manager, or call `unload()`."""
 
@@ -125,7 +121,7 @@ class Handle:
         return [e for p in self._parts for e in p.effects]
 
     def __repr__(self) -> str:
-        names = ", ".join(_label(b) for b in self.behaviors)
+        names = ", ".join(b.label for b in self.behaviors)
         return f"<revreg.Handle {names} {'attached' if self.attached else 'unloaded'}>"
 
     def unload(self, verify: bool = False) -> None:
@@ -158,7 +154,7 @@ class Handle:
             changes = self._reference.changes(self.model)
             if changes:
                 raise RollbackError(
-                    f"after unloading {', '.join(_label(b) for b in self.behaviors)} the model is not back "
+                    f"after unloading {', '.join(b.label for b in self.behaviors)} the model is not back "
                     f"bit for bit: {_shown(changes)}",
                     changes,
                 )
@@ -180,25 +176,16 @@ class Handle:
 
 
 def check_base(model: nn.Module, behaviors: Sequence[Behavior], check: str = "cached") -> None:
-    """Refuse a model whose identity is not every behavior's base (BaseMismatch)."""
+    """Refuse a stack bound to several bases, or a model that is not their base (BaseMismatch)."""
     if check not in CHECKS:
         raise InputError(f"check={check!r}: use one of {', '.join(CHECKS)}")
-    live = None
-    for b in behaviors:
-        expected = b.manifest.base
-        if expected.startswith("sha256:"):
-            live = live or live_identity(model, cached=check == "cached")
-            ok, actual = live.matches(expected), live.identity
-        else:
-            from revreg.artifacts.sources import identity_of_module
-
-            actual = identity_of_module(model, expected.split(":", 1)[0]).identity
-            ok = actual == expected
-        if not ok:
-            raise BaseMismatch(
-                f"{_label(b)} is bound to base {expected}, but this model is {actual}; refusing to attach "
-                "(nothing was attached)"
-            )
+    expected = one_base(behaviors)
+    ok, actual = answers_to(model, expected, cached=check == "cached")
+    if not ok:
+        raise BaseMismatch(
+            f"{stack_label(behaviors)} is bound to base {expected}, but this model is {actual}; refusing to attach "
+            "(nothing was attached)"
+        )
 
 
 def attach(
@@ -228,16 +215,10 @@ def attach(
     for b in behaviors:
         if b.digest in on or b.digest in seen:
             raise StackError(
-                f"{_label(b)} ({b.digest[:19]}) is already attached to this model; attaching it twice would "
+                f"{b.label} ({b.digest[:19]}) is already attached to this model; attaching it twice would "
                 "apply it twice (nothing was attached)"
             )
         seen.add(b.digest)
-    bases = {b.manifest.base for b in behaviors}
-    if len(bases) > 1:
-        raise BaseMismatch(
-            f"the stack's behaviors are bound to different bases ({', '.join(sorted(bases))}); a stack runs on one "
-            "base (nothing was attached)"
-        )
     check_base(model, behaviors, check)
     reference = snapshot(model) if verify else None
     parts = attach_all(engine or HookEngine(), model, behaviors)

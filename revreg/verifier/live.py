@@ -21,8 +21,8 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
-from revreg.artifacts.identity import Identity, TensorSource, hash_tensors, root_digest
-from revreg.artifacts.sources import tensor_sources
+from revreg.artifacts.identity import Identity, hash_tensors, root_digest
+from revreg.artifacts.sources import distinct_tensors, identity_of_module, live_source, module_tensors, view_key
 from revreg.errors import InputError
 
 # Non-persistent buffers are grouped by the last component of their name (every layer's
@@ -35,20 +35,9 @@ def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
     """What must be unchanged for a cached leaf of `t` to be reused, or None when `t` cannot be
     cached (inference tensors have no version counter)."""
     try:
-        version = t._version
+        return (t._version, view_key(t))
     except RuntimeError:
         return None
-    return (
-        version,
-        t.untyped_storage().data_ptr() if t.numel() else 0,
-        t.storage_offset(),
-        tuple(t.shape),
-        t.stride(),
-        t.dtype,
-        t.device,
-        t.is_conj(),
-        t.is_neg(),
-    )
 
 
 @dataclass
@@ -83,48 +72,26 @@ class LeafCache:
         """{name: leaf hex} for every distinct tensor of `named` (scheme dtypes only), and the
         aliases (later name -> first name for the same memory). With reuse=False every tensor is
         hashed and the cache refreshed from what was read."""
-        # Aliases by the rule of tensor_sources (same memory, same view: hashed once, under the
-        # first name), found without building any view of the bytes.
-        aliases: dict[str, str] = {}
-        first: dict[tuple[Any, ...], str] = {}
-        by_name: dict[str, torch.Tensor] = {}
-        for name, tensor in named:
-            if tensor.numel():
-                where = (
-                    tensor.device,
-                    tensor.untyped_storage().data_ptr(),
-                    tensor.storage_offset(),
-                    tuple(tensor.shape),
-                    tensor.stride(),
-                    tensor.dtype,
-                    tensor.is_neg(),
-                    tensor.is_conj(),
-                )
-                if where in first:
-                    aliases[name] = first[where]
-                    continue
-                first[where] = name
-            by_name[name] = tensor
+        distinct, aliases = distinct_tensors(named)
         known: dict[str, str] = {}
-        missing: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in by_name.items():
+        missing: dict[str, torch.Tensor] = {}
+        for name, tensor in distinct.items():
             entry = self._entries.get(name)
             if reuse and entry is not None and entry.valid_for(tensor):
                 known[name] = entry.leaf
             else:
-                missing.append((name, tensor))
-        todo: list[TensorSource] = tensor_sources(missing, stream)[0] if missing else []
+                missing[name] = tensor
         # Keys are taken before hashing: a write during hashing bumps the counter and the next
         # call hashes again rather than trusting a leaf of bytes that moved.
-        keys = {s.name: _key(by_name[s.name]) for s in todo}
-        fresh = {t.name: t.digest for t in hash_tensors(todo).tensors} if todo else {}
-        self.hashed = len(todo)
+        keys = {name: _key(t) for name, t in missing.items()}
+        sources = [live_source(name, t, stream) for name, t in missing.items()]
+        fresh = {t.name: t.digest for t in hash_tensors(sources).tensors} if sources else {}
+        self.hashed = len(sources)
         for name, leaf in fresh.items():
-            key = keys[name]
+            key, t = keys[name], missing[name]
             if key is None:
                 self._entries.pop(name, None)
             else:
-                t = by_name[name]
                 storage = StorageWeakRef(t.untyped_storage()) if t.numel() else None
                 self._entries[name] = _Entry(id(t), storage, key, leaf)
         return known | fresh, aliases
@@ -142,8 +109,8 @@ def cache_of(model: nn.Module) -> LeafCache:
 
 @dataclass(frozen=True)
 class LiveIdentity:
-    """A live model's identity (its state_dict) and the identities it also answers to: those of
-    checkpoints that hold its state_dict plus some kinds of its non-persistent buffers."""
+    """A live model's identity (its persistent tensors) and the identities it also answers to:
+    those of checkpoints that hold them plus some kinds of its non-persistent buffers."""
 
     identity: Identity
     candidates: frozenset[str]
@@ -153,30 +120,13 @@ class LiveIdentity:
         return expected in self.candidates
 
 
-def _persistent(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    """The persistent and the non-persistent tensors of `model`, read from the module registries
-    in state_dict order (what the default state_dict returns), so a state_dict hook or override
-    cannot show tensors the model does not compute with."""
-    state: list[tuple[str, torch.Tensor]] = []
-    optional: list[tuple[str, torch.Tensor]] = []
-    for path, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{path}." if path else ""
-        for name, p in module._parameters.items():
-            if p is not None:
-                state.append((prefix + name, p))
-        for name, b in module._buffers.items():
-            if b is not None:
-                (optional if name in module._non_persistent_buffers_set else state).append((prefix + name, b))
-    return state, optional
-
-
 def live_identity(
     model: nn.Module, cached: bool = True, stream: bool | None = None, cache: LeafCache | None = None
 ) -> LiveIdentity:
     """The identity of `model` as revreg.attach checks it: leaves from the model's cache (or
     `cache`) when `cached` and no version counter moved, else hashed now (and the cache
     refreshed)."""
-    state, optional = _persistent(model)
+    state, optional = module_tensors(model)
     for name, t in state:
         if str(t.dtype) not in TORCH_TO_SAFETENSORS:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash: no base identity")
@@ -190,6 +140,18 @@ def live_identity(
     result = _identity_of([(n, bytes.fromhex(h)) for n, h in core_hex], [(n, bytes.fromhex(h)) for n, h in opt_hex])
     store.last = ((core_hex, opt_hex), result)
     return result
+
+
+def answers_to(
+    model: nn.Module, expected: str, cached: bool = True, cache: LeafCache | None = None
+) -> tuple[bool, str]:
+    """Whether `model` answers to the base identity `expected`, and the model's own identity."""
+    algorithm = expected.split(":", 1)[0]
+    if algorithm == "sha256":
+        live = live_identity(model, cached=cached, cache=cache)
+        return live.matches(expected), live.identity
+    actual = identity_of_module(model, algorithm).identity
+    return actual == expected, actual
 
 
 def _identity_of(core: list[tuple[str, bytes]], opt: list[tuple[str, bytes]]) -> LiveIdentity:

@@ -20,7 +20,7 @@ from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.predicate import SCHEMA_VERSION
 from revreg.errors import BaseMismatch, InputError, RevregError
-from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine, attach_all
+from revreg.verifier.engine import Attached, Behavior, Engine, HookEngine, attach_all, one_base, stack_label
 from revreg.verifier.environment import environment
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
 from revreg.verifier.live import LeafCache
@@ -188,19 +188,11 @@ def check_base(
     non-persistent buffers a checkpoint may also hold. `cache` holds the leaves `before` was
     hashed from, so they are not hashed twice.
     """
-    expected = behavior.manifest.base
-    label = f"{behavior.manifest.name}:{behavior.manifest.version}"
+    expected, label = behavior.manifest.base, behavior.label
     if weights is None:
-        if expected.startswith("sha256:"):
-            from revreg.verifier.live import live_identity
+        from revreg.verifier.live import answers_to
 
-            live = live_identity(model, cached=cache is not None, cache=cache)
-            ok, actual = live.matches(expected), live.identity
-        else:
-            from revreg.artifacts.sources import identity_of_module
-
-            actual = identity_of_module(model, expected.split(":", 1)[0]).identity
-            ok = actual == expected
+        ok, actual = answers_to(model, expected, cached=cache is not None, cache=cache)
         if not ok:
             raise BaseMismatch(f"{label} is bound to base {expected}, but the model is {actual}; refusing to run")
         return
@@ -257,46 +249,8 @@ def _run_base(model: nn.Module, probes: Probes) -> list[torch.Tensor]:
         raise InputError(f"the base model does not run probe set {probes.name}: {_describe_error(exc)}") from exc
 
 
-def _label(behavior: Behavior | Sequence[Behavior]) -> str:
-    members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
-    return " + ".join(f"{b.manifest.name}:{b.manifest.version}" for b in members)
-
-
-def _attach(engine: Engine, model: nn.Module, behavior: Behavior | Sequence[Behavior]) -> Attached | _Stacked:
-    """Attach one behavior, or a stack in order; one handle that unloads them all."""
-    members = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
-    parts = attach_all(engine, model, members)
-    if len(parts) == 1:
-        return parts[0]
-    return _Stacked(parts)
-
-
-class _Stacked:
-    """Several attachments unloaded together, the last attached first."""
-
-    def __init__(self, parts: list[Attached]) -> None:
-        self.parts = parts
-        self.effects = [e for p in parts for e in p.effects]
-
-    @property
-    def measure(self) -> bool:
-        return all(p.measure for p in self.parts)
-
-    @measure.setter
-    def measure(self, value: bool) -> None:
-        for part in self.parts:
-            part.measure = value
-
-    def unload(self) -> None:
-        for part in reversed(self.parts):
-            part.unload()
-
-    @property
-    def attached(self) -> bool:
-        return any(p.attached for p in self.parts)
-
-
-def _run_attached(model: nn.Module, probes: Probes, handle: Attached | _Stacked, label: str) -> list[torch.Tensor]:
+def _run_attached(model: nn.Module, probes: Probes, parts: list[Attached], label: str) -> list[torch.Tensor]:
+    """The probes with the stack attached; the stack comes off, the last attached first, whatever happens."""
     try:
         return run(model, probes)
     except RevregError:
@@ -304,7 +258,8 @@ def _run_attached(model: nn.Module, probes: Probes, handle: Attached | _Stacked,
     except Exception as exc:
         raise InputError(f"with {label} attached the model does not run the probes: {_describe_error(exc)}") from exc
     finally:
-        handle.unload()
+        for part in reversed(parts):
+            part.unload()
 
 
 def _base_facts(model: nn.Module, identity: str, architecture: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -385,11 +340,7 @@ def verify(
         raise InputError("nothing to verify: give at least one behavior")
     if len({b.digest for b in members}) != len(members):
         raise InputError("a stack names the same behavior twice; attaching it twice would apply it twice")
-    bases = sorted({b.manifest.base for b in members})
-    if len(bases) > 1:
-        raise BaseMismatch(
-            f"the stack's behaviors are bound to different bases ({', '.join(bases)}); a stack runs on one base"
-        )
+    one_base(members)
     if len(members) > 1 and baselines:
         raise InputError("mutation baselines run on one behavior, not a stack: verify the members one by one")
     engine = engine or HookEngine()
@@ -413,7 +364,7 @@ def verify(
         }
         for b in members
     ]
-    label = _label(members)
+    label = stack_label(members)
     result = VerificationResult(
         verdict="PASS",
         reasons=[],
@@ -488,14 +439,14 @@ def verify(
         phases.step(f"cycle {index + 1} of {cycles}: attach, run, unload, fingerprint")
         ct: dict[str, float] = {}
         c = time.perf_counter()
-        handle = _attach(engine, model, members)
-        if hasattr(handle, "measure"):
-            handle.measure = index == 0
+        parts = attach_all(engine, model, members)
+        for part in parts:
+            part.measure = index == 0
         c = _timed(ct, "attach", c)
-        adapted = _run_attached(model, probes, handle, label)
+        adapted = _run_attached(model, probes, parts, label)
         c = _timed(ct, "run_adapted_unload", c)
         if index == 0:
-            result.effects = [e.to_dict() for e in getattr(handle, "effects", [])]
+            result.effects = [e.to_dict() for part in parts for e in part.effects]
         after = fingerprint(model)
         c = _timed(ct, "fingerprint", c)
         try:
@@ -689,6 +640,16 @@ def summary_rows(result: VerificationResult) -> list[tuple[str, str]]:
     return rows
 
 
+def prepare_device(device: str, deterministic: bool = True) -> None:
+    """Refuse a CUDA device this machine lacks; set torch's deterministic switches for it."""
+    from revreg.verifier.environment import make_deterministic
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if deterministic:
+        make_deterministic(device)
+
+
 def verify_files(
     behavior_path: Path | Sequence[Path],
     trusted: Mapping[str, TrustedKey],
@@ -702,21 +663,13 @@ def verify_files(
     """The protocol from files on disk: what `revreg verify`, `certify` and workers run. Several
     behavior files are a stack, attached in the order given and unloaded together."""
     from revreg.verifier.engine import load_behavior
-    from revreg.verifier.environment import make_deterministic
     from revreg.verifier.loading import load_base
     from revreg.verifier.runner import load_probes
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
-    make_deterministic(device)
+    prepare_device(device)
     paths = [Path(behavior_path)] if isinstance(behavior_path, str | Path) else [Path(p) for p in behavior_path]
     members = [load_behavior(p, trusted, device) for p in paths]
-    bases = {b.manifest.base for b in members}
-    if len(bases) > 1:
-        raise BaseMismatch(
-            f"the stack's behaviors are bound to different bases ({', '.join(sorted(bases))}); a stack runs on one base"
-        )
-    model, weights = load_base(base, factory, device, members[0].manifest.base, _label(members))
+    model, weights = load_base(base, factory, device, one_base(members), stack_label(members))
     return verify(
         model,
         members[0] if len(members) == 1 else members,
