@@ -471,3 +471,17 @@ def test_stacks_on_different_bases_and_verify_over_attached_behaviors_are_refuse
         revreg.verify(model, [first, other], probes)
     with revreg.attach(model, first), pytest.raises(revreg.StackError, match="unload them first"):
         revreg.verify(model, first, probes)
+
+
+def test_a_state_dict_hook_on_the_base_hides_nothing_from_the_fingerprint(tmp_path: Path, keys_dir: Path) -> None:
+    """The fingerprint reads tensors from the module registries: a base whose state_dict shows
+    frozen copies still has the bytes a fault wrote named in the verdict."""
+    from revreg.verifier.protocol import verify
+
+    model, behavior, probes = toy_setup(tmp_path, keys_dir)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    model._register_state_dict_hook(lambda module, state, prefix, local: state.update(frozen))
+    planted = Planted(on_unload=lambda m: m.up.weight.data.mul_(1.5))
+    result = verify(model, behavior, probes, cycles=1, engine=planted)
+    assert result.verdict == "FAIL"
+    assert any("tensor up.weight: bytes changed" in r for r in result.reasons), result.reasons
