@@ -485,3 +485,29 @@ def test_a_state_dict_hook_on_the_base_hides_nothing_from_the_fingerprint(tmp_pa
     result = verify(model, behavior, probes, cycles=1, engine=planted)
     assert result.verdict == "FAIL"
     assert any("tensor up.weight: bytes changed" in r for r in result.reasons), result.reasons
+
+
+class _WithExtraState(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+        self.scale = 1.0
+
+    def get_extra_state(self) -> dict:
+        return {"scale": self.scale, "history": [1, 2]}  # built afresh on every call
+
+    def set_extra_state(self, state: dict) -> None:
+        self.scale = state["scale"]
+
+
+def test_extra_state_is_compared_by_value(tmp_path: Path, keys_dir: Path) -> None:
+    from revreg.verifier.protocol import verify
+    from tests.verifier_helpers import make_probes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_WithExtraState()).eval()
+    behavior = make_behavior(tmp_path, keys_dir, model, [("0", "steer", {"vector": torch.randn(8)})])
+    probes = make_probes(tmp_path, {"input": torch.randn(4, 8)})
+    assert verify(model, behavior, probes, cycles=2).verdict == "PASS"
+    planted = Planted(on_unload=lambda m: setattr(m[0], "scale", 2.0))
+    result = verify(model, behavior, probes, cycles=1, engine=planted)
+    assert result.verdict == "FAIL" and any("extra state" in r for r in result.reasons), result.reasons

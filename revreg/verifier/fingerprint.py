@@ -251,6 +251,18 @@ def _hooks(d: Any, cap: _Capture, path: str) -> Value:
     return Value(items, str(len(items)))
 
 
+def _by_value(v: Any) -> Any:
+    """A copy of a serialized value with its containers as tuples tagged by type, so that two
+    equal values built separately compare equal."""
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _by_value(x)) for k, x in v.items()))
+    if isinstance(v, list | tuple):
+        return (type(v).__name__, tuple(_by_value(x) for x in v))
+    if isinstance(v, set | frozenset):
+        return ("set", frozenset(_by_value(x) for x in v))
+    return v
+
+
 def _extra_state(model: nn.Module) -> dict[str, Any]:
     """What state_dict stores under `<module>._extra_state` for modules that define it."""
     from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX
@@ -394,7 +406,8 @@ def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache |
                 fields[f"attribute {k}"] = cap.value(v, f"{name}.{k}")
         cap.state[f"tensor {name}"] = fields
     for name, v in extra_state.items():
-        cap.state[f"extra state {name}"] = {"value": cap.value(v, name)}
+        # get_extra_state builds its value afresh on every call: compared by value, not identity.
+        cap.state[f"extra state {name}"] = {"value": cap.value(_by_value(v), name)}
     identity_names = tuple(n for n, _ in persistent if n not in aliases)
 
     classes: dict[type, None] = {}
