@@ -150,9 +150,6 @@ def test_python_load_base_takes_a_hub_name(tmp_path: Path, monkeypatch: pytest.M
 
     _cache(tmp_path, "acme/tiny-gpt2")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     model = revreg.load_base("acme/tiny-gpt2")
     assert revreg.identity(model) == revreg.identity("acme/tiny-gpt2")
     with pytest.raises(revreg.BaseMismatch, match="nothing was loaded"):
@@ -177,7 +174,65 @@ def test_probes_create_picks_the_output_from_the_model_type(
     assert f"compares {output} by {divergence}" in done.stdout
 
 
-def test_probes_create_asks_for_the_output_when_the_model_type_is_unknown(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "output"),
+    [
+        ({"architectures": ["GPT2DoubleHeadsModel"]}, None),  # a head outside every mapping: ask
+        ({"architectures": ["CLIPModel"], "text_config": {}, "vision_config": {}}, None),  # composite: ask
+        ({"architectures": ["BertForTokenClassification"]}, "logits"),
+        ({"model_type": "bert"}, "last_hidden_state"),  # what AutoModel loads
+        ([1, 2], None),
+    ],
+)
+def test_the_output_comes_from_transformers_mappings(tmp_path: Path, config: object, output: str | None) -> None:
+    import json
+
+    from revreg.artifacts.probes import output_for
+    from revreg.errors import InputError
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if output is None:
+        with pytest.raises(InputError, match="--output logits"):
+            output_for(tmp_path)
+    else:
+        assert output_for(tmp_path) == output
+
+
+def test_bad_probe_and_model_inputs_are_one_line(tmp_path: Path) -> None:
+    import json
+
+    base = tmp_path / "base"
+    _gpt2_with_tokenizer(base)
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    (tmp_path / "prompts.txt").write_text(PROMPTS)
+    nopad = tmp_path / "nopad"
+    shutil.copytree(base, nopad)
+    tok = json.loads((nopad / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "unk_token", "eos_token", "bos_token"):
+        tok.pop(key, None)
+    (nopad / "tokenizer_config.json").write_text(json.dumps(tok))
+    (nopad / "special_tokens_map.json").unlink(missing_ok=True)
+    create = ("probes", "create", "--name", "p", "-o", "p.probes")
+    cases = [
+        (*create, "--prompts", "bad.txt", "--tokenizer", base),
+        (*create, "--prompts", "prompts.txt", "--tokenizer", base, "--max-length", "0"),
+        (*create, "--prompts", "prompts.txt", "--tokenizer", base, "--batch-size", "-3"),
+    ]
+    for args in cases:
+        done = _revreg(tmp_path, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "p.probes").exists()
+    for config in ("{not json", "[1, 2]", '{"architectures": [5]}', '{"architectures": ["AutoTokenizer"]}'):
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(base, broken)
+        (broken / "config.json").write_text(config)
+        from revreg.errors import InputError
+        from revreg.verifier.loading import load_hf
+
+        with pytest.raises(InputError):
+            load_hf(broken)
     base = tmp_path / "base"
     _gpt2_with_tokenizer(base)
     (base / "config.json").unlink()
@@ -237,7 +292,39 @@ def test_cache_refs_and_revisions_cannot_lead_outside_the_cache(tmp_path: Path) 
     (link / "snapshots").mkdir()
     (link / "refs" / "main").write_text(REVISION)
     (link / "snapshots" / REVISION).symlink_to(outside)
-    for spec in ("acme/evil", evil, "acme/link", link, "acme/tiny-gpt2@../../../outside", f"acme/../{folder.name}"):
+    # refs/main that walks to another repo's snapshot, through the org/name form (a red team case)
+    walker = tmp_path / "hub" / "models--acme--walker"
+    (walker / "refs").mkdir(parents=True)
+    (walker / "snapshots").mkdir()
+    (walker / "refs" / "main").write_text(f"../../models--acme--tiny-gpt2/snapshots/{REVISION}")
+    # snapshots/ itself a link out; the repo folder a link out; a weight file linked outside blobs/
+    for repo, how in (("snaplink", "snapshots"), ("repolink", "repo"), ("filelink", "file")):
+        folder_r = tmp_path / "hub" / f"models--acme--{repo}"
+        if how == "repo":
+            folder_r.symlink_to(folder)
+            continue
+        (folder_r / "refs").mkdir(parents=True)
+        (folder_r / "refs" / "main").write_text(REVISION)
+        if how == "snapshots":
+            (folder_r / "snapshots").symlink_to(folder / "snapshots")
+        else:
+            snap = folder_r / "snapshots" / REVISION
+            snap.mkdir(parents=True)
+            (snap / "config.json").write_text((outside / "config.json").read_text())
+            (snap / "model.safetensors").symlink_to(outside / "model.safetensors")
+    specs = ["acme/evil", evil, "acme/link", link, "acme/tiny-gpt2@../../../outside", f"acme/../{folder.name}"]
+    specs += ["acme/walker", "acme/walker@main", "acme/snaplink", "acme/repolink", "acme/filelink"]
+    for spec in specs:
         done = _revreg(tmp_path, "identity", spec)
         assert done.returncode == 2, (spec, done.stdout, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_ref_with_a_trailing_newline_and_compare_by_hub_name(tmp_path: Path) -> None:
+    folder = _cache(tmp_path, "acme/tiny-gpt2")
+    (folder / "refs" / "main").write_text(REVISION + "\n")
+    by_name = _revreg(tmp_path, "identity", "acme/tiny-gpt2")
+    by_folder = _revreg(tmp_path, "identity", folder)
+    assert by_name.returncode == 0 and by_name.stdout == by_folder.stdout, by_name.stderr
+    same = _revreg(tmp_path, "identity", folder / "snapshots" / REVISION, "--compare", "acme/tiny-gpt2")
+    assert same.returncode == 0, same.stderr

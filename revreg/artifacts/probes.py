@@ -127,8 +127,29 @@ def read_probes(path: Path) -> ProbeFile:
     return ProbeFile(path, manifest, file_digest(path))
 
 
-# Heads whose output is a distribution over a vocabulary or labels: compared by KL/JS.
-_LOGIT_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM", "ForSequenceClassification")
+# transformers' auto mappings whose classes return `logits`: a distribution over a vocabulary
+# or labels, compared by KL/JS.
+_LOGIT_MAPPINGS = (
+    "CAUSAL_LM",
+    "MASKED_LM",
+    "SEQ_TO_SEQ_CAUSAL_LM",
+    "SPEECH_SEQ_2_SEQ",
+    "CTC",
+    "SEQUENCE_CLASSIFICATION",
+    "TOKEN_CLASSIFICATION",
+    "MULTIPLE_CHOICE",
+    "NEXT_SENTENCE_PREDICTION",
+    "IMAGE_CLASSIFICATION",
+    "AUDIO_CLASSIFICATION",
+    "VIDEO_CLASSIFICATION",
+)
+
+
+def _classes(mapping: Mapping[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for value in mapping.values():
+        names.update(value if isinstance(value, tuple | list) else (value,))
+    return names
 
 
 def divergence_for(output: str) -> str:
@@ -137,9 +158,11 @@ def divergence_for(output: str) -> str:
 
 
 def output_for(model_dir: Path) -> str:
-    """The output to compare, from the model type in `model_dir`/config.json: logits for a
-    language-model or classifier head, last_hidden_state for a bare encoder or decoder.
-    Anything else is an InputError that names the flags."""
+    """The output to compare, from `model_dir`/config.json as the verifier loads the model (the
+    class named in `architectures`, else transformers' AutoModel for `model_type`): logits for a
+    class in one of transformers' LM, seq2seq or classification mappings, last_hidden_state for
+    a bare model of AutoModel's mapping. Anything else (a composite config such as CLIP's, a class
+    in no mapping) is an InputError that names the flags."""
     hint = (
         "pass --output logits (language models, classifiers) or --output last_hidden_state --divergence mse "
         "(encoders, embedding models)"
@@ -148,18 +171,31 @@ def output_for(model_dir: Path) -> str:
     try:
         doc = strict_loads(config.read_bytes(), str(config))
     except (OSError, FormatError) as exc:
-        raise InputError(
-            f"cannot tell which output of {model_dir} to compare (no readable config.json): {hint}"
-        ) from exc
-    architectures = doc.get("architectures") if isinstance(doc, dict) else None
+        raise InputError(f"cannot tell which output of {model_dir} to compare (no readable config.json): {hint}") from (
+            exc
+        )
+    if not isinstance(doc, dict):
+        raise InputError(f"cannot tell which output of {model_dir} to compare (config.json is not an object): {hint}")
+    from transformers.models.auto import modeling_auto as auto
+
+    architectures = doc.get("architectures")
     names = [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
-    if len(names) == 1:
-        if names[0].endswith(_LOGIT_HEADS):
+    bare = _classes(auto.MODEL_MAPPING_NAMES)
+    if not names and isinstance(doc.get("model_type"), str):
+        found: Any = auto.MODEL_MAPPING_NAMES.get(doc["model_type"])
+        names = [str(n) for n in found] if isinstance(found, tuple | list) else [str(found)] if found else []
+    composite = any(k.endswith("_config") and isinstance(v, dict) for k, v in doc.items())
+    if len(names) == 1 and not composite:
+        if any(names[0] in _classes(getattr(auto, f"MODEL_FOR_{m}_MAPPING_NAMES", {})) for m in _LOGIT_MAPPINGS):
             return "logits"
-        if names[0].endswith("Model"):
+        if names[0] in bare:
             return "last_hidden_state"
     shown = ", ".join(names) or "none"
     raise InputError(f"cannot tell which output of {model_dir} to compare (architectures: {shown}): {hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def from_prompts(
@@ -180,13 +216,20 @@ def from_prompts(
 
     if not prompts:
         raise InputError("no prompts: the file has no non-empty lines")
+    # The tokenizer files are the user's input, parsed by transformers: whatever it raises on
+    # them is bad input, said in one line.
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+    except Exception as exc:
+        raise InputError(f"cannot load a tokenizer from {tokenizer_dir}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    if tokenizer.pad_token is None:
+        raise InputError(f"the tokenizer in {tokenizer_dir} has no pad, eos or unk token to pad prompts with")
+    try:
+        encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    except Exception as exc:
+        raise InputError(f"the tokenizer in {tokenizer_dir} cannot encode the prompts: {_first_line(exc)}") from exc
     tensors = {
         k: ("I64", tuple(v.shape), np.ascontiguousarray(v, dtype="<i8").tobytes())
         for k, v in encoded.items()

@@ -50,8 +50,8 @@ def _manifest(path: Path, algorithm: str) -> TensorManifest:
 )
 @click.option(
     "--compare",
-    type=click.Path(exists=True, path_type=Path),
-    help="Another model or saved manifest; list the tensors that differ (exit 1 if any).",
+    type=MODEL,
+    help="Another model (as PATH) or a saved manifest; list the tensors that differ (exit 1 if any).",
 )
 @json_option
 def identity(path: Path, algorithm: str, manifest_out: Path | None, compare: Path | None, as_json: bool) -> None:

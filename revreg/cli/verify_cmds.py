@@ -67,8 +67,16 @@ def probes() -> None:
     "Default: kl for logits and output, mse for last_hidden_state.",
 )
 @click.option("--mask", default=None, help="With --inputs: an input whose zeros mark ignored positions.")
-@click.option("--max-length", type=int, default=32, show_default=True, help="Token length (prompts are padded).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Probes per forward pass.")
+@click.option(
+    "--max-length",
+    type=click.IntRange(1, 1 << 20),
+    default=32,
+    show_default=True,
+    help="Token length (prompts are padded).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 1 << 20), default=8, show_default=True, help="Probes per forward pass."
+)
 @click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def probes_create(
     prompts_file: Path | None,
@@ -87,7 +95,11 @@ def probes_create(
         raise InputError("give either --prompts FILE with --tokenizer DIR, or --inputs FILE")
     if prompts_file:
         assert tokenizer is not None
-        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{prompts_file} is not UTF-8 text (byte {exc.start}): save the prompts as UTF-8") from exc
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         output_name = output_name or output_for(tokenizer)
         divergence = divergence or divergence_for(output_name)
         tensors, manifest = from_prompts(prompts, tokenizer, name, max_length, batch_size, output_name, divergence)
@@ -185,6 +197,9 @@ def _local_or_pulled(
     """`revreg verify` takes files (trusted by the keyring) or registry refs (pinned, pulled);
     several are a stack, all of one kind, so that one set of keys decides whom to trust."""
     files = [Path(b).is_file() for b in behaviors]
+    for b, is_file in zip(behaviors, files, strict=True):
+        if not is_file and ("/" in b or b.endswith(".safetensors")) and ":" not in b and "@" not in b:
+            raise InputError(f"{b} does not exist (a behavior is an artifact file or a registry ref NAME:VERSION)")
     if all(files):
         return [Path(b) for b in behaviors], keyring(keys_dir).trusted()
     if any(files):

@@ -4,12 +4,12 @@ Python factory `package.module:function` plus a safetensors weights file."""
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.sources import identity_of_path
 from revreg.errors import BaseMismatch, InputError
@@ -24,14 +24,22 @@ def load_hf(directory: Path) -> nn.Module:
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise InputError(f"{directory} has no config.json: pass a weights file with --factory instead")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
-    if cls is None:
+    doc = strict_loads(config_path.read_bytes(), str(config_path))
+    architectures = doc.get("architectures") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or (architectures is not None and not isinstance(architectures, list)):
+        raise InputError(f"{config_path} is not a transformers config (an object, with a list of architectures)")
+    named = architectures[0] if architectures else None
+    cls = getattr(transformers, named, None) if isinstance(named, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        if architectures:
+            raise InputError(f"{config_path}: architectures[0] {named!r} is not a transformers model class")
         cls = transformers.AutoModel
     try:
         model = cls.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load {directory} with transformers ({cls.__name__}): {exc}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        # A config that does not fit the weights (shapes, a missing key) is bad input: say which.
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        raise InputError(f"cannot load {directory} with transformers ({cls.__name__}): {reason}") from exc
     return model.eval()
 
 

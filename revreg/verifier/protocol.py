@@ -644,7 +644,13 @@ def prepare_device(device: str, deterministic: bool = True) -> None:
     """Refuse a CUDA device this machine lacks; set torch's deterministic switches for it."""
     from revreg.verifier.environment import make_deterministic
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from exc
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: revreg verifies on cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available on this machine")
     if deterministic:
         make_deterministic(device)
