@@ -146,6 +146,15 @@ def load_base(
     from revreg.verifier.loading import load_base as _load
 
     model, _ = _load(resolve_model(base), factory, device, expect)
+    if expect is not None:
+        # The files were the base; the model built from them must be too (a loader may read
+        # other files than the ones hashed).
+        from revreg.errors import BaseMismatch
+        from revreg.verifier.live import answers_to
+
+        ok, actual = answers_to(model, expect, cached=False)
+        if not ok:
+            raise BaseMismatch(f"the model loaded from {base} is {actual}, not the expected {expect}")
     return model
 
 

@@ -59,9 +59,14 @@ def resolve_weights(path: Path) -> Path:
     """The safetensors file or shard index that holds a model's weights."""
     path = Path(path)
     if path.is_dir():
-        for candidate in ("model.safetensors.index.json", "model.safetensors"):
-            if (path / candidate).is_file():
-                return path / candidate
+        index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+        if index.is_file() and single.is_file():
+            # Loaders disagree on which of the two wins; hashing one while another is loaded
+            # would bind the identity to files the model does not hold.
+            raise InputError(f"{path} holds both {index.name} and {single.name}: keep one checkpoint")
+        for candidate in (index, single):
+            if candidate.is_file():
+                return candidate
         found = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
@@ -134,6 +139,18 @@ class LiveSource:
         return None
 
 
+def version_of(t: torch.Tensor) -> int | None:
+    """The autograd version counter, read through torch's own getter (a subclass property cannot
+    answer for it); None for inference tensors, which have none."""
+    import torch
+
+    getter: Any = vars(torch._C.TensorBase)["_version"]
+    try:
+        return int(getter.__get__(t))
+    except RuntimeError:
+        return None
+
+
 def view_key(t: torch.Tensor) -> tuple[Any, ...]:
     """What makes two tensors the same values by construction: the same memory read the same way."""
     return (
@@ -188,22 +205,72 @@ def tensor_sources(
     return [live_source(n, t, stream) for n, t in distinct.items()], aliases
 
 
+def walk_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every (path, module) under `module`, pre-order, a module shared under two paths listed
+    under both, read from each module's own `_modules` registry in its instance dict: no method
+    the model defines (`named_modules`, `__getattr__`, a property) is called, so a model cannot
+    show a walk other than the one its forward uses."""
+    import torch
+
+    out: list[tuple[str, torch.nn.Module]] = []
+    on_path: set[int] = set()
+
+    def visit(path: str, mod: torch.nn.Module) -> None:
+        if id(mod) in on_path:
+            raise InputError(f"module {path or '<root>'} contains itself: revreg cannot walk a cyclic model")
+        on_path.add(id(mod))
+        out.append((path, mod))
+        for name, child in _registry(mod, "_modules").items():
+            if child is not None:
+                if not isinstance(child, torch.nn.Module):
+                    raise InputError(f"{path or '<root>'}._modules[{name!r}] is not a torch module")
+                visit(f"{path}.{name}" if path else name, child)
+        on_path.discard(id(mod))
+
+    visit("", module)
+    return out
+
+
+def _registry(mod: torch.nn.Module, name: str) -> dict[str, Any]:
+    table = vars(mod).get(name)
+    if not isinstance(table, dict):
+        raise InputError(f"{type(mod).__name__} has no {name} registry: not a torch module revreg can read")
+    return table
+
+
+def plain_tensor(name: str, t: Any) -> torch.Tensor:
+    """`t` if it is a plain tensor or Parameter on a device with bytes, else an InputError: a
+    tensor subclass can answer `detach()` or `_version` with what it likes, and sparse or meta
+    tensors have no bytes to hash."""
+    import torch
+
+    if type(t) not in (torch.Tensor, torch.nn.Parameter, getattr(torch.nn, "Buffer", torch.Tensor)):
+        raise InputError(f"tensor {name!r} is a {type(t).__qualname__}; revreg reads plain tensors and Parameters only")
+    if t.layout != torch.strided or t.device.type == "meta":
+        raise InputError(f"tensor {name!r} is {t.layout} on {t.device}; revreg hashes dense tensors with data only")
+    return t
+
+
 def module_tensors(
-    module: torch.nn.Module,
+    module: torch.nn.Module, strict: bool = True
 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
     """A module's persistent tensors (parameters and persistent buffers) and its non-persistent
     buffers, read from the module registries in the order the default state_dict lists them.
-    A state_dict hook or override cannot make these show tensors the model does not use."""
+    A state_dict hook or an override cannot make these show tensors the model does not use;
+    `strict` (what an identity needs) also refuses tensor subclasses, sparse and meta tensors.
+    The fingerprint reads them unchecked: a tensor turned into one is a finding there."""
+    check = plain_tensor if strict else (lambda _name, t: t)
     persistent: list[tuple[str, torch.Tensor]] = []
     optional: list[tuple[str, torch.Tensor]] = []
-    for path, sub in module.named_modules(remove_duplicate=False):
+    for path, sub in walk_modules(module):
         prefix = f"{path}." if path else ""
-        for name, p in sub._parameters.items():
+        for name, p in _registry(sub, "_parameters").items():
             if p is not None:
-                persistent.append((prefix + name, p))
-        for name, b in sub._buffers.items():
+                persistent.append((prefix + name, check(prefix + name, p)))
+        hidden = vars(sub).get("_non_persistent_buffers_set", set())
+        for name, b in _registry(sub, "_buffers").items():
             if b is not None:
-                (optional if name in sub._non_persistent_buffers_set else persistent).append((prefix + name, b))
+                (optional if name in hidden else persistent).append((prefix + name, check(prefix + name, b)))
     return persistent, optional
 
 

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from revreg.artifacts.artifact import BehaviorManifest, VerifiedArtifact, load_artifact
 from revreg.artifacts.identity import hash_tensors
 from revreg.artifacts.keys import TrustedKey
-from revreg.artifacts.sources import tensor_sources
+from revreg.artifacts.sources import tensor_sources, walk_modules
 from revreg.errors import BaseMismatch, InputError, IntegrityError
 from revreg.verifier.kinds import KINDS
 
@@ -41,6 +41,15 @@ class Behavior:
     @property
     def label(self) -> str:
         return f"{self.manifest.name}:{self.manifest.version}"
+
+    @property
+    def content(self) -> str:
+        """What the behavior does, whoever signed which file: its tensors and where they attach.
+        Two artifacts with the same content attached together would apply it twice."""
+        import json
+
+        where = json.dumps([a.to_dict() for a in self.manifest.attachments], sort_keys=True)
+        return f"{self.manifest.tensors_digest} {where}"
 
 
 def stack_label(behaviors: Sequence[Behavior]) -> str:
@@ -116,7 +125,7 @@ class HookEngine:
     """The reversible engine: one forward hook per attachment point."""
 
     def attach(self, model: nn.Module, behavior: Behavior) -> Attached:
-        modules = dict(model.named_modules())
+        modules = dict(walk_modules(model))
         attached = Attached(model)
         try:
             for att in behavior.manifest.attachments:
@@ -176,6 +185,7 @@ def _measured(hook: Callable[..., object], effect: Effect, attached: Attached) -
             effect.max_abs_change = max(effect.max_abs_change, delta)
         return changed
 
+    measured.__revreg_hook__ = True  # type: ignore[attr-defined]  # found by handles.foreign_hooks
     return measured
 
 

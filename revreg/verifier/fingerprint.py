@@ -6,6 +6,7 @@ The threat model, what it covers and what no fingerprint can, is in docs/verifie
 
 from __future__ import annotations
 
+import collections
 import enum
 import hashlib
 import random
@@ -21,7 +22,7 @@ from torch import nn
 
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, hash_tensors, root_digest
-from revreg.artifacts.sources import module_tensors, tensor_sources
+from revreg.artifacts.sources import module_tensors, tensor_sources, version_of, walk_modules
 
 if TYPE_CHECKING:
     from revreg.verifier.live import LeafCache
@@ -96,21 +97,57 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 over dtype, shape and the raw bytes in C order (not the identity scheme: for
-    gradients and tensors kept as plain attributes, whatever their dtype)."""
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        h.update(flat.to("cpu").numpy().data)
+    """sha256 over class, layout, dtype, shape and the values in C order (not the identity
+    scheme: for gradients, tensors kept as plain attributes and tensors the scheme does not
+    cover, whatever their dtype). Sparse tensors by their index and value tensors; a tensor
+    subclass by its bytes as a plain tensor, with its __torch_function__ switched off."""
+    h = hashlib.sha256(f"{type(t).__qualname__}|{t.layout}|{t.dtype}|{tuple(t.shape)}|".encode())
+    with torch._C.DisableTorchFunctionSubclass():
+        plain = t.detach().as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t.detach()
+        if plain.layout == torch.sparse_coo:
+            parts = [plain._indices(), plain._values()]
+        elif plain.layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts = [plain.crow_indices(), plain.col_indices(), plain.values()]
+        elif plain.layout in (torch.sparse_csc, torch.sparse_bsc):
+            parts = [plain.ccol_indices(), plain.row_indices(), plain.values()]
+        else:
+            parts = [plain]
+        for part in parts:
+            h.update(f"|{tuple(part.shape)}|".encode())
+            if part.numel():
+                flat = part.resolve_neg().resolve_conj().contiguous().reshape(-1).view(torch.uint8)
+                h.update(flat.to("cpu").numpy().data)
     return h.hexdigest()
 
 
-def _tensor_value(t: torch.Tensor) -> Value:
+def _in_scheme(t: torch.Tensor) -> bool:
+    """A tensor the identity scheme hashes: a plain dense tensor of a scheme dtype, with data."""
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.layout == torch.strided
+        and t.device.type != "meta"
+        and str(t.dtype) in TORCH_TO_SAFETENSORS
+    )
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of a dense tensor's storage; None for layouts without one (sparse, meta)."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    return int(t.untyped_storage().data_ptr())
+
+
+def _digest_or_mark(t: torch.Tensor) -> str:
     try:
-        digest = tensor_digest(t)
-    except (RuntimeError, TypeError):  # sparse, meta or other layouts without plain bytes
-        digest = f"unreadable {t.layout}"
-    return Value(("tensor", digest, str(t.device), t.stride()), f"tensor {t.dtype} {list(t.shape)} ({digest[:12]})")
+        return tensor_digest(t)
+    except (RuntimeError, TypeError, NotImplementedError):  # meta, or a layout without values
+        return f"unreadable {t.layout} on {t.device}"
+
+
+def _tensor_value(t: torch.Tensor) -> Value:
+    digest = _digest_or_mark(t)
+    stride = t.stride() if t.layout == torch.strided else None
+    return Value(("tensor", digest, str(t.device), stride), f"tensor {t.dtype} {list(t.shape)} ({digest[:12]})")
 
 
 @dataclass(frozen=True)
@@ -207,7 +244,7 @@ class _Capture:
             return Value((type(v), str(v)), str(v))
         if isinstance(v, enum.Enum | torch.dtype | torch.layout | torch.memory_format):
             return Same(v, str(v))  # singletons
-        if isinstance(v, tuple | list | set | frozenset | dict) and depth < _MAX_DEPTH:
+        if isinstance(v, tuple | list | set | frozenset | dict | collections.deque) and depth < _MAX_DEPTH:
             if len(v) > _MAX_ITEMS:
                 return Same(v, f"<{type(v).__name__} of {len(v)}>")
             items: Any
@@ -232,7 +269,7 @@ class _Capture:
         while self.pending:
             path, obj, depth = self.pending.pop(0)
             fields: dict[str, Token] = {"class": Same(type(obj))}
-            for k, v in vars(obj).items():
+            for k, v in _attributes(obj).items():
                 fields[f"attribute {k}"] = self.value(v, f"{path}.{k}", depth + 1)
             self.state[f"object {path}"] = fields
 
@@ -241,7 +278,26 @@ def _is_plain_object(v: Any) -> bool:
     """Objects whose attributes are state (configs and the like), not code or model parts."""
     if isinstance(v, nn.Module | torch.Tensor | type | types.ModuleType) or callable(v):
         return False
-    return hasattr(v, "__dict__")
+    return hasattr(v, "__dict__") or bool(_slots(type(v)))
+
+
+def _slots(cls: type) -> list[str]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        declared = vars(klass).get("__slots__", ())
+        names += (
+            [declared] if isinstance(declared, str) else [n for n in declared if n not in ("__dict__", "__weakref__")]
+        )
+    return names
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    """An object's instance attributes: its __dict__ and the slots it has set."""
+    found = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+    for name in _slots(type(obj)):
+        if name not in found and hasattr(obj, name):
+            found[name] = getattr(obj, name)
+    return found
 
 
 def _hooks(d: Any, cap: _Capture, path: str) -> Value:
@@ -269,16 +325,43 @@ def _extra_state(model: nn.Module) -> dict[str, Any]:
 
     return {
         f"{path}.{_EXTRA_STATE_KEY_SUFFIX}" if path else _EXTRA_STATE_KEY_SUFFIX: sub.get_extra_state()
-        for path, sub in model.named_modules(remove_duplicate=False)
+        for path, sub in walk_modules(model)
         if type(sub).get_extra_state is not nn.Module.get_extra_state
     }
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
-    for n, p in model.named_parameters(remove_duplicate=False):
-        yield n, "param", p
-    for n, b in model.named_buffers(remove_duplicate=False):
-        yield n, "buffer", b
+    """Every parameter and buffer under every path, from the registries (as walk_modules)."""
+    walked = walk_modules(model)
+    for path, sub in walked:
+        for n, p in vars(sub)["_parameters"].items():
+            if p is not None:
+                yield (f"{path}.{n}" if path else n), "param", p
+    for path, sub in walked:
+        for n, b in vars(sub)["_buffers"].items():
+            if b is not None:
+                yield (f"{path}.{n}" if path else n), "buffer", b
+
+
+_PRECISION_BACKENDS = (
+    "mkldnn",
+    "mkldnn.matmul",
+    "mkldnn.conv",
+    "mkldnn.rnn",
+    "cuda.matmul",
+    "cudnn",
+    "cudnn.conv",
+    "cudnn.rnn",
+)
+
+
+def _precision(read: Any) -> str:
+    """A precision setting, or what reading it raised (torch's legacy getter raises once the
+    per-backend API has set something it cannot express)."""
+    try:
+        return str(read())
+    except RuntimeError as exc:
+        return f"unreadable: {str(exc).splitlines()[0][:80]}"
 
 
 def _global_state(cap: _Capture) -> dict[str, Token]:
@@ -290,7 +373,7 @@ def _global_state(cap: _Capture) -> dict[str, Token]:
         "deterministic algorithms": torch.are_deterministic_algorithms_enabled(),
         "deterministic warn only": torch.is_deterministic_algorithms_warn_only_enabled(),
         "fill uninitialized memory": torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
-        "float32 matmul precision": torch.get_float32_matmul_precision(),
+        "float32 matmul precision": _precision(torch.get_float32_matmul_precision),
         "threads": torch.get_num_threads(),
         # torch has a setter and no getter: a denormal that survives a multiply says it is off.
         "flush denormal": bool((torch.tensor([1e-39]) * 1.0).item() == 0.0),
@@ -311,6 +394,13 @@ def _global_state(cap: _Capture) -> dict[str, Token]:
         "torch function modes": torch._C._len_torch_function_stack(),
         "torch dispatch modes": torch._C._len_torch_dispatch_stack(),
     }
+    # torch's per-backend precision switches (mkldnn.matmul.fp32_precision = "bf16", say)
+    for backend in _PRECISION_BACKENDS:
+        owner: Any = torch.backends
+        for part in backend.split("."):
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            g[f"{backend} fp32 precision"] = _precision(lambda o=owner: o.fp32_precision)
     fields = {k: cap.value(v, "torch") for k, v in g.items()}
     fields["cpu rng state"] = Value(tensor_digest(torch.get_rng_state()), "cpu generator state")
     fields["default generator"] = Same(torch.default_generator, "torch.default_generator")
@@ -348,7 +438,7 @@ def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache |
     # The persistent tensors first, from the module registries in state_dict order (what identity
     # hashes, so aliases resolve to the names it keeps; no state_dict hook can stand in for
     # them); then every other parameter and buffer (non-persistent buffers).
-    persistent, _ = module_tensors(model)
+    persistent, _ = module_tensors(model, strict=False)
     extra_state = _extra_state(model)
     named: list[tuple[str, str, torch.Tensor]] = [(n, "state", t) for n, t in persistent]
     listed = {n for n, _ in persistent}
@@ -360,23 +450,26 @@ def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache |
     # Dtypes outside the identity scheme (complex128, say) still get a digest of their bytes,
     # so a model changed into one is a finding rather than a crash; in an identity they make a
     # leaf no checkpoint has, so such a base is refused by the identity check.
-    scheme = [(n, t) for n, _, t in named if str(t.dtype) in TORCH_TO_SAFETENSORS]
+    scheme = [(n, t) for n, _, t in named if _in_scheme(t)]
     if cache is not None:
         digests, aliases = cache.leaves(scheme, stream, reuse=False)
     else:
         sources, aliases = tensor_sources(scheme, stream)
         digests = {t.name: t.digest for t in hash_tensors(sources).tensors}
-    digests |= {n: tensor_digest(t) for n, _, t in named if str(t.dtype) not in TORCH_TO_SAFETENSORS}
+    digests |= {n: _digest_or_mark(t) for n, _, t in named if not _in_scheme(t)}
     tensors = {name: digests[aliases.get(name, name)] for name, _, _ in named}
     by_object: dict[int, list[str]] = {}
     by_storage: dict[tuple[str, int], list[str]] = {}
     for name, _, t in named:
         by_object.setdefault(id(t), []).append(name)
-        if t.numel():
-            by_storage.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append(name)
+        ptr = _storage_ptr(t)
+        if t.numel() and ptr is not None:
+            by_storage.setdefault((str(t.device), ptr), []).append(name)
     for name, _, t in named:
         others = tuple(sorted(n for n in by_object[id(t)] if n != name))
-        sharing = by_storage.get((str(t.device), t.untyped_storage().data_ptr()), []) if t.numel() else []
+        ptr = _storage_ptr(t)
+        dense = ptr is not None
+        sharing = by_storage.get((str(t.device), ptr), []) if t.numel() and ptr is not None else []
         fields: dict[str, Token] = {
             "bytes": Value(tensors[name], tensors[name][:12]),
             "kind": cap.value(kinds.get(name, "state"), name),
@@ -385,11 +478,11 @@ def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache |
             "dtype": Same(t.dtype, str(t.dtype)),
             "device": cap.value(t.device, name),
             "shape": cap.value(tuple(t.shape), name),
-            "stride": cap.value(t.stride(), name),
-            "storage offset": cap.value(t.storage_offset(), name),
-            "storage": Value(t.untyped_storage().data_ptr(), "storage") if t.numel() else Value(None, "none"),
+            "stride": cap.value(t.stride() if dense else None, name),
+            "storage offset": cap.value(t.storage_offset() if dense else None, name),
+            "storage": Value(_storage_ptr(t), "storage") if t.numel() else Value(None, "none"),
             "requires_grad": cap.value(bool(t.requires_grad), name),
-            "version": cap.value(t._version, name),
+            "version": cap.value(version_of(t), name),
             "tied with": Value(others, ", ".join(others) or "nothing"),
             "storage shared with": Value(
                 tuple(sorted(n for n in sharing if n not in others and n != name)),
@@ -411,7 +504,7 @@ def fingerprint(model: nn.Module, stream: bool | None = None, cache: LeafCache |
     identity_names = tuple(n for n, _ in persistent if n not in aliases)
 
     classes: dict[type, None] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    for path, module in walk_modules(model):
         path = path or "<root>"
         mfields: dict[str, Token] = {
             "object": Same(module, "module object"),

@@ -9,6 +9,7 @@ difference.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Literal
 
 from torch import nn
 
+from revreg.artifacts.sources import walk_modules
 from revreg.errors import BaseMismatch, InputError, RollbackError, StackError
 from revreg.verifier.engine import Attached, Behavior, Effect, Engine, HookEngine, attach_all, one_base, stack_label
 from revreg.verifier.fingerprint import Change, Fingerprint, fingerprint
@@ -79,14 +81,30 @@ def snapshot(model: nn.Module) -> Snapshot:
     return Snapshot(weakref.ref(model), fingerprint(model, cache=cache_of(model)))
 
 
+# One lock for the stack: checking it and changing it are one step for every thread.
+_LOCK = threading.RLock()
+
 # Every handle attached now, oldest first. A handle belongs to every model that contains one of
 # its target modules: a copy or a wrapper sharing the modules sees the same stack.
 _LIVE: list[Handle] = []
 
 
+def foreign_hooks(model: nn.Module) -> list[str]:
+    """Modules of `model` that hold a revreg hook no live handle registered there (a deepcopy of
+    an attached model copies the hooks but not the handles)."""
+    owned = {(id(rh.hooks_dict_ref()), rh.id) for h in _LIVE for part in h._parts for rh in part.handles}
+    found = []
+    for path, module in walk_modules(model):
+        hooks = vars(module).get("_forward_hooks", {})
+        for key, fn in hooks.items():
+            if getattr(fn, "__revreg_hook__", False) and (id(hooks), key) not in owned:
+                found.append(f"module {path or '<root>'}")
+    return found
+
+
 def attached_to(model: nn.Module) -> tuple[Handle, ...]:
     """The handles attached to `model` (to any of its modules) now, oldest first."""
-    mine = {id(m) for m in model.modules()}
+    mine = {id(m) for _, m in walk_modules(model)}
     return tuple(h for h in _LIVE if any(id(t) in mine for t in h.targets))
 
 
@@ -100,16 +118,14 @@ class Handle:
         parts: list[Attached],
         below: tuple[Handle, ...],
         reference: Snapshot | None,
-        verify_on_exit: bool,
     ) -> None:
         self.model = model
         self.behaviors = behaviors
-        modules = dict(model.named_modules())
+        modules = dict(walk_modules(model))
         self.targets = [modules[a.target] for b in behaviors for a in b.manifest.attachments if a.target in modules]
         self._parts = parts
         self._below = below
         self._reference = reference
-        self._verify_on_exit = verify_on_exit
 
     @property
     def attached(self) -> bool:
@@ -124,10 +140,15 @@ class Handle:
         names = ", ".join(b.label for b in self.behaviors)
         return f"<revreg.Handle {names} {'attached' if self.attached else 'unloaded'}>"
 
-    def unload(self, verify: bool = False) -> None:
-        """Remove this handle's hooks. With verify=True, first check that the stack is as it was
-        when this handle attached (else StackError, nothing removed), then prove from a fresh
-        full fingerprint that the model is back to its snapshot (else RollbackError)."""
+    def unload(self, verify: bool | None = None) -> None:
+        """Remove this handle's hooks. With verify (by default: when attached with verify=True),
+        first check that the stack is as it was when this handle attached (else StackError,
+        nothing removed), then prove from a fresh full fingerprint that the model is back to its
+        snapshot (else RollbackError)."""
+        with _LOCK:
+            self._unload(self._reference is not None if verify is None else verify)
+
+    def _unload(self, verify: bool) -> None:
         if self not in _LIVE:
             raise StackError(f"{self!r} is not attached (already unloaded)")
         if verify:
@@ -169,9 +190,9 @@ class Handle:
             # On an exception inside the block the hooks still come off; the proof is only
             # attempted when the block ended normally, so it never hides the original error.
             try:
-                self.unload(verify=self._verify_on_exit and exc_type is None)
+                self.unload(verify=None if exc_type is None else False)
             except StackError:
-                self.unload()  # the block always ends with its behavior off; the proof could not run
+                self.unload(verify=False)  # the block always ends with its behavior off; the proof could not run
                 raise
 
 
@@ -209,19 +230,28 @@ def attach(
     behaviors = (behavior,) if isinstance(behavior, Behavior) else tuple(behavior)
     if not behaviors or not all(isinstance(b, Behavior) for b in behaviors):
         raise InputError("attach needs a Behavior (from revreg.load_behavior or registry.pull) or a list of them")
-    below = attached_to(model)
-    on = {b.digest: h for h in below for b in h.behaviors}
-    seen: set[str] = set()
-    for b in behaviors:
-        if b.digest in on or b.digest in seen:
+    with _LOCK:
+        foreign = foreign_hooks(model)
+        if foreign:
             raise StackError(
-                f"{b.label} ({b.digest[:19]}) is already attached to this model; attaching it twice would "
-                "apply it twice (nothing was attached)"
+                f"{foreign[0]} holds a revreg hook that no attached handle of this model owns (a copy of a model "
+                "with behaviors attached?); attach to a model without them (nothing was attached)"
             )
-        seen.add(b.digest)
-    check_base(model, behaviors, check)
-    reference = snapshot(model) if verify else None
-    parts = attach_all(engine or HookEngine(), model, behaviors)
-    handle = Handle(model, behaviors, parts, below, reference, verify)
-    _LIVE.append(handle)
+        below = attached_to(model)
+        on = {b.content for h in below for b in h.behaviors}
+        seen: set[str] = set()
+        for b in behaviors:
+            if b.content in on or b.content in seen:
+                raise StackError(
+                    f"{b.label} ({b.digest[:19]}) is already attached to this model, or a behavior with the same "
+                    "tensors and attachments is; attaching it twice would apply it twice (nothing was attached)"
+                )
+            seen.add(b.content)
+        # With verify, the snapshot is read first and the base is checked against its fresh leaves:
+        # the proof then starts from a model shown to be the base, not from a cached reading.
+        reference = snapshot(model) if verify else None
+        check_base(model, behaviors, check)
+        parts = attach_all(engine or HookEngine(), model, behaviors)
+        handle = Handle(model, behaviors, parts, below, reference)
+        _LIVE.append(handle)
     return handle

@@ -22,7 +22,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from revreg.artifacts.dtypes import TORCH_TO_SAFETENSORS
 from revreg.artifacts.identity import Identity, hash_tensors, root_digest
-from revreg.artifacts.sources import distinct_tensors, identity_of_module, live_source, module_tensors, view_key
+from revreg.artifacts.sources import (
+    distinct_tensors,
+    identity_of_module,
+    live_source,
+    module_tensors,
+    version_of,
+    view_key,
+)
 from revreg.errors import InputError
 
 # Non-persistent buffers are grouped by the last component of their name (every layer's
@@ -34,21 +41,22 @@ MAX_GROUPS = 10
 def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
     """What must be unchanged for a cached leaf of `t` to be reused, or None when `t` cannot be
     cached (inference tensors have no version counter)."""
-    try:
-        return (t._version, view_key(t))
-    except RuntimeError:
-        return None
+    version = version_of(t)
+    return None if version is None else (version, view_key(t))
 
 
 @dataclass
 class _Entry:
-    tensor_id: int
+    # The tensor itself, held: an id() or address can be reused by a new tensor once the old
+    # one is freed. (Not a weak reference: torch.utils.swap_tensors refuses tensors that have
+    # one.) A replaced tensor is released when its name is next checked, or with the model.
+    tensor: torch.Tensor
     storage: StorageWeakRef | None  # the storage itself, not its address: a freed address is reused
     key: tuple[Any, ...]
     leaf: str
 
     def valid_for(self, tensor: torch.Tensor) -> bool:
-        if self.tensor_id != id(tensor) or self.key != _key(tensor):
+        if self.tensor is not tensor or self.key != _key(tensor):
             return False
         if self.storage is None:
             return not tensor.numel()
@@ -93,7 +101,7 @@ class LeafCache:
                 self._entries.pop(name, None)
             else:
                 storage = StorageWeakRef(t.untyped_storage()) if t.numel() else None
-                self._entries[name] = _Entry(id(t), storage, key, leaf)
+                self._entries[name] = _Entry(t, storage, key, leaf)
         return known | fresh, aliases
 
 

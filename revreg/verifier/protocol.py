@@ -220,11 +220,10 @@ def _leaf_as(model: nn.Module, name: str, before: Fingerprint) -> str | None:
     if name not in before.aliases:
         return None
     from revreg.artifacts.identity import hash_tensors
-    from revreg.artifacts.sources import tensor_sources
+    from revreg.artifacts.sources import module_tensors, tensor_sources
 
-    tensor: torch.Tensor | None = dict(model.named_parameters(remove_duplicate=False)).get(name)
-    if tensor is None:
-        tensor = dict(model.named_buffers(remove_duplicate=False)).get(name)
+    persistent, optional = module_tensors(model, strict=False)
+    tensor: torch.Tensor | None = dict([*persistent, *optional]).get(name)
     if tensor is None:
         return None
     return hash_tensors(tensor_sources([(name, tensor)])[0]).tensors[0].digest

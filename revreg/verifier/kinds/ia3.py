@@ -12,9 +12,10 @@ from revreg.errors import InputError
 
 
 def ia3_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tensor]) -> Callable[..., object]:
-    from revreg.verifier.kinds import first_output
+    from revreg.verifier.kinds import check_width, first_output
 
     scale = tensors["scale"]
+    check_width(module, int(scale.shape[0]), "ia3", att.target)
 
     def change(y: torch.Tensor) -> torch.Tensor:
         if y.shape[-1] != scale.shape[0]:

@@ -16,7 +16,7 @@ from revreg.errors import InputError
 
 
 def lora_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tensor]) -> Callable[..., object]:
-    from revreg.verifier.kinds import first_output
+    from revreg.verifier.kinds import check_width, first_output
 
     a, b = tensors["A"], tensors["B"]
     scaling = float(att.scaling or 0.0)
@@ -53,6 +53,9 @@ def lora_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tenso
     in_features = _in_features(module, att.target)
     if a.shape[1] != in_features:
         raise InputError(f"lora on {att.target}: A expects {a.shape[1]} inputs, the module takes {in_features}")
+    if b.shape[1] != a.shape[0]:
+        raise InputError(f"lora on {att.target}: A has rank {a.shape[0]}, B has {b.shape[1]} columns")
+    check_width(module, int(b.shape[0]), "lora B", att.target)
 
     def linear_hook(mod: nn.Module, args: tuple[object, ...], output: object) -> object:
         x = args[0]

@@ -12,9 +12,10 @@ from revreg.errors import InputError
 
 
 def steer_hook(module: nn.Module, att: Attachment, tensors: dict[str, torch.Tensor]) -> Callable[..., object]:
-    from revreg.verifier.kinds import first_output
+    from revreg.verifier.kinds import check_width, first_output
 
     vector = tensors["vector"]
+    check_width(module, int(vector.shape[0]), "steer", att.target)
 
     def change(y: torch.Tensor) -> torch.Tensor:
         if y.shape[-1] != vector.shape[0]:
