@@ -194,6 +194,17 @@ def snapshot(model: nn.Module) -> Snapshot:
     return _snapshot(model)
 
 
+def _hooked_modules(model: nn.Module) -> list[str]:
+    from revreg.artifacts.sources import walk_modules
+
+    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
+    return [
+        f"module {path or '<root>'}"
+        for path, module in walk_modules(model)
+        if any(vars(module).get(name) for name in names)
+    ]
+
+
 def load_probes(path: str | Path, device: str = "cpu") -> Probes:
     from revreg.verifier.runner import load_probes as _load
 
@@ -233,13 +244,21 @@ def verify(
     built = model if isinstance(model, torch.nn.Module) else model()
     if not isinstance(built, torch.nn.Module):
         raise InputError(f"the factory returned a {type(built).__name__}, not a torch module")
-    from revreg.verifier.handles import attached_to
+    from revreg.verifier.handles import attached_to, foreign_hooks
 
-    if attached_to(built):
+    on = [repr(h) for h in attached_to(built)] + foreign_hooks(built)
+    if on:
         from revreg.errors import StackError
 
-        on = ", ".join(repr(h) for h in attached_to(built))
-        raise StackError(f"the model has behaviors attached ({on}): unload them first; verify runs on the bare base")
+        raise StackError(
+            f"the model has behaviors attached ({', '.join(on)}): unload them first; verify runs on the bare base"
+        )
+    hooked = _hooked_modules(built)
+    if hooked:
+        raise InputError(
+            f"the model has forward hooks on {', '.join(hooked[:3])}: a certification is about the base as its "
+            "files define it, so verify a model without hooks"
+        )
     return _verify(built.to(device), members, loaded, cycles=cycles, device=device, baselines=baselines)
 
 

@@ -513,3 +513,183 @@ def test_extra_state_is_compared_by_value(tmp_path: Path, keys_dir: Path) -> Non
     planted = Planted(on_unload=lambda m: setattr(m[0], "scale", 2.0))
     result = verify(model, behavior, probes, cycles=1, engine=planted)
     assert result.verdict == "FAIL" and any("extra state" in r for r in result.reasons), result.reasons
+
+
+# -- second red team (black box) ---------------------------------------------------------------
+def test_a_named_modules_override_cannot_show_another_walk(tmp_path: Path, keys_dir: Path) -> None:
+    import copy
+
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    clean = copy.deepcopy(model.head)
+    with torch.no_grad():
+        model.head.weight.mul_(-3)
+    real = type(model).named_modules
+
+    def lying(self, *args, **kwargs):  # the clean head where the real one is
+        for path, module in real(self, *args, **kwargs):
+            yield path, clean if path == "head" else module
+
+    model.named_modules = lying.__get__(model)  # type: ignore[method-assign]
+    for check in ("cached", "full"):
+        with pytest.raises(revreg.BaseMismatch):
+            revreg.attach(model, behavior, check=check, verify=True)
+
+
+def test_tensor_subclasses_are_refused_for_an_identity(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+
+    class Liar(nn.Parameter):
+        @property
+        def _version(self) -> int:  # type: ignore[override]
+            return 0
+
+    model.head.weight = Liar(model.head.weight.detach().clone())
+    with pytest.raises(revreg.InputError, match="plain tensors and Parameters only"):
+        revreg.attach(model, behavior)
+    with pytest.raises(revreg.InputError, match="plain tensors and Parameters only"):
+        revreg.identity(model)
+
+
+def test_a_new_tensor_at_a_freed_address_is_hashed_again(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    revreg.attach(model, behavior).unload()
+    data = model.up.weight.data
+    del model.up.weight
+    model.up.weight = nn.Parameter(data)  # a fresh object (and counter), possibly at the freed id
+    with torch.no_grad():
+        model.up.weight.add_(1.0)
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.attach(model, behavior)
+
+
+def test_attach_with_verify_proves_the_base_from_the_snapshot(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    revreg.attach(model, behavior).unload()
+    model.up.weight.data.add_(1)  # the cached check's documented gap...
+    with pytest.raises(revreg.BaseMismatch):
+        revreg.attach(model, behavior, verify=True)  # ...which verify=True does not have
+
+
+def test_a_deep_copy_of_an_attached_model_is_refused(tmp_path: Path, keys_dir: Path) -> None:
+    import copy
+
+    model, behavior, probes = toy_setup(tmp_path, keys_dir)
+    with revreg.attach(model, behavior):
+        twin = copy.deepcopy(model)  # carries the hooks, not the handle
+    with pytest.raises(revreg.StackError, match="no attached handle of this model owns"):
+        revreg.attach(twin, behavior)
+    with pytest.raises(revreg.StackError, match="unload them first"):
+        revreg.verify(twin, behavior, probes, cycles=1)
+
+
+def test_verify_refuses_a_model_with_hooks(tmp_path: Path, keys_dir: Path) -> None:
+    model, behavior, probes = toy_setup(tmp_path, keys_dir)
+    model.up.register_forward_hook(lambda mod, args, out: out * 2)
+    with pytest.raises(revreg.InputError, match="forward hooks on module up"):
+        revreg.verify(model, behavior, probes, cycles=1)
+
+
+def test_threads_attach_the_same_behavior_once(tmp_path: Path, keys_dir: Path) -> None:
+    import threading
+
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+
+    def go(barrier: threading.Barrier, results: list[object]) -> None:
+        barrier.wait()
+        try:
+            results.append(revreg.attach(model, behavior))
+        except revreg.StackError as exc:
+            results.append(exc)
+
+    for _ in range(20):
+        results: list[object] = []
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=go, args=(barrier, results)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        handles = [r for r in results if not isinstance(r, Exception)]
+        assert len(handles) == 1
+        handles[0].unload()  # type: ignore[attr-defined]
+
+
+def test_the_same_content_in_another_file_is_one_behavior(tmp_path: Path, keys_dir: Path) -> None:
+    from revreg.verifier.toy import build
+
+    model = build()
+    spec = [("down", "steer", {"vector": torch.ones(32)})]
+    first = make_behavior(tmp_path, keys_dir, model, spec, name="one")
+    second = make_behavior(tmp_path, keys_dir, model, spec, name="other")  # another artifact, same tensors
+    assert first.digest != second.digest and first.manifest.tensors_digest == second.manifest.tensors_digest
+    with revreg.attach(model, first), pytest.raises(revreg.StackError, match="same tensors and attachments"):
+        revreg.attach(model, second)
+
+
+SNAPSHOT_FAULTS = {
+    "a slots dataclass config": lambda m: setattr(m.cfg, "eps", 1e-3),
+    "a deque attribute": lambda m: m.history.append(3),
+    "a sparse tensor attribute": lambda m: m.table._values().mul_(2),
+    "mkldnn matmul precision": lambda m: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(SNAPSHOT_FAULTS))
+def test_state_the_first_snapshot_missed_is_seen(tmp_path: Path, keys_dir: Path, fault: str) -> None:
+    import collections
+    from dataclasses import dataclass
+
+    @dataclass(slots=True)
+    class Config:
+        eps: float = 1e-5
+
+    model, behavior, _ = toy_setup(tmp_path, keys_dir)
+    model.cfg = Config()
+    model.history = collections.deque([1, 2])
+    model.table = torch.sparse_coo_tensor([[0, 1]], [1.0, 2.0], (4,), check_invariants=True)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    handle = attach_with_engine(model, behavior, verify=True, engine=Planted(on_unload=SNAPSHOT_FAULTS[fault]))
+    try:
+        with pytest.raises(revreg.RollbackError):
+            handle.unload(verify=True)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def test_kinds_that_do_not_fit_are_refused_at_attach(tmp_path: Path, keys_dir: Path) -> None:
+    from revreg.verifier.toy import build
+
+    model = build()
+    lora = [("up", "lora", {"A": torch.randn(4, 32), "B": torch.randn(1, 4)})]  # B would broadcast
+    steer = [("up", "steer", {"vector": torch.randn(7)})]
+    for spec in (lora, steer):
+        behavior = make_behavior(tmp_path, keys_dir, model, spec)
+        with pytest.raises(revreg.InputError, match="output features"):
+            revreg.attach(model, behavior)
+        assert attached_to(model) == ()
+
+
+def test_a_module_shared_under_two_paths_is_targetable_by_both(tmp_path: Path, keys_dir: Path) -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential()
+    model.add_module("enc", shared)
+    model.add_module("dec", shared)
+    behavior = make_behavior(tmp_path, keys_dir, model, [("dec", "steer", {"vector": torch.randn(8)})])
+    with revreg.attach(model, behavior, verify=True):
+        pass
+
+
+def test_a_directory_with_two_checkpoints_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from tests.conftest import tiny_gpt2
+
+    base = tmp_path / "base"
+    tiny_gpt2().save_pretrained(base)
+    save_file({"x": torch.zeros(1)}, base / "model-00001-of-00001.safetensors")
+    (base / "model.safetensors.index.json").write_text(
+        '{"metadata": {}, "weight_map": {"x": "model-00001-of-00001.safetensors"}}'
+    )
+    with pytest.raises(revreg.InputError, match="holds both"):
+        revreg.load_base(base, expect="sha256:" + "0" * 64)
