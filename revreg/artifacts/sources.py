@@ -213,21 +213,24 @@ def walk_modules(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     import torch
 
     out: list[tuple[str, torch.nn.Module]] = []
-    on_path: set[int] = set()
-
-    def visit(path: str, mod: torch.nn.Module) -> None:
-        if id(mod) in on_path:
+    # An explicit stack (path, module, ids on the path to it): no recursion limit, cycles refused.
+    stack: list[tuple[str, torch.nn.Module, frozenset[int]]] = [("", module, frozenset())]
+    while stack:
+        path, mod, above = stack.pop()
+        if id(mod) in above:
             raise InputError(f"module {path or '<root>'} contains itself: revreg cannot walk a cyclic model")
-        on_path.add(id(mod))
         out.append((path, mod))
-        for name, child in _registry(mod, "_modules").items():
-            if child is not None:
-                if not isinstance(child, torch.nn.Module):
-                    raise InputError(f"{path or '<root>'}._modules[{name!r}] is not a torch module")
-                visit(f"{path}.{name}" if path else name, child)
-        on_path.discard(id(mod))
-
-    visit("", module)
+        children = _registry(mod, "_modules")
+        if not children:
+            continue
+        here = above | {id(mod)}
+        prefix = f"{path}." if path else ""
+        for name, child in reversed(children.items()):
+            if child is None:
+                continue
+            if not isinstance(child, torch.nn.Module):
+                raise InputError(f"{path or '<root>'}._modules[{name!r}] is not a torch module")
+            stack.append((prefix + name, child, here))
     return out
 
 
@@ -252,17 +255,18 @@ def plain_tensor(name: str, t: Any) -> torch.Tensor:
 
 
 def module_tensors(
-    module: torch.nn.Module, strict: bool = True
+    module: torch.nn.Module, strict: bool = True, walked: list[tuple[str, torch.nn.Module]] | None = None
 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
     """A module's persistent tensors (parameters and persistent buffers) and its non-persistent
     buffers, read from the module registries in the order the default state_dict lists them.
     A state_dict hook or an override cannot make these show tensors the model does not use;
     `strict` (what an identity needs) also refuses tensor subclasses, sparse and meta tensors.
-    The fingerprint reads them unchecked: a tensor turned into one is a finding there."""
+    The fingerprint reads them unchecked: a tensor turned into one is a finding there. `walked`
+    is walk_modules(module), for a caller that already has it."""
     check = plain_tensor if strict else (lambda _name, t: t)
     persistent: list[tuple[str, torch.Tensor]] = []
     optional: list[tuple[str, torch.Tensor]] = []
-    for path, sub in walk_modules(module):
+    for path, sub in walked if walked is not None else walk_modules(module):
         prefix = f"{path}." if path else ""
         for name, p in _registry(sub, "_parameters").items():
             if p is not None:

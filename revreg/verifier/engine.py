@@ -7,6 +7,7 @@ Unloading removes every hook and drops every tensor the handle holds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class Behavior:
     def label(self) -> str:
         return f"{self.manifest.name}:{self.manifest.version}"
 
-    @property
+    @functools.cached_property
     def content(self) -> str:
         """What the behavior does, whoever signed which file: its tensors and where they attach.
         Two artifacts with the same content attached together would apply it twice."""

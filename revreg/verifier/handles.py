@@ -89,12 +89,15 @@ _LOCK = threading.RLock()
 _LIVE: list[Handle] = []
 
 
-def foreign_hooks(model: nn.Module) -> list[str]:
+Walked = list[tuple[str, nn.Module]]
+
+
+def foreign_hooks(model: nn.Module, walked: Walked | None = None) -> list[str]:
     """Modules of `model` that hold a revreg hook no live handle registered there (a deepcopy of
     an attached model copies the hooks but not the handles)."""
     owned = {(id(rh.hooks_dict_ref()), rh.id) for h in _LIVE for part in h._parts for rh in part.handles}
     found = []
-    for path, module in walk_modules(model):
+    for path, module in walked if walked is not None else walk_modules(model):
         hooks = vars(module).get("_forward_hooks", {})
         for key, fn in hooks.items():
             if getattr(fn, "__revreg_hook__", False) and (id(hooks), key) not in owned:
@@ -102,9 +105,9 @@ def foreign_hooks(model: nn.Module) -> list[str]:
     return found
 
 
-def attached_to(model: nn.Module) -> tuple[Handle, ...]:
+def attached_to(model: nn.Module, walked: Walked | None = None) -> tuple[Handle, ...]:
     """The handles attached to `model` (to any of its modules) now, oldest first."""
-    mine = {id(m) for _, m in walk_modules(model)}
+    mine = {id(m) for _, m in (walked if walked is not None else walk_modules(model))}
     return tuple(h for h in _LIVE if any(id(t) in mine for t in h.targets))
 
 
@@ -118,10 +121,11 @@ class Handle:
         parts: list[Attached],
         below: tuple[Handle, ...],
         reference: Snapshot | None,
+        walked: Walked,
     ) -> None:
         self.model = model
         self.behaviors = behaviors
-        modules = dict(walk_modules(model))
+        modules = dict(walked)
         self.targets = [modules[a.target] for b in behaviors for a in b.manifest.attachments if a.target in modules]
         self._parts = parts
         self._below = below
@@ -196,12 +200,14 @@ class Handle:
                 raise
 
 
-def check_base(model: nn.Module, behaviors: Sequence[Behavior], check: str = "cached") -> None:
+def check_base(
+    model: nn.Module, behaviors: Sequence[Behavior], check: str = "cached", walked: Walked | None = None
+) -> None:
     """Refuse a stack bound to several bases, or a model that is not their base (BaseMismatch)."""
     if check not in CHECKS:
         raise InputError(f"check={check!r}: use one of {', '.join(CHECKS)}")
     expected = one_base(behaviors)
-    ok, actual = answers_to(model, expected, cached=check == "cached")
+    ok, actual = answers_to(model, expected, cached=check == "cached", walked=walked)
     if not ok:
         raise BaseMismatch(
             f"{stack_label(behaviors)} is bound to base {expected}, but this model is {actual}; refusing to attach "
@@ -231,13 +237,14 @@ def attach(
     if not behaviors or not all(isinstance(b, Behavior) for b in behaviors):
         raise InputError("attach needs a Behavior (from revreg.load_behavior or registry.pull) or a list of them")
     with _LOCK:
-        foreign = foreign_hooks(model)
+        walked = walk_modules(model)
+        foreign = foreign_hooks(model, walked)
         if foreign:
             raise StackError(
                 f"{foreign[0]} holds a revreg hook that no attached handle of this model owns (a copy of a model "
                 "with behaviors attached?); attach to a model without them (nothing was attached)"
             )
-        below = attached_to(model)
+        below = attached_to(model, walked)
         on = {b.content for h in below for b in h.behaviors}
         seen: set[str] = set()
         for b in behaviors:
@@ -250,8 +257,8 @@ def attach(
         # With verify, the snapshot is read first and the base is checked against its fresh leaves:
         # the proof then starts from a model shown to be the base, not from a cached reading.
         reference = snapshot(model) if verify else None
-        check_base(model, behaviors, check)
+        check_base(model, behaviors, check, walked)
         parts = attach_all(engine or HookEngine(), model, behaviors)
-        handle = Handle(model, behaviors, parts, below, reference)
+        handle = Handle(model, behaviors, parts, below, reference, walked)
         _LIVE.append(handle)
     return handle

@@ -129,12 +129,16 @@ class LiveIdentity:
 
 
 def live_identity(
-    model: nn.Module, cached: bool = True, stream: bool | None = None, cache: LeafCache | None = None
+    model: nn.Module,
+    cached: bool = True,
+    stream: bool | None = None,
+    cache: LeafCache | None = None,
+    walked: list[tuple[str, nn.Module]] | None = None,
 ) -> LiveIdentity:
     """The identity of `model` as revreg.attach checks it: leaves from the model's cache (or
     `cache`) when `cached` and no version counter moved, else hashed now (and the cache
     refreshed)."""
-    state, optional = module_tensors(model)
+    state, optional = module_tensors(model, walked=walked)
     for name, t in state:
         if str(t.dtype) not in TORCH_TO_SAFETENSORS:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which revreg cannot hash: no base identity")
@@ -151,12 +155,16 @@ def live_identity(
 
 
 def answers_to(
-    model: nn.Module, expected: str, cached: bool = True, cache: LeafCache | None = None
+    model: nn.Module,
+    expected: str,
+    cached: bool = True,
+    cache: LeafCache | None = None,
+    walked: list[tuple[str, nn.Module]] | None = None,
 ) -> tuple[bool, str]:
     """Whether `model` answers to the base identity `expected`, and the model's own identity."""
     algorithm = expected.split(":", 1)[0]
     if algorithm == "sha256":
-        live = live_identity(model, cached=cached, cache=cache)
+        live = live_identity(model, cached=cached, cache=cache, walked=walked)
         return live.matches(expected), live.identity
     actual = identity_of_module(model, algorithm).identity
     return actual == expected, actual
