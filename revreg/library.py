@@ -32,23 +32,6 @@ if TYPE_CHECKING:
     from revreg.verifier.runner import Probes
 
 
-_PUBLIC = frozenset(
-    (
-        "Registry",
-        "attach",
-        "identity",
-        "load_base",
-        "load_behavior",
-        "load_probes",
-        "open_registry",
-        "snapshot",
-        "verify",
-    )
-)
-_ERRORS = frozenset(("BaseMismatch", "InputError", "IntegrityError", "RevregError", "RollbackError", "SignatureError"))
-_ERRORS |= {"StackError", "Unreachable"}
-
-
 class Registry:
     """A registry opened with `open_registry`: the same rules as the CLI, from Python."""
 
@@ -263,13 +246,11 @@ def verify(
 
 
 def exported(name: str) -> Any:
-    """What `revreg.NAME` is: a function or class of this module, or a type or error defined
-    elsewhere (imported here only when asked for)."""
-    if name in _PUBLIC:
-        return globals()[name]
-    if name in _ERRORS:
-        from revreg import errors
+    """What `revreg.NAME` is, for a NAME in `revreg.__all__`: an error of revreg.errors, a type
+    defined elsewhere (imported only when asked for), or a function or class of this module."""
+    from revreg import errors
 
+    if isinstance(getattr(errors, name, None), type):
         return getattr(errors, name)
     if name == "Behavior":
         from revreg.verifier import engine
@@ -283,4 +264,6 @@ def exported(name: str) -> Any:
         from revreg.verifier import protocol
 
         return protocol.VerificationResult
+    if name in globals() and not name.startswith("_"):
+        return globals()[name]
     raise AttributeError(name)
