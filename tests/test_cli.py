@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _commands(group: click.Group, prefix: str = "") -> list[tuple[str, click.Command]]:
     out = []
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
         out.append((f"{prefix}{name}", cmd))
         if isinstance(cmd, click.Group):
             out.extend(_commands(cmd, f"{prefix}{name} "))
@@ -75,3 +78,39 @@ def test_verbose_shows_the_traceback(run, tmp_path: Path):
     bad.write_bytes(b"short")
     result = run("-v", "inspect", bad)
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_lazy_table_summaries_are_the_commands_own_help():
+    """`revreg --help` lists summaries from main.COMMANDS without importing the commands; each
+    must be the first paragraph of the command's own help, so the listing never drifts."""
+    from revreg.cli import main
+
+    for name, (_module, _attr, summary) in main.COMMANDS.items():
+        command = main.load_command(name)
+        assert command.name == name
+        assert command.help is not None
+        assert command.help.split("\n\n")[0].strip() == summary, name
+
+
+def test_lazy_help_listing_equals_the_eager_one():
+    from revreg.cli import main
+
+    eager = click.Group("revreg", help=cli.help, params=cli.params)
+    for name in main.COMMANDS:
+        eager.add_command(main.load_command(name), name)
+    for width in (60, 80, 120):
+        lazy_ctx = click.Context(main.RevregGroup("revreg", help=cli.help, params=cli.params), terminal_width=width)
+        eager_ctx = click.Context(eager, terminal_width=width)
+        assert lazy_ctx.command.get_help(lazy_ctx) == eager.get_help(eager_ctx)
+
+
+def test_help_imports_no_command_module_and_ls_only_its_own():
+    help_mods = _modules_after(
+        "from revreg.cli.main import cli\ntry:\n cli.main(['--help'])\nexcept SystemExit:\n pass"
+    )
+    assert not {m for m in help_mods if m.startswith("revreg.cli.") and m.endswith(("_cmds", "_cmd"))}
+    assert "sqlalchemy" not in help_mods and "cryptography" not in help_mods
+    ls_mods = _modules_after(
+        "from revreg.cli.main import cli\ntry:\n cli.main(['ls', '--help'])\nexcept SystemExit:\n pass"
+    )
+    assert "revreg.cli.registry_cmds" in ls_mods and "revreg.cli.verify_cmds" not in ls_mods

@@ -249,10 +249,14 @@ NO_REGISTRY = {"identity", "pack", "inspect", "export", "demo", "probes create",
 
 
 def _verbs() -> set[str]:
+    import click
+
     from revreg.cli.main import cli
 
     verbs = set()
-    for name, command in cli.commands.items():
+    ctx = click.Context(cli)
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
         subcommands = getattr(command, "commands", None)
         if subcommands:
             verbs |= {f"{name} {sub}" for sub in subcommands}

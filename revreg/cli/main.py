@@ -13,7 +13,32 @@ from revreg.errors import RevregError
 
 
 class RevregGroup(click.Group):
-    """Turns a RevregError into one line on stderr and its exit code (traceback with -v)."""
+    """Turns a RevregError into one line on stderr and its exit code (traceback with -v).
+
+    Commands are loaded on first use from COMMANDS; the help listing reads their summaries from
+    the same table, so `revreg --help` imports no command module."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            self.add_command(load_command(cmd_name), cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            loaded = self.commands.get(name)
+            if loaded is not None:
+                rows.append((name, loaded.get_short_help_str(limit)))
+            else:
+                # Click's own shortening of a help text, on a stand-in that carries only the summary.
+                rows.append((name, click.Command(name, help=COMMANDS[name][2]).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         from revreg.progress import showing
@@ -92,58 +117,101 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, profile: str | None) -> 
         os.environ.setdefault(var, value)  # flags and the environment win over the profile
 
 
-def _register() -> None:
-    from revreg.cli import (
-        artifacts_cmds,
-        demo_cmd,
-        gate_cmd,
-        identity_cmd,
-        keys_cmds,
-        registry_cmds,
-        server_cmds,
-        verify_cmds,
-    )
+# Every command, by name: the module and attribute that define it, and the first paragraph of its
+# help (what `revreg --help` lists). A command's module is imported only when that command runs
+# or its own --help is asked for, so `revreg --help` and `revreg ls` import no more than they use;
+# tests/test_cli.py keeps each summary equal to the command's own help.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "attestations": (
+        "registry_cmds",
+        "attestations",
+        "Export REF's certifications as DSSE envelopes, one JSON line each, oldest first.",
+    ),
+    "audit": ("registry_cmds", "audit", "Read and verify the registry's hash-chained audit log."),
+    "base": ("registry_cmds", "base", "Register and list base models."),
+    "certify": (
+        "verify_cmds",
+        "certify",
+        "Verify REF from the registry, sign the result, and record it as a certification.",
+    ),
+    "db": ("registry_cmds", "db", "Show or upgrade the registry database schema."),
+    "demo": ("demo_cmd", "demo", "Run the end-to-end demo on an embedded SQLite registry."),
+    "export": ("artifacts_cmds", "export", "Write a verified artifact back out as a PEFT LoRA adapter directory."),
+    "fsck": (
+        "registry_cmds",
+        "fsck",
+        "Check every blob against its digest and every row against its blob (exit 1 on problems).",
+    ),
+    "gate": (
+        "gate_cmd",
+        "gate",
+        "Check REF against a release policy: exit 0 if every rule holds, 1 naming the failing ones.",
+    ),
+    "identity": ("identity_cmd", "identity", "Print the identity hash of the model weights at PATH."),
+    "init": ("registry_cmds", "init", "Create a registry (or bring an existing one to the current schema)."),
+    "inspect": ("artifacts_cmds", "inspect", "Show an artifact's manifest, digests, signer and signature verdict."),
+    "keys": ("keys_cmds", "keys", "Manage Ed25519 signing keys (private keys stay in the keyring directory)."),
+    "login": (
+        "server_cmds",
+        "login",
+        "Store an API token for the registry server at URL (~/.config/revreg/credentials.toml, mode 0600).",
+    ),
+    "logout": ("server_cmds", "logout", "Forget the token stored for URL."),
+    "ls": ("registry_cmds", "ls", "List behavior versions (all, or those of NAME)."),
+    "pack": ("artifacts_cmds", "pack", "Build one signed behavior artifact bound to a base model's identity."),
+    "probes": ("verify_cmds", "probes", "Create, store and list probe sets (the inputs a certification runs)."),
+    "publish": (
+        "registry_cmds",
+        "publish",
+        "Publish a certified version (its newest certification by a trusted verifier key says PASS).",
+    ),
+    "pull": (
+        "registry_cmds",
+        "pull",
+        "Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.",
+    ),
+    "push": ("registry_cmds", "push", "Store signed artifacts in the registry."),
+    "queue": (
+        "verify_cmds",
+        "queue_list",
+        "List certification requests: state, attempts, and the worker holding each.",
+    ),
+    "serve": ("server_cmds", "serve", "Serve a registry (SQLite or PostgreSQL) over HTTP for teams and CI runners."),
+    "show": ("registry_cmds", "show", "Show one version: manifest, state, signer, certifications and history."),
+    "tag": (
+        "registry_cmds",
+        "tag",
+        "Point TAG (e.g. latest, stable) of a behavior at REF; refuses downgrades unless allowed.",
+    ),
+    "tokens": (
+        "server_cmds",
+        "tokens",
+        "Create, list and revoke API tokens for `revreg serve` (on the server's registry).",
+    ),
+    "verify": (
+        "verify_cmds",
+        "verify",
+        "Run the verifier protocol on BEHAVIOR (a file or NAME:VERSION); record nothing.",
+    ),
+    "worker": ("verify_cmds", "worker", "Claim queued certification requests and certify them (run one per GPU)."),
+    "yank": ("registry_cmds", "yank", "Withdraw a version: it stays recorded but is no longer pulled."),
+}
+# `keys` also holds the registry's key commands, which live with the other registry commands.
+KEYS_FROM_REGISTRY = ("keys_trust", "keys_revoke", "keys_trusted")
 
-    cli.add_command(identity_cmd.identity)
-    cli.add_command(keys_cmds.keys)
-    cli.add_command(artifacts_cmds.pack)
-    cli.add_command(artifacts_cmds.inspect)
-    cli.add_command(artifacts_cmds.export)
-    cli.add_command(demo_cmd.demo)
-    for command in (
-        registry_cmds.init,
-        registry_cmds.db,
-        registry_cmds.push,
-        registry_cmds.pull,
-        registry_cmds.ls,
-        registry_cmds.show,
-        registry_cmds.attestations,
-        registry_cmds.tag,
-        registry_cmds.publish,
-        registry_cmds.yank,
-        registry_cmds.base,
-        registry_cmds.audit,
-        registry_cmds.fsck,
-    ):
-        cli.add_command(command)
-    for command in (
-        verify_cmds.probes,
-        verify_cmds.verify,
-        verify_cmds.certify,
-        gate_cmd.gate,
-        server_cmds.serve,
-        verify_cmds.worker,
-        verify_cmds.queue_list,
-        server_cmds.tokens,
-        server_cmds.login,
-        server_cmds.logout,
-    ):
-        cli.add_command(command)
-    for command in (registry_cmds.keys_trust, registry_cmds.keys_revoke, registry_cmds.keys_trusted):
-        keys_cmds.keys.add_command(command)
 
+def load_command(name: str) -> click.Command:
+    """Import the module that defines command `name` and return the command."""
+    import importlib
 
-_register()
+    module, attr, _summary = COMMANDS[name]
+    command: click.Command = getattr(importlib.import_module(f"revreg.cli.{module}"), attr)
+    if name == "keys" and isinstance(command, click.Group) and "trust" not in command.commands:
+        from revreg.cli import registry_cmds
+
+        for extra in KEYS_FROM_REGISTRY:
+            command.add_command(getattr(registry_cmds, extra))
+    return command
 
 
 def main() -> None:
