@@ -113,4 +113,4 @@ def test_help_imports_no_command_module_and_ls_only_its_own():
     ls_mods = _modules_after(
         "from revreg.cli.main import cli\ntry:\n cli.main(['ls', '--help'])\nexcept SystemExit:\n pass"
     )
-    assert "revreg.cli.registry_cmds" in ls_mods and "revreg.cli.verify_cmds" not in ls_mods
+    assert "revreg.cli.ls_cmd" in ls_mods and "revreg.cli.registry_cmds" not in ls_mods

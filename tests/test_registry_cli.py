@@ -118,4 +118,4 @@ def test_ls_does_not_import_torch(run, keys_dir: Path, tmp_path: Path):
         "except SystemExit as e:\n assert e.code == 0, e.code"
     )
     mods = _modules_after(code)
-    assert "torch" not in mods and "revreg.registry.service" in mods
+    assert "torch" not in mods and "revreg.registry.reader" in mods

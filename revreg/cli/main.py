@@ -157,7 +157,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Store an API token for the registry server at URL (~/.config/revreg/credentials.toml, mode 0600).",
     ),
     "logout": ("server_cmds", "logout", "Forget the token stored for URL."),
-    "ls": ("registry_cmds", "ls", "List behavior versions (all, or those of NAME)."),
+    "ls": ("ls_cmd", "ls", "List behavior versions (all, or those of NAME)."),
     "pack": ("artifacts_cmds", "pack", "Build one signed behavior artifact bound to a base model's identity."),
     "probes": ("verify_cmds", "probes", "Create, store and list probe sets (the inputs a certification runs)."),
     "publish": (

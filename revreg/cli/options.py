@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from revreg.artifacts.keys import PASSPHRASE_ENV, Keyring, Signer, passphrase_from_env
+if TYPE_CHECKING:  # cryptography loads only for commands that touch keys (`revreg ls` does not)
+    from revreg.artifacts.keys import Keyring, Signer
+
+PASSPHRASE_ENV = "REVREG_KEY_PASSPHRASE"  # revreg.artifacts.keys.PASSPHRASE_ENV; a test keeps them equal
 
 F = Callable[..., Any]
 
@@ -68,7 +71,19 @@ def json_option(f: F) -> F:
     )(f)
 
 
+def registry_option(f: F) -> F:
+    return click.option(
+        "--registry",
+        default=None,
+        metavar="DIR|URL",
+        help="Registry: a directory, a database URL (postgresql+psycopg://…) or http(s)://HOST:PORT "
+        "(default: $REVREG_REGISTRY, else ./.revreg).",
+    )(f)
+
+
 def keyring(keys_dir: Path | None) -> Keyring:
+    from revreg.artifacts.keys import Keyring
+
     return Keyring(keys_dir)
 
 
@@ -76,6 +91,8 @@ def signer(keys_dir: Path | None, key_name: str, passphrase_env: str | None) -> 
     """A keyring key ready to sign; its passphrase from $VAR (--passphrase-env), else
     $REVREG_KEY_PASSPHRASE when set."""
     env = passphrase_env or (PASSPHRASE_ENV if os.environ.get(PASSPHRASE_ENV) else None)
+    from revreg.artifacts.keys import passphrase_from_env
+
     return keyring(keys_dir).signer(key_name, passphrase_from_env(env))
 
 

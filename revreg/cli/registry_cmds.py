@@ -8,7 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from revreg.cli.options import MODEL, F, human_bytes, json_option, keyring, keys_dir_option, passphrase_env_option
+from revreg.cli.ls_cmd import _short, ls  # noqa: F401 - ls is registered from here too
+from revreg.cli.options import (
+    MODEL,
+    human_bytes,
+    json_option,
+    keyring,
+    keys_dir_option,
+    passphrase_env_option,
+    registry_option,
+)
 from revreg.cli.options import signer as make_signer
 from revreg.errors import CheckFailed, InputError
 from revreg.registry.api import to_json
@@ -18,23 +27,9 @@ if TYPE_CHECKING:
     from revreg.registry.api import RegistryAPI
 
 
-def registry_option(f: F) -> F:
-    return click.option(
-        "--registry",
-        default=None,
-        metavar="DIR|URL",
-        help="Registry: a directory, a database URL (postgresql+psycopg://…) or http(s)://HOST:PORT "
-        "(default: $REVREG_REGISTRY, else ./.revreg).",
-    )(f)
-
-
 def _open(registry: str | None) -> RegistryAPI:
     """The registry at --registry, whichever implementation serves it (see registry.locate)."""
     return open_registry(registry)
-
-
-def _short(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
 
 
 @click.command()
@@ -148,37 +143,6 @@ def pull(
         click.echo(json.dumps({"version": to_json(info), "output": str(output), "format": fmt}, indent=1))
         return
     click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
-
-
-@click.command("ls")
-@click.argument("name", required=False)
-@json_option
-@registry_option
-def ls(name: str | None, as_json: bool, registry: str | None) -> None:
-    """List behavior versions (all, or those of NAME)."""
-    versions = _open(registry).ls(name)
-    if as_json:
-        click.echo(json.dumps(to_json(versions), indent=1))
-        return
-    if not versions:
-        click.echo("no behaviors")
-        return
-    rows = [("VERSION", "STATE", "DIGEST", "SIZE", "SIGNER", "PUSHED", "TAGS")]
-    for v in versions:
-        signer = (v.signer_name or _short(v.signer_keyid)) + (" (REVOKED)" if v.signer_revoked else "")
-        rows.append(
-            (
-                v.ref,
-                v.state,
-                _short(v.digest),
-                human_bytes(v.size),
-                signer,
-                v.pushed_at.strftime("%Y-%m-%d %H:%M"),
-                ",".join(v.tags),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows))
 
 
 @click.command()

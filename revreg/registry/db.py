@@ -16,10 +16,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from revreg.errors import InputError, Unreachable
 from revreg.registry.api import SchemaError
 from revreg.registry.locate import location_of
-
-DB_FILE = "registry.db"
-# The newest migration in revreg/migrations/versions; a test keeps the two equal.
-HEAD = "0003"
+from revreg.registry.reader import DB_FILE, HEAD
 
 
 @dataclass(frozen=True)

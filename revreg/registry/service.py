@@ -68,6 +68,7 @@ from revreg.registry.models import (
     Version,
 )
 from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
+from revreg.registry.reader import list_versions
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
     DEFAULT_GRACE,
@@ -490,50 +491,17 @@ class Registry:
             return self._info(s, self.find_version(s, ref, tags))
 
     def ls(self, name: str | None = None) -> list[VersionInfo]:
-        with self.reading() as s:
-            keys = {k.keyid: k for k in s.scalars(select(Key))}
-            revoked = {k.keyid for k in keys.values() if k.revoked_at is not None}
-            tags: dict[int, list[str]] = {}
-            for t in s.scalars(select(Tag)):
-                tags.setdefault(t.version_id, []).append(t.tag)
-            # Columns, not ORM rows: `ls` must stay fast over many versions (no manifests).
-            cols = (
-                Version.id,
-                Behavior.name,
-                Version.version,
-                Version.digest,
-                Version.size,
-                Version.state,
-                Version.base_identity,
-                Version.signer_keyid,
-                Version.pushed_at,
-                Version.pushed_by,
-                Version.yank_reason,
-            )
-            q = select(*cols).join(Behavior).order_by(Behavior.name, Version.pushed_at, Version.id)
-            if name is not None:
-                q = q.where(Behavior.name == name)
-            out = [
-                VersionInfo(
-                    r.name,
-                    r.version,
-                    r.digest,
-                    r.size,
-                    r.state,
-                    r.base_identity,
-                    r.signer_keyid,
-                    keys[r.signer_keyid].name if r.signer_keyid in keys else None,
-                    r.signer_keyid in revoked,
-                    r.pushed_at,
-                    r.pushed_by,
-                    tuple(sorted(tags.get(r.id, []))),
-                    r.yank_reason,
-                )
-                for r in s.execute(q)
-            ]
-        if name is not None and not out:
-            raise NotFound(f"no behavior named {name!r}")
-        return out
+        """Every version (or NAME's): the driver-level listing `revreg ls` also runs without
+        SQLAlchemy (registry.reader), here on this engine's connection in one read transaction."""
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                dbapi = conn.dialect.loaded_dbapi
+                try:
+                    return list_versions(conn.connection.driver_connection, name)
+                except dbapi.OperationalError as exc:
+                    raise Unreachable(f"registry database error: {_first_line(exc)}") from exc
+        except OperationalError as exc:
+            raise Unreachable(f"registry database error: {_first_line(exc.orig or exc)}") from exc
 
     def show(self, ref: Ref | str) -> VersionDetail:
         ref = parse_ref(ref) if isinstance(ref, str) else ref

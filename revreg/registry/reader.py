@@ -1,0 +1,152 @@
+"""The registry's listing, read through the database driver alone (no SQLAlchemy).
+
+`revreg ls` is the command people run most, and importing SQLAlchemy costs about nine times
+Python's own start-up on our machines (docs/performance.md), so the listing is one set of SQL
+statements run on a DB-API connection: `sqlite3` for an embedded registry, or the connection
+SQLAlchemy's engine holds (`Registry.ls`, any backend). Both paths run this module's code, so
+they cannot disagree; tests/test_reader.py compares them row by row on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from revreg.errors import InputError, Unreachable
+from revreg.registry.api import NotFound, SchemaError, VersionInfo
+
+# The newest migration in revreg/migrations/versions; tests/test_migrations.py keeps them equal.
+HEAD = "0003"
+DB_FILE = "registry.db"
+
+_KEYS = "SELECT keyid, name, revoked_at FROM keys ORDER BY id"
+_TAGS = "SELECT version_id, tag FROM tags"
+_VERSIONS = (
+    "SELECT v.id, b.name, v.version, v.digest, v.size, v.state, v.base_identity, v.signer_keyid, "
+    "v.pushed_at, v.pushed_by, v.yank_reason FROM versions v JOIN behaviors b ON b.id = v.behavior_id"
+)
+_ORDER = operator.itemgetter(1, 8, 0)  # behavior name, push time, row id
+
+
+def utc(value: Any) -> datetime:
+    """A stored timestamp as an aware UTC datetime: SQLite returns the text SQLAlchemy wrote
+    (UTC, no zone), PostgreSQL an aware datetime."""
+    if type(value) is str:
+        try:  # the common case: parsing with the zone appended is five times quicker than replace()
+            return datetime.fromisoformat(value + "+00:00")
+        except ValueError:
+            with contextlib.suppress(ValueError):  # text that carries its own zone; else refused below
+                value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise SchemaError(f"the registry database holds a timestamp that is not one: {value!r}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
+    """Every version (or NAME's), ordered by behavior then push time, as `Registry.ls` returns
+    them. `conn` is a DB-API connection; the caller owns its transaction."""
+    placeholder = "?" if getattr(type(conn), "__module__", "").startswith("sqlite3") else "%s"
+    cur = conn.cursor()
+    try:
+        names: dict[str, str] = {}
+        revoked: set[str] = set()
+        cur.execute(_KEYS)
+        for keyid, key_name, revoked_at in cur.fetchall():
+            names.setdefault(keyid, key_name)
+            if revoked_at is not None:
+                revoked.add(keyid)
+        tags: dict[int, list[str]] = {}
+        cur.execute(_TAGS)
+        for version_id, tag in cur.fetchall():
+            tags.setdefault(version_id, []).append(tag)
+        if name is None:
+            cur.execute(_VERSIONS)
+        else:
+            cur.execute(_VERSIONS + f" WHERE b.name = {placeholder}", (name,))
+        rows = cur.fetchall()
+    finally:
+        cur.close()
+    # Ordered here, not by the database: by code point on every backend (PostgreSQL would sort
+    # names by its collation), and quicker than SQLite's temporary sort tree.
+    rows.sort(key=_ORDER)
+    sorted_tags = {version_id: tuple(sorted(t)) for version_id, t in tags.items()}
+    out = [
+        VersionInfo(
+            behavior,
+            version,
+            digest,
+            int(size),
+            state,
+            base,
+            signer,
+            names.get(signer),
+            signer in revoked,
+            utc(pushed_at),
+            pushed_by,
+            sorted_tags.get(version_id, ()),
+            yank_reason,
+        )
+        for version_id, behavior, version, digest, size, state, base, signer, pushed_at, pushed_by, yank_reason in rows
+    ]
+    if name is not None and not out:
+        raise NotFound(f"no behavior named {name!r}")
+    return out
+
+
+def sqlite_file(location: str) -> Path | None:
+    """The database file of an embedded registry location (a directory or sqlite:///FILE);
+    None for anything else (a server database, an http(s) registry)."""
+    if "://" not in location:
+        return Path(location).absolute() / DB_FILE
+    if location.startswith("sqlite:///"):
+        rest = location[len("sqlite:///") :]
+        if rest and "?" not in rest:  # URL options only SQLAlchemy understands: let it handle them
+            return Path(rest)
+    return None
+
+
+def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
+    """A read-only-by-use connection to an existing registry database at this revreg's schema
+    (never creates a file: `mode=rw`)."""
+    if not path.is_file():
+        raise InputError(f"no registry at {where}: create one with `revreg init`")
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
+    except sqlite3.DatabaseError as exc:
+        raise SchemaError(f"cannot open the registry database at {where}: {exc}") from exc
+    if revision is None:
+        conn.close()
+        raise SchemaError(f"no registry at {where}: create one with `revreg init`")
+    if revision[0] != HEAD:
+        conn.close()
+        raise SchemaError(
+            f"registry schema at {where} is at revision {revision[0]}, this revreg needs {HEAD}: "
+            "run `revreg db upgrade`"
+        )
+    return conn
+
+
+def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionInfo]:
+    """`Registry.ls` on an embedded registry without importing SQLAlchemy: one read
+    transaction (a consistent snapshot under WAL)."""
+    conn = open_sqlite(path, where)
+    try:
+        conn.execute("BEGIN")
+        try:
+            return list_versions(conn, name)
+        finally:
+            conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        raise Unreachable(f"registry database error at {where}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise SchemaError(f"cannot read the registry database at {where}: {exc}") from exc
+    finally:
+        conn.close()
