@@ -363,7 +363,12 @@ class VerifiedArtifact:
 def open_artifact(path: Path) -> Artifact:
     """Parse an artifact, refusing anything its manifest and signature do not cover."""
     path = Path(path)
-    header = read_header(path, SMALL_HEADER_BYTES)
+    return artifact_from_header(read_header(path, SMALL_HEADER_BYTES), path)
+
+
+def artifact_from_header(header: Header, path: Path) -> Artifact:
+    """The artifact a parsed header describes (its file at `path`, or arriving there in a
+    stream: revreg.artifacts.stream), refusing anything its manifest and signature do not cover."""
     if canonical_header(header) != header.raw:
         raise FormatError(f"{path}: header is not in revreg's canonical form (modified after packing?)")
     if set(header.metadata) != {MANIFEST_KEY, SIGNATURE_KEY}:
@@ -382,6 +387,11 @@ def open_artifact(path: Path) -> Artifact:
     return Artifact(path, header, manifest, envelope)
 
 
+def verify_signature(artifact: Artifact, trusted: Mapping[str, TrustedKey]) -> TrustedKey:
+    """The trusted key whose signature covers the artifact's manifest (SignatureError if none)."""
+    return verify(artifact.envelope, PAYLOAD_TYPE, trusted).key
+
+
 def verify_artifact(
     artifact: Artifact, trusted: Mapping[str, TrustedKey], digest: str | None = None
 ) -> VerifiedArtifact:
@@ -389,7 +399,7 @@ def verify_artifact(
 
     `digest` is the file's sha256 when the caller has already computed it while copying.
     """
-    verified = verify(artifact.envelope, PAYLOAD_TYPE, trusted)
+    signer = verify_signature(artifact, trusted)
     with MappedFile(artifact.path) as mapped:
         if mapped.header != artifact.header:
             raise IntegrityError(f"{artifact.path} changed while it was being verified")
@@ -399,7 +409,7 @@ def verify_artifact(
             f"{artifact.path}: tensor bytes do not match the signed manifest "
             f"(expected {artifact.manifest.tensors_digest}, got {actual})"
         )
-    return VerifiedArtifact(artifact, verified.key, digest or file_digest(artifact.path))
+    return VerifiedArtifact(artifact, signer, digest or file_digest(artifact.path))
 
 
 def load_artifact(path: Path, trusted: Mapping[str, TrustedKey]) -> VerifiedArtifact:

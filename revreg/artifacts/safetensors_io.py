@@ -57,6 +57,11 @@ class Header:
     data_start: int  # absolute file offset of the data section
     raw: bytes  # the header JSON bytes exactly as stored (padding included)
 
+    @property
+    def file_size(self) -> int:
+        """The size of the file this header describes: header, then the tensors end to end."""
+        return self.data_start + max((t.end for t in self.tensors), default=0)
+
     def tensor(self, name: str) -> TensorInfo:
         for info in self.tensors:
             if info.name == name:
@@ -108,14 +113,16 @@ def _parse_entry(name: str, entry: Any, where: str) -> TensorInfo:
     return info
 
 
-def parse_header(prefix: bytes, file_size: int, where: str, limit: int = MAX_HEADER_BYTES) -> Header:
-    """Validate a header given the file's first 8+N bytes and its total size."""
-    if file_size < 8 or len(prefix) < 8:
+def parse_header(prefix: bytes, file_size: int | None, where: str, limit: int = MAX_HEADER_BYTES) -> Header:
+    """Validate a header given the file's first 8+N bytes and its total size (None: a stream
+    whose size is not known yet; the caller checks it ends where `Header.file_size` says)."""
+    if (file_size is not None and file_size < 8) or len(prefix) < 8:
+        file_size = len(prefix) if file_size is None else file_size
         raise FormatError(f"{where}: truncated: {file_size} bytes is too short for safetensors")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > limit:
         raise FormatError(f"{where}: header of {n} bytes is too large (limit {limit})")
-    if 8 + n > file_size or len(prefix) < 8 + n:
+    if (file_size is not None and 8 + n > file_size) or len(prefix) < 8 + n:
         raise FormatError(f"{where}: truncated: header says {n} bytes but the file is shorter")
     raw = bytes(prefix[8 : 8 + n])
     if not raw.startswith(b"{"):
@@ -131,7 +138,6 @@ def parse_header(prefix: bytes, file_size: int, where: str, limit: int = MAX_HEA
     ):
         raise FormatError(f"{where}: __metadata__ must map strings to strings")
     infos = sorted((_parse_entry(k, v, where) for k, v in doc.items()), key=lambda t: t.name)
-    data_len = file_size - 8 - n
     position = 0
     for info in sorted(infos, key=lambda t: (t.start, t.end)):
         if info.start != position:
@@ -140,6 +146,7 @@ def parse_header(prefix: bytes, file_size: int, where: str, limit: int = MAX_HEA
                 "(overlapping or gapped data offsets)"
             )
         position = info.end
+    data_len = position if file_size is None else file_size - 8 - n
     if position > data_len:
         raise FormatError(f"{where}: truncated: tensors need {position} data bytes, file has {data_len}")
     if position < data_len:

@@ -1,5 +1,5 @@
-"""Delivering a version to the user's disk: stream into a staging file beside the destination,
-check digest, signature and every tensor, then rename (or export as PEFT). Shared by the local
+"""Delivering a version to the user's disk: stream into a staging file beside the destination
+checking signature, digest and every tensor on the way, then rename (or export as PEFT). Shared by the local
 and the remote registry; imports no database code."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from revreg.artifacts.artifact import open_artifact, read_tensors, verify_artifact
+from revreg.artifacts.artifact import Artifact, read_tensors, verify_signature
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.peft_io import write_peft
+from revreg.artifacts.stream import ArtifactStream
 from revreg.errors import InputError, IntegrityError, RevregError
 from revreg.registry.api import VersionInfo
+from revreg.registry.store import Tap
 
 FORMATS = ("safetensors", "peft")
 
@@ -40,12 +42,14 @@ def deliver(
     publishers: Mapping[str, TrustedKey],
     dest: Path,
     fmt: str,
-    fill: Callable[[BinaryIO], str],
+    fill: Callable[[BinaryIO, Tap], str],
     source: str,
 ) -> None:
-    """Write a version to `dest` only after its bytes are checked: `fill` streams them into a
-    staging file beside `dest` and returns their digest; then digest, signature and every
-    tensor are checked and the file renamed (or exported as PEFT)."""
+    """Write a version to `dest` only after its bytes are checked, reading them once: `fill`
+    streams them into a staging file beside `dest` through `tap` (revreg.artifacts.stream: the
+    header parsed and its signature and name checked before any tensor byte, then every tensor
+    hashed from the copy's own buffers) and returns their sha256; then digest and tensors are
+    compared and the file renamed (or exported as PEFT)."""
     check_format(fmt)
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
@@ -53,25 +57,31 @@ def deliver(
         raise InputError(f"output directory {parent} does not exist")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
     tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "r+b", buffering=0) as sink:
-            digest = fill(sink)
-            os.fsync(sink.fileno())
-        if digest != info.digest:
-            raise IntegrityError(
-                f"{source} for {info.ref} is corrupt: expected {info.digest}, read {digest}"
-                + (" (run `revreg fsck`)" if source == "stored blob" else "")
-            )
-        with renamed_in_errors(tmp, f"{source} for {info.ref}"):
-            verified = verify_artifact(open_artifact(tmp), publishers, digest=digest)
-        signed = (verified.manifest.name, verified.manifest.version)
+    label = f"{source} for {info.ref}"
+
+    def check_header(artifact: Artifact) -> TrustedKey:
+        signer = verify_signature(artifact, publishers)
+        signed = (artifact.manifest.name, artifact.manifest.version)
         if signed != (info.name, info.version):
             raise IntegrityError(
-                f"{source} for {info.ref} is signed as {signed[0]}:{signed[1]}; the registry's record of it was "
-                "altered (run `revreg fsck`)"
+                f"{label} is signed as {signed[0]}:{signed[1]}; "
+                "the registry's record of it was altered (run `revreg fsck`)"
             )
+        return signer
+
+    stream = ArtifactStream(tmp, label, info.size, check_header)
+    try:
+        with os.fdopen(fd, "r+b", buffering=0) as sink, renamed_in_errors(tmp, label):
+            digest = fill(sink, stream)
+        if digest != info.digest:
+            raise IntegrityError(
+                f"{label} is corrupt: expected {info.digest}, read {digest}"
+                + (" (run `revreg fsck`)" if source == "stored blob" else "")
+            )
+        with renamed_in_errors(tmp, label):
+            artifact = stream.finish()
         if fmt == "peft":
-            write_peft(verified.manifest, read_tensors(tmp), dest)
+            write_peft(artifact.manifest, read_tensors(tmp), dest)
         else:
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)

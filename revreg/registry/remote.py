@@ -4,7 +4,6 @@ side of the wire too. Imports no SQLAlchemy: entities, errors and JSON shapes co
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from revreg.registry.api import (
     from_json,
 )
 from revreg.registry.delivery import check_format, deliver
+from revreg.registry.store import Pipeline, Tap
 
 BLOCK = 1 << 20
 RESUME_ATTEMPTS = 5
@@ -156,28 +156,32 @@ class RemoteRegistry:
         with progress.task(f"upload {file.name}", size):
             return self._call("PUT", path, content=body(), headers=headers)
 
-    def _download(self, path: str, params: dict[str, Any], sink: BinaryIO) -> str:
-        """Stream a download into `sink`, resuming with Range requests if the connection drops."""
-        h, written = hashlib.sha256(), 0
-        for attempt in range(RESUME_ATTEMPTS):
-            headers = {"Range": f"bytes={written}-"} if written else {}
-            try:
-                with self._http.stream("GET", path, params=params, headers=headers) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        self._raise(response)
-                    if written and response.status_code != 206:
-                        raise errors.IntegrityError("the server ignored the resume request; pull again")
-                    for chunk in response.iter_bytes(BLOCK):
-                        progress.advance(len(chunk))
-                        sink.write(chunk)
-                        h.update(chunk)
-                        written += len(chunk)
-                return "sha256:" + h.hexdigest()
-            except (httpx.TransportError, httpx.StreamError) as exc:
-                if attempt == RESUME_ATTEMPTS - 1:
-                    raise errors.Unreachable(f"download from {self.url} failed after {written} bytes: {exc}") from exc
-        raise AssertionError("unreachable")
+    def _download(self, path: str, params: dict[str, Any], sink: BinaryIO, tap: Tap | None = None) -> str:
+        """Stream a download into `sink` in one pass (written, hashed and handed to `tap` from the
+        same buffers: registry.store.Pipeline), resuming with Range requests if the connection
+        drops; the bytes' sha256."""
+        pipe = Pipeline(sink, durable=True, tap=tap)
+        try:
+            for attempt in range(RESUME_ATTEMPTS):
+                headers = {"Range": f"bytes={pipe.received}-"} if pipe.received else {}
+                try:
+                    with self._http.stream("GET", path, params=params, headers=headers) as response:
+                        if response.status_code >= 400:
+                            response.read()
+                            self._raise(response)
+                        if pipe.received and response.status_code != 206:
+                            raise errors.IntegrityError("the server ignored the resume request; pull again")
+                        for chunk in response.iter_bytes(BLOCK):
+                            pipe.write(chunk)
+                    return pipe.close()[0]
+                except (httpx.TransportError, httpx.StreamError) as exc:
+                    if attempt == RESUME_ATTEMPTS - 1:
+                        raise errors.Unreachable(
+                            f"download from {self.url} failed after {pipe.received} bytes: {exc}"
+                        ) from exc
+            raise AssertionError("unreachable")
+        finally:
+            pipe.abort()
 
     # -- keys --------------------------------------------------------------------------------
     def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
@@ -252,9 +256,9 @@ class RemoteRegistry:
         if info.state == "published" or ("verifier" in self.pins and not allow_unpublished):
             self._check_certified(info)
 
-        def fill(sink: BinaryIO) -> str:
+        def fill(sink: BinaryIO, tap: Tap) -> str:
             with progress.task(f"download {info.ref}", info.size):
-                return self._download("/v1/artifact", params, sink)
+                return self._download("/v1/artifact", params, sink, tap)
 
         deliver(info, publishers, Path(dest), fmt, fill, "download")
         return info

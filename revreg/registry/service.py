@@ -24,11 +24,12 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from revreg import progress
-from revreg.artifacts.artifact import VERSION_RE, open_artifact, verify_artifact
+from revreg.artifacts.artifact import VERSION_RE, Artifact, open_artifact, verify_artifact, verify_signature
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.artifacts.keys import check_name as check_key_name
+from revreg.artifacts.stream import ArtifactStream
 from revreg.errors import (
     FormatError,
     InputError,
@@ -48,6 +49,7 @@ from revreg.registry.api import (
     ProbeSetInfo,
     PushResult,
     Request,
+    SchemaError,
     StateError,
     VersionDetail,
     VersionInfo,
@@ -74,6 +76,7 @@ from revreg.registry.store import (
     DEFAULT_GRACE,
     BlobStore,
     StagedBlob,
+    Tap,
     check_digest,
     copy_hashing,
     digest_of,
@@ -336,79 +339,143 @@ class Registry:
     def push(self, path: Path) -> PushResult:
         """Store an artifact after checking format, signer trust, signature and every tensor.
 
-        The bytes are streamed into the store's staging area first and all checks run on that
-        copy, so what is stored is exactly what was checked.
+        The header is parsed and its signature verified first, from the file, before a byte is
+        copied. A version already stored costs one hash pass over the file and no copy. Otherwise
+        the bytes are read once: streamed into the store's staging area while the file's digest
+        and every tensor's digest are computed from the same buffers (revreg.artifacts.stream),
+        so what is stored is exactly what was checked.
         """
         path = Path(path)
         try:
             source = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source, self.store.stage(source, f"push {path.name}") as staged:
-            return self.push_staged(staged, str(path))
+        with source:
+            size = os.fstat(source.fileno()).st_size
+            planned = open_artifact(path)
+            signer = self._signed_by(planned, str(path))
+            m = planned.manifest
+            stored = self._stored(m.name, m.version)
+
+            def same_header(streamed: Artifact) -> TrustedKey:
+                if streamed.header.raw != planned.header.raw:
+                    raise IntegrityError(f"{path} changed while it was being pushed; push it again")
+                return signer
+
+            if stored is not None:
+                # One pass, nothing written: the file's digest (are these the stored bytes?) and
+                # its tensors (a damaged file is named as such, not as a version conflict).
+                check = ArtifactStream(path, str(path), size, same_header)
+                digest, _ = copy_hashing(source, None, tap=check)
+                check.finish()
+                existing = self._existing(m.name, m.version, digest)
+                if existing is not None and self.store.exists(digest):
+                    return PushResult(existing, False)
+                source.seek(0)  # its blob went missing: the push below puts it back
+
+            streams: list[ArtifactStream] = []
+
+            def tap(staging: Path) -> ArtifactStream:
+                streams.append(ArtifactStream(staging, str(path), size, same_header))
+                return streams[-1]
+
+            with (
+                self.store.stage(source, f"push {path.name}", tap) as staged,
+                renamed_in_errors(staged.path, str(path)),
+            ):
+                streams[0].finish()
+                return self._record(staged, planned, signer)
 
     def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
-        """Check and store an artifact already streamed into the store's staging area (the
-        server's uploads arrive this way). `authorize(name)` may refuse before anything is stored."""
+        """Check and store an artifact already streamed into the store's staging area but not
+        checked on the way. `authorize(name)` may refuse before anything is stored."""
         with renamed_in_errors(staged.path, label):
             artifact = open_artifact(staged.path)
-            m = artifact.manifest
-            if authorize is not None:
-                authorize(m.name)
-            with self.reading() as s:
-                revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
-                if revoked is not None:
-                    raise SignatureError(
-                        f"{label} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
+            signer = self._signed_by(artifact, label, authorize)
+            verify_artifact(artifact, {signer.keyid: signer}, digest=staged.digest)
+            return self._record(staged, artifact, signer)
+
+    def push_streamed(self, staged: StagedBlob, stream: ArtifactStream) -> PushResult:
+        """Store an artifact whose checks ran while it streamed into staging (`stream` was its
+        tap, and its `on_header` called `signed_by`): the server's uploads arrive this way."""
+        with renamed_in_errors(staged.path, stream.where):
+            artifact = stream.finish()
+            if stream.signer is None:  # fail closed: a tap without a signature check stores nothing
+                raise SignatureError(f"{stream.where}: its signature was never checked; nothing was stored")
+            return self._record(staged, artifact, stream.signer)
+
+    def signed_by(self, artifact: Artifact, label: str, authorize: Callable[[str], None] | None = None) -> TrustedKey:
+        """The trusted, unrevoked publisher key that signed `artifact` (from its header alone);
+        `authorize(name)` runs first and may refuse."""
+        return self._signed_by(artifact, label, authorize)
+
+    def _signed_by(self, artifact: Artifact, label: str, authorize: Callable[[str], None] | None = None) -> TrustedKey:
+        if authorize is not None:
+            authorize(artifact.manifest.name)
+        with self.reading() as s:
+            revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
+            if revoked is not None:
+                raise SignatureError(
+                    f"{label} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
+                )
+            publishers = self.trusted("publisher", session=s)
+        try:
+            return verify_signature(artifact, publishers)
+        except UnknownKeyError as exc:
+            raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
+
+    def _stored(self, name: str, version: str) -> VersionInfo | None:
+        try:
+            return self.resolve(Ref(name, version), tags=False)
+        except NotFound:
+            return None
+
+    def _record(self, staged: StagedBlob, artifact: Artifact, signer: TrustedKey) -> PushResult:
+        """Make checked, staged bytes a version (or find them already one)."""
+        m = artifact.manifest
+        existing = self._existing(m.name, m.version, staged.digest)
+        if existing is not None:
+            self._restore_blob(staged, existing.ref)
+            return PushResult(existing, False)
+        self.store.commit(staged)
+        try:
+            with self.transaction() as s:
+                _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
+                _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
+                behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
+                if s.scalars(select(Tag.id).where(Tag.behavior_id == behavior.id, Tag.tag == m.version)).first():
+                    raise StateError(
+                        f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
+                        "a version and a tag never share a name: pick another version"
                     )
-                publishers = self.trusted("publisher", session=s)
-            try:
-                verified = verify_artifact(artifact, publishers, digest=staged.digest)
-            except UnknownKeyError as exc:
-                raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
+                s.add(
+                    Version(
+                        behavior_id=behavior.id,
+                        version=m.version,
+                        digest=staged.digest,
+                        size=staged.size,
+                        base_identity=m.base,
+                        signer_keyid=signer.keyid,
+                        manifest=m.to_bytes().decode("utf-8"),
+                        state="pending",
+                        pushed_at=_now(),
+                        pushed_by=self.actor,
+                    )
+                )
+                s.flush()
+                audit.append(
+                    s,
+                    self.actor,
+                    "version.push",
+                    f"{m.name}:{m.version}",
+                    {"digest": staged.digest, "signer": signer.keyid, "base": m.base},
+                )
+        except ConflictError as exc:
             existing = self._existing(m.name, m.version, staged.digest)
             if existing is not None:
                 self._restore_blob(staged, existing.ref)
                 return PushResult(existing, False)
-            self.store.commit(staged)
-            try:
-                with self.transaction() as s:
-                    _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
-                    _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
-                    behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
-                    if s.scalars(select(Tag.id).where(Tag.behavior_id == behavior.id, Tag.tag == m.version)).first():
-                        raise StateError(
-                            f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
-                            "a version and a tag never share a name: pick another version"
-                        )
-                    s.add(
-                        Version(
-                            behavior_id=behavior.id,
-                            version=m.version,
-                            digest=staged.digest,
-                            size=staged.size,
-                            base_identity=m.base,
-                            signer_keyid=verified.signer.keyid,
-                            manifest=m.to_bytes().decode("utf-8"),
-                            state="pending",
-                            pushed_at=_now(),
-                            pushed_by=self.actor,
-                        )
-                    )
-                    s.flush()
-                    audit.append(
-                        s,
-                        self.actor,
-                        "version.push",
-                        f"{m.name}:{m.version}",
-                        {"digest": staged.digest, "signer": verified.signer.keyid, "base": m.base},
-                    )
-            except ConflictError as exc:
-                existing = self._existing(m.name, m.version, staged.digest)
-                if existing is not None:
-                    self._restore_blob(staged, existing.ref)
-                    return PushResult(existing, False)
-                raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
+            raise ConflictError(f"{m.name}:{m.version} was pushed concurrently with different bytes") from exc
         if not self.store.exists(staged.digest) and staged.path.exists():
             # A prune that judged an older copy abandoned may have taken the object the push
             # relied on (stores without local renames); the checked bytes are still staged.
@@ -500,6 +567,10 @@ class Registry:
                     return list_versions(conn.connection.driver_connection, name)
                 except dbapi.OperationalError as exc:
                     raise Unreachable(f"registry database error: {_first_line(exc)}") from exc
+                except dbapi.DataError as exc:  # a value the database cannot hold (NUL in PostgreSQL text)
+                    raise InputError(f"the registry database refused a value ({_first_line(exc)})") from exc
+                except dbapi.Error as exc:
+                    raise SchemaError(f"cannot read the registry database: {_first_line(exc)}") from exc
         except OperationalError as exc:
             raise Unreachable(f"registry database error: {_first_line(exc.orig or exc)}") from exc
 
@@ -710,9 +781,9 @@ class Registry:
         publishers = self.trusted("publisher")
         dest = Path(dest)
 
-        def fill(sink: BinaryIO) -> str:
+        def fill(sink: BinaryIO, tap: Tap) -> str:
             with self.store.open(info.digest) as source, progress.task(f"pull {info.ref}", info.size):
-                return copy_hashing(source, sink, durable=True)[0]
+                return copy_hashing(source, sink, durable=True, tap=tap)[0]
 
         deliver(info, publishers, dest, fmt, fill, "stored blob")
         return info

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
 BLOCK = 4 << 20
-PIPELINE_BLOCKS = 4
+PIPELINE_BLOCKS = 8
 FLUSH_EVERY = 64 << 20
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
@@ -122,15 +122,17 @@ class BlobStore(ABC):
         return path, fd
 
     @contextmanager
-    def stage(self, source: BinaryIO, label: str = "staging") -> Iterator[StagedBlob]:
-        """Stream `source` into a staging file (hashed, fsynced); removed on exit unless committed.
-        The file is writer-locked for the whole block, through commit and the caller's row."""
+    def stage(
+        self, source: BinaryIO, label: str = "staging", tap: Callable[[Path], Tap] | None = None
+    ) -> Iterator[StagedBlob]:
+        """Stream `source` into a staging file (hashed, fsynced) in one pass; removed on exit
+        unless committed. `tap(staging_path)` makes a stage that sees every block the copy writes
+        (an artifact's checks, revreg.artifacts.stream). The file is writer-locked for the whole
+        block, through commit and the caller's row."""
         tmp, lock = self.create_staging()
         try:
-            with open(tmp, "r+b", buffering=0) as sink:
-                with progress.task(label, _size_of(source)):
-                    digest, size = copy_hashing(source, sink, durable=True)
-                os.fsync(sink.fileno())
+            with open(tmp, "r+b", buffering=0) as sink, progress.task(label, _size_of(source)):
+                digest, size = copy_hashing(source, sink, durable=True, tap=tap(tmp) if tap else None)
             yield StagedBlob(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
@@ -193,59 +195,175 @@ def _size_of(source: BinaryIO) -> int | None:
         return None
 
 
-def copy_hashing(source: BinaryIO, sink: BinaryIO, durable: bool = False) -> tuple[str, int]:
-    """Copy in blocks, hashing on the way; memory stays at a few blocks whatever the size.
+Tap = Callable[[memoryview], None]
 
-    Hashing runs on a second thread while this one reads and writes (hashlib releases the
-    GIL). With `durable`, a third thread flushes written data to disk every FLUSH_EVERY bytes,
-    so the final fsync waits for the last stretch only instead of the whole file.
-    """
-    h = hashlib.sha256()
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(PIPELINE_BLOCKS):
-        free.put(bytearray(BLOCK))
-    full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-    flushes: queue.Queue[int | None] = queue.Queue()
 
-    def hasher() -> None:
-        while (item := full.get()) is not None:
-            buf, n = item
-            h.update(memoryview(buf)[:n])
-            free.put(buf)
+class Pipeline:
+    """One pass over a byte stream: each block is written to `sink`, hashed into the file's
+    sha256 and handed to `tap` (an artifact's tensor hashing, `revreg.artifacts.stream`), each on
+    its own thread and all from the same buffer (hashlib releases the GIL). With `durable`, a
+    further thread flushes written data to disk every FLUSH_EVERY bytes, so the disk writes while
+    the CPU hashes and the final fsync waits for the last stretch only. Memory stays at
+    PIPELINE_BLOCKS blocks whatever the size.
 
-    def flusher() -> None:
-        fd = sink.fileno()
-        while flushes.get() is not None:
+    A producer takes a free block with `buffer()` (or hands over bytes with `write`), fills it
+    and `submit`s it; `close()` returns (sha256 digest, size). The first error of any stage is
+    raised to the producer at its next call, and the stages stop working on later blocks."""
+
+    def __init__(self, sink: BinaryIO | None, durable: bool = False, tap: Tap | None = None) -> None:
+        self.sink = sink
+        self.durable = durable and sink is not None
+        self.size = 0
+        self._h = hashlib.sha256()
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(PIPELINE_BLOCKS):
+            self._free.put(bytearray(BLOCK))
+        self._pending: bytearray | None = None
+        self._filled = 0
+        self._since_flush = 0
+        self._error: BaseException | None = None
+        self._closed = False
+        stages: list[Callable[[memoryview], None]] = [self._h.update]
+        if sink is not None:
+            stages.append(self._write)
+        if tap is not None:
+            stages.append(tap)
+        self._flushes: queue.Queue[bool | None] = queue.Queue()
+        self._flush_thread: threading.Thread | None = None
+        if self.durable:
+            self._flush_thread = threading.Thread(target=self._flusher, daemon=True, name="revreg-flush")
+            self._flush_thread.start()
+        self._lock = threading.Lock()
+        self._left: dict[int, int] = {}
+        self._queues: list[queue.Queue[tuple[bytearray, int] | None]] = []
+        self._threads: list[threading.Thread] = []
+        for stage in stages:
+            q: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+            t = threading.Thread(target=self._run, args=(stage, q), daemon=True, name="revreg-pipeline")
+            self._queues.append(q)
+            self._threads.append(t)
+            t.start()
+
+    @property
+    def received(self) -> int:
+        """Bytes handed over so far (submitted, or gathered into the block being filled)."""
+        return self.size + (self._filled if self._pending is not None else 0)
+
+    def _write(self, view: memoryview) -> None:
+        assert self.sink is not None
+        while len(view):
+            written = self.sink.write(view)
+            view = view[written if written is not None else len(view) :]
+        if self.durable:
+            self._since_flush += len(view)
+            if self._since_flush >= FLUSH_EVERY:
+                self.sink.flush()
+                self._flushes.put(True)  # the flusher thread makes it durable while we go on
+                self._since_flush = 0
+
+    def _flusher(self) -> None:
+        assert self.sink is not None
+        fd = self.sink.fileno()
+        while self._flushes.get() is not None:
             os.fdatasync(fd)
 
-    threads = [threading.Thread(target=hasher, daemon=True)]
-    if durable:
-        threads.append(threading.Thread(target=flusher, daemon=True))
-    for t in threads:
-        t.start()
-    size = since_flush = 0
+    def _run(self, stage: Callable[[memoryview], None], q: queue.Queue[tuple[bytearray, int] | None]) -> None:
+        while (item := q.get()) is not None:
+            buf, n = item
+            if self._error is None:
+                try:
+                    stage(memoryview(buf)[:n])
+                except BaseException as exc:  # handed to the producer; the other stages stop too
+                    self._error = self._error or exc
+            with self._lock:
+                self._left[id(buf)] -= 1
+                done = self._left[id(buf)] == 0
+            if done:
+                self._free.put(buf)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def buffer(self) -> bytearray:
+        """A free block to fill (waits while every block is in flight)."""
+        self._check()
+        buf = self._free.get()
+        self._check()
+        return buf
+
+    def submit(self, buf: bytearray, n: int) -> None:
+        if n == 0:
+            self._free.put(buf)
+            return
+        with self._lock:
+            self._left[id(buf)] = len(self._queues)
+        for q in self._queues:
+            q.put((buf, n))
+        self.size += n
+        progress.advance(n)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Hand over bytes of any length (an HTTP body's chunks): gathered into whole blocks."""
+        view = memoryview(data)
+        while len(view):
+            if self._pending is None:
+                self._pending, self._filled = self.buffer(), 0
+            take = min(len(view), BLOCK - self._filled)
+            self._pending[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == BLOCK:
+                self.submit(self._pending, self._filled)
+                self._pending = None
+
+    def close(self) -> tuple[str, int]:
+        """Wait for every stage; fsync a durable sink. (sha256 digest, size); raises the first
+        error any stage met."""
+        if self._pending is not None:
+            self.submit(self._pending, self._filled)
+            self._pending = None
+        self._stop()
+        self._check()
+        if self.sink is not None:
+            self.sink.flush()
+            if self.durable:
+                os.fsync(self.sink.fileno())
+        return "sha256:" + self._h.hexdigest(), self.size
+
+    def _stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+        if self._flush_thread is not None:
+            self._flushes.put(None)
+            self._flush_thread.join()
+
+    def abort(self) -> None:
+        """Stop the stages without a result (the producer failed)."""
+        self._stop()
+
+
+def copy_hashing(
+    source: BinaryIO, sink: BinaryIO | None, durable: bool = False, tap: Tap | None = None
+) -> tuple[str, int]:
+    """Copy `source` into `sink` in one pass (see Pipeline); (sha256 digest, size)."""
+    pipe = Pipeline(sink, durable, tap)
     try:
         while True:
-            buf = free.get()
+            buf = pipe.buffer()
             n = source.readinto(buf)  # type: ignore[attr-defined]
+            pipe.submit(buf, n or 0)
             if not n:
-                free.put(buf)
                 break
-            sink.write(memoryview(buf)[:n])
-            full.put((buf, n))
-            progress.advance(n)
-            size += n
-            since_flush += n
-            if durable and since_flush >= FLUSH_EVERY:
-                sink.flush()
-                flushes.put(size)
-                since_flush = 0
-    finally:
-        full.put(None)
-        flushes.put(None)
-        for t in threads:
-            t.join()
-    return "sha256:" + h.hexdigest(), size
+    except BaseException:
+        pipe.abort()
+        raise
+    return pipe.close()
 
 
 def digest_of(source: BinaryIO) -> tuple[str, int]:
