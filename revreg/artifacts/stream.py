@@ -96,21 +96,21 @@ class ArtifactStream:
 
     def _gather(self, view: memoryview) -> memoryview:
         """Collect the header; once whole, parse it and run `on_header`. The rest of `view`."""
-        need = 8 if len(self._prefix) < 8 else 8 + struct.unpack("<Q", self._prefix[:8])[0]
-        while True:
-            take = min(len(view), need - len(self._prefix))
-            self._prefix += view[:take]
-            self._offset += take
-            view = view[take:]
-            if len(self._prefix) < need:
-                return view
-            if need == 8:
-                (n,) = struct.unpack("<Q", self._prefix)
-                if n > SMALL_HEADER_BYTES:
-                    raise FormatError(f"{self.where}: header of {n} bytes is too large (limit {SMALL_HEADER_BYTES})")
-                need = 8 + n
-                continue
-            break
+        take = min(len(view), max(0, 8 - len(self._prefix)))
+        self._prefix += view[:take]
+        view = view[take:]
+        if len(self._prefix) < 8:
+            self._offset = len(self._prefix)
+            return view
+        (n,) = struct.unpack("<Q", self._prefix[:8])
+        if n > SMALL_HEADER_BYTES:
+            raise FormatError(f"{self.where}: header of {n} bytes is too large (limit {SMALL_HEADER_BYTES})")
+        take = min(len(view), 8 + n - len(self._prefix))
+        self._prefix += view[:take]
+        view = view[take:]
+        self._offset = len(self._prefix)
+        if len(self._prefix) < 8 + n:
+            return view
         header = parse_header(bytes(self._prefix), self.size, self.where, SMALL_HEADER_BYTES)
         self.artifact = artifact_from_header(header, self.path)
         if self.on_header is not None:

@@ -1,0 +1,137 @@
+"""The one-pass checks (artifacts.stream through store.Pipeline) against the file-based ones
+(open_artifact + verify_artifact): for every damaged or hostile input, fed in any chunking, the
+stream refuses exactly when the file checks refuse, and accepts exactly the same artifact."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from revreg.artifacts.artifact import Attachment, open_artifact, pack, verify_artifact
+from revreg.artifacts.keys import Keyring
+from revreg.artifacts.stream import ArtifactStream
+from revreg.errors import RevregError
+from revreg.registry.store import BLOCK, Pipeline, copy_hashing, digest_of
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict]:
+    """A signed artifact whose tensors cross chunk (16 MiB) and block (4 MiB) boundaries, with a
+    0-byte tensor, and the keys that trust its signer."""
+    d = tmp_path_factory.mktemp("stream")
+    ring = Keyring(d / "keys")
+    ring.generate("alice")
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((17 << 20) // 4 + 3).astype("<f4").tobytes()
+    small = rng.standard_normal(5).astype("<f4").tobytes()
+    tensors = {
+        "a.steer_vector": ("F32", (len(big) // 4,), big),
+        "b.steer_vector": ("F32", (5,), small),
+        "c.steer_vector": ("F32", (0,), b""),
+    }
+    atts = tuple(Attachment(t, "steer", {"vector": f"{t}.steer_vector"}) for t in ("a", "b", "c"))
+    pack(
+        d / "x.safetensors",
+        tensors,
+        atts,
+        name="x",
+        version="1.0.0",
+        base="sha256:" + "ab" * 32,
+        signer=ring.signer("alice"),
+        created="2026-01-01T00:00:00Z",
+    )
+    return (d / "x.safetensors").read_bytes(), ring.trusted()
+
+
+def _by_file(data: bytes, tmp: Path, trusted: dict) -> tuple[str, str] | str:
+    path = tmp / "f.safetensors"
+    path.write_bytes(data)
+    try:
+        verified = verify_artifact(open_artifact(path), trusted)
+    except RevregError as exc:
+        return type(exc).__name__
+    return verified.digest, verified.manifest.tensors_digest
+
+
+def _by_stream(data: bytes, chunks: list[int], trusted: dict, known_size: bool) -> tuple[str, str] | str:
+    from revreg.artifacts.artifact import verify_signature
+
+    stream = ArtifactStream(Path("s"), "s", len(data) if known_size else None, lambda a: verify_signature(a, trusted))
+    sink = io.BytesIO()
+    pipe = Pipeline(sink, tap=stream)
+    try:
+        view, at = memoryview(data), 0
+        for size in chunks:
+            pipe.write(view[at : at + size])
+            at += size
+        pipe.write(view[at:])
+        digest, _ = pipe.close()
+        artifact = stream.finish()
+    except RevregError as exc:
+        return type(exc).__name__
+    finally:
+        pipe.abort()
+    assert sink.getvalue() == data  # what was written is what was checked
+    return digest, artifact.manifest.tensors_digest
+
+
+def _damaged(data: bytes, rng: random.Random) -> list[bytes]:
+    (n,) = struct.unpack("<Q", data[:8])
+    out = [b"", data[:7], data[:8], data[: 8 + n], data[: 8 + n + 1], data[:-1], data + b"\0", data + data[:100]]
+    out += [struct.pack("<Q", 0) + data[8:], struct.pack("<Q", 2**63) + data[8:], struct.pack("<Q", n - 1) + data[8:]]
+    out += [struct.pack("<Q", len(data)) + data[8:], b"\0" * len(data)]
+    for region in (range(0, 8), range(8, 8 + n), range(8 + n, len(data))):
+        for _ in range(3):
+            flipped = bytearray(data)
+            flipped[rng.choice(region)] ^= 1 << rng.randrange(8)
+            out.append(bytes(flipped))
+    return out
+
+
+def test_stream_and_file_checks_agree_on_every_damaged_input(signed, tmp_path: Path):
+    data, trusted = signed
+    rng = random.Random(7)
+    cases = [data, *_damaged(data, rng)]
+    assert _by_file(data, tmp_path, trusted) == _by_stream(data, [], trusted, True)
+    for case in cases:
+        expected = _by_file(case, tmp_path, trusted)
+        for chunks in ([], [1] * 9, [7, 4093, 1 << 20], [BLOCK - 1, 3]):
+            for known_size in (True, False):
+                got = _by_stream(case, chunks, trusted, known_size)
+                if isinstance(expected, str):
+                    assert isinstance(got, str), (len(case), chunks, known_size, got)
+                else:
+                    assert got == expected, (len(case), chunks, known_size)
+
+
+def test_an_untrusted_signer_is_refused_before_any_tensor_byte(signed, tmp_path: Path):
+    from revreg.artifacts.artifact import verify_signature
+
+    data, _ = signed
+    other = Keyring(tmp_path / "other")
+    other.generate("eve")
+    stream = ArtifactStream(Path("s"), "s", len(data), lambda a: verify_signature(a, other.trusted()))
+    pipe = Pipeline(None, tap=stream)
+    with pytest.raises(RevregError):
+        for at in range(0, len(data), 4096):
+            pipe.write(data[at : at + 4096])
+        pipe.close()
+    pipe.abort()
+    assert stream._leaves == [] and stream._chunk is None  # no tensor byte was hashed
+
+
+def test_pipeline_matches_plain_hashing_on_odd_sizes(tmp_path: Path):
+    for size in (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5):
+        payload = random.Random(size).randbytes(size)
+        src = tmp_path / f"s{size}"
+        src.write_bytes(payload)
+        with open(src, "rb") as fh, open(tmp_path / "d", "w+b", buffering=0) as sink:
+            digest, n = copy_hashing(fh, sink, durable=True)
+        assert n == size and (tmp_path / "d").read_bytes() == payload
+        with open(src, "rb") as fh:
+            assert digest_of(fh) == (digest, size)
