@@ -15,6 +15,8 @@ import pytest
 from sqlalchemy import text
 
 from revreg.artifacts.keys import Keyring
+from revreg.errors import RevregError
+from revreg.registry.api import ConflictError
 from revreg.registry.service import Registry
 from revreg.registry.tokens import Tokens
 from tests.conftest import make_artifact
@@ -265,3 +267,58 @@ def test_published_openapi_document_is_current(registry: Registry):
 
     published = json.loads((ROOT / "docs" / "openapi.json").read_text())
     assert published == json.loads(json.dumps(create_app(registry).openapi()))
+
+
+def _tampered(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last tensor byte
+    return bytes(data)
+
+
+def test_uploads_without_a_declared_digest_are_checked_as_fully(served, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Name": "demo"}
+    bad = httpx.put(f"{served['url']}/v1/artifacts", content=_tampered(art), headers=headers)
+    assert bad.status_code == 400 and "do not match the signed manifest" in bad.json()["error"]["message"]
+    _nothing_stored(served["registry"])
+    Keyring(keys_dir).generate("nobody-trusts-me")
+    unsigned = make_artifact(tmp_path / "e.safetensors", keys_dir, key="nobody-trusts-me")
+    refused = httpx.put(f"{served['url']}/v1/artifacts", content=unsigned.read_bytes(), headers=headers)
+    assert refused.status_code >= 400 and refused.status_code != 500
+    _nothing_stored(served["registry"])
+    good = httpx.put(f"{served['url']}/v1/artifacts", content=art.read_bytes(), headers=headers)
+    assert good.status_code == 200 and good.json()["created"]
+    assert good.json()["version"]["digest"] == "sha256:" + __import__("hashlib").sha256(art.read_bytes()).hexdigest()
+
+
+def test_remote_push_of_a_stored_version_sends_no_body(served, keys_dir: Path, tmp_path: Path):
+    from revreg.registry.remote import RemoteRegistry
+
+    remote = RemoteRegistry(served["url"], token=served["tokens"]["ci"])
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    assert remote.push(art).created
+    sent: list[str] = []
+    remote._http.event_hooks["request"].append(lambda request: sent.append(f"{request.method} {request.url.path}"))
+    again = remote.push(art)
+    assert not again.created and sent == ["POST /v1/uploads/check"]
+    other = make_artifact(tmp_path / "b.safetensors", keys_dir, seed=1)  # same name:version, other bytes
+    sent.clear()
+    with pytest.raises(ConflictError, match="already exists with digest"):
+        remote.push(other)
+    assert sent == ["POST /v1/uploads/check"]
+    (tmp_path / "t.safetensors").write_bytes(_tampered(art))
+    sent.clear()
+    with pytest.raises(RevregError, match="do not match the signed manifest"):
+        remote.push(tmp_path / "t.safetensors")
+    assert sent == ["POST /v1/uploads/check"]
+
+
+def test_upload_check_asks_about_exactly_one_thing(served):
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}"}
+    for body in ({"name": "demo"}, {"name": "demo", "version": "1.0.0", "digest": "sha256:" + "0" * 64}):
+        response = httpx.post(f"{served['url']}/v1/uploads/check", json=body, headers=headers)
+        assert response.status_code == 400 and "exactly one" in response.json()["error"]["message"]
+    response = httpx.post(
+        f"{served['url']}/v1/uploads/check", json={"name": "demo", "version": "../x"}, headers=headers
+    )
+    assert response.status_code == 400

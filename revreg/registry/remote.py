@@ -4,8 +4,11 @@ side of the wire too. Imports no SQLAlchemy: entities, errors and JSON shapes co
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -14,13 +17,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from revreg import errors, progress
-from revreg.artifacts.artifact import file_digest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
 from revreg.registry.api import (
     ERRORS_BY_NAME,
     AuditEntryInfo,
     BaseInfo,
     ChainVerdict,
+    ConflictError,
     FsckReport,
     KeyRecord,
     ProbeSetInfo,
@@ -132,29 +135,40 @@ class RemoteRegistry:
         except ValueError as exc:
             raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
-    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None, digest: str | None = None) -> Any:
-        """PUT a file, declaring its sha256 (hashed here unless the caller already did)."""
+    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> tuple[Any, str]:
+        """PUT a file, read once: its sha256 is computed on a second thread while the body is
+        sent (the server computes its own and checks everything as it arrives). (the server's
+        answer, the sent bytes' sha256): the caller compares that with what the server stored."""
         file = Path(file)
         try:
-            size = file.stat().st_size
-            digest = digest or file_digest(file)
+            fh = open(file, "rb")  # noqa: SIM115 - closed below
+            size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             raise errors.InputError(f"cannot read {file}: {exc.strerror}") from exc
+        h = hashlib.sha256()
+        blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+
+        def hasher() -> None:
+            while (block := blocks.get()) is not None:
+                h.update(block)
+
+        thread = threading.Thread(target=hasher, daemon=True, name="revreg-upload-hash")
+        thread.start()
 
         def body() -> Iterator[bytes]:
-            with open(file, "rb") as fh:
-                while block := fh.read(BLOCK):
-                    progress.advance(len(block))
-                    yield block
+            while block := fh.read(BLOCK):
+                blocks.put(block)  # bytes are immutable: hashed there while sent here
+                progress.advance(len(block))
+                yield block
 
-        headers = {
-            "X-Revreg-Digest": digest,
-            "Content-Length": str(size),
-            "Content-Type": "application/octet-stream",
-            **(extra or {}),
-        }
-        with progress.task(f"upload {file.name}", size):
-            return self._call("PUT", path, content=body(), headers=headers)
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream", **(extra or {})}
+        try:
+            with fh, progress.task(f"upload {file.name}", size):
+                doc = self._call("PUT", path, content=body(), headers=headers)
+        finally:
+            blocks.put(None)
+            thread.join()
+        return doc, "sha256:" + h.hexdigest()
 
     def _download(self, path: str, params: dict[str, Any], sink: BinaryIO, tap: Tap | None = None) -> str:
         """Stream a download into `sink` in one pass (written, hashed and handed to `tap` from the
@@ -225,20 +239,42 @@ class RemoteRegistry:
 
     # -- versions ----------------------------------------------------------------------------
     def push(self, path: Path) -> PushResult:
-        """Ask first (is this name ours to push, is this exact version stored already?), then
-        upload naming the behavior, so the server authorizes before it reads the body."""
+        """Ask first, by the name and version in the file's header (is this name ours to push,
+        is this version stored already?). A stored version costs one local hash pass and no
+        upload: the same bytes are "already present", other bytes a conflict. Otherwise the file
+        is sent once, hashed while it is sent, and the server checks it as it arrives."""
         from revreg.artifacts.artifact import open_artifact
+        from revreg.artifacts.stream import ArtifactStream
+        from revreg.registry.store import copy_hashing
 
-        try:
-            name = open_artifact(Path(path)).manifest.name
-            digest = file_digest(Path(path))
-        except OSError as exc:
-            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
-        check = self._call("POST", "/v1/uploads/check", json={"name": name, "digest": digest})
-        if check.get("stored"):
-            return PushResult(from_json(VersionInfo, check["version"]), False)
-        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": name}, digest)
-        return PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
+        path = Path(path)
+        artifact = open_artifact(path)
+        m = artifact.manifest
+        check = self._call("POST", "/v1/uploads/check", json={"name": m.name, "version": m.version})
+        if check.get("version") is not None:
+            info = from_json(VersionInfo, check["version"])
+            try:
+                with open(path, "rb") as fh:
+                    # One pass: the file's digest, and its tensors (damage is named as such).
+                    stream = ArtifactStream(path, str(path), os.fstat(fh.fileno()).st_size)
+                    digest, _ = copy_hashing(fh, None, tap=stream)
+                    stream.finish()
+            except OSError as exc:
+                raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+            if digest != info.digest:
+                raise ConflictError(
+                    f"{info.ref} already exists with digest {info.digest}; versions are immutable, push a new version"
+                )
+            if check.get("stored"):
+                return PushResult(info, False)
+        doc, sent = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
+        result = PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
+        if result.version.digest != sent:
+            raise errors.IntegrityError(
+                f"the registry at {self.url} recorded {result.version.ref} as {result.version.digest}, "
+                f"but this client sent {sent}: check the server and the network"
+            )
+        return result
 
     def pull(
         self,
@@ -320,8 +356,13 @@ class RemoteRegistry:
 
     # -- probe sets --------------------------------------------------------------------------
     def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
-        doc = self._upload("/v1/probes", path)
-        return from_json(ProbeSetInfo, doc["probes"]), bool(doc["created"])
+        doc, sent = self._upload("/v1/probes", path)
+        info = from_json(ProbeSetInfo, doc["probes"])
+        if info.digest != sent:
+            raise errors.IntegrityError(
+                f"the registry at {self.url} stored the probe set as {info.digest}, but this client sent {sent}"
+            )
+        return info, bool(doc["created"])
 
     def probe_sets(self) -> list[ProbeSetInfo]:
         return _list(ProbeSetInfo, self._call("GET", "/v1/probes"))

@@ -23,14 +23,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import revreg
-from revreg.artifacts.artifact import check_name
+from revreg.artifacts.artifact import check_name, check_version
 from revreg.artifacts.canonical import strict_loads
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.stream import ArtifactStream
 from revreg.errors import FormatError, InputError, IntegrityError, RevregError
 from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to_json
 from revreg.registry.db import HEAD
-from revreg.registry.refs import parse_ref
+from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.service import Registry
 from revreg.registry.store import BLOCK, FileBlobStore, Pipeline, StagedBlob, Tap, check_digest
 from revreg.registry.tokens import TokenInfo, Tokens
@@ -234,7 +234,8 @@ RequestId = Annotated[int, FastAPIPath(ge=1, le=2**31 - 1)]
 
 class UploadCheckBody(BaseModel):
     name: str = Field(max_length=128)
-    digest: str = Field(max_length=80)
+    digest: str | None = Field(default=None, max_length=80)
+    version: str | None = Field(default=None, max_length=64)
 
 
 class RefBody(BaseModel):
@@ -471,16 +472,26 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.post("/v1/uploads/check")
     def upload_check(who: Principal, body: UploadCheckBody) -> dict[str, Any]:
-        """Before an upload: is the client allowed to push this name, and is this exact version
-        already stored (then the body need not be sent at all)?"""
+        """Before an upload: is the client allowed to push this name, and is this version (by
+        `version`) or these exact bytes (by `digest`) stored already? By version, the answer
+        names the stored version (and its digest) whether or not its blob is present, so the
+        client can tell "already present" from a conflict without sending the body."""
         who.require("push", check_name(body.name))
-        check_digest(body.digest)
+        if (body.digest is None) == (body.version is None):
+            raise InputError("ask about a version or a digest: send exactly one of `version` and `digest`")
+        if body.digest is not None:
+            check_digest(body.digest)
+            try:
+                info = registry.resolve(f"{body.name}@{body.digest}")
+            except NotFound:
+                return {"stored": False, "version": None}
+            stored = registry.store.exists(body.digest)
+            return {"stored": stored, "version": to_json(info) if stored else None}
         try:
-            info = registry.resolve(f"{body.name}@{body.digest}")
+            info = registry.resolve(Ref(body.name, check_version(body.version or "")), tags=False)
         except NotFound:
             return {"stored": False, "version": None}
-        stored = registry.store.exists(body.digest)
-        return {"stored": stored, "version": to_json(info) if stored else None}
+        return {"stored": registry.store.exists(info.digest), "version": to_json(info)}
 
     @app.get("/v1/artifact")
     def artifact(
