@@ -21,7 +21,24 @@ def make_deterministic(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=False)
+    deterministic_algorithms()
+
+
+def deterministic_algorithms() -> None:
+    """`torch.use_deterministic_algorithms(True)` without its start-up cost.
+
+    The public call does two things: it sets the flag the kernels read (`torch._C`), and it
+    imports the compiler's configuration (`torch._inductor.config`, which pulls in
+    torch._dynamo: about 0.8 s, most of a small model's certification) to set its
+    `deterministic` option. When the compiler is not loaded yet, revreg sets the kernels' flag
+    directly and leaves the compiler's option to its environment variable, which the
+    configuration reads when it is first imported, so a model compiled later in this process is
+    deterministic too. When it is loaded already, the public call costs nothing extra."""
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        return
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    torch._C._set_deterministic_algorithms(True, warn_only=False)
 
 
 def environment(device: str) -> dict[str, Any]:
