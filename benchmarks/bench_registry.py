@@ -1,6 +1,8 @@
 """Registry benchmarks (issue 3), as ratios against anchors measured in the same run.
 
-- push and pull of a ~1 GiB artifact against `cp` of the same file; peak RSS of each;
+- push and pull of a ~1 GiB artifact against `dd conv=fsync` of the same file (a copy as durable
+  as theirs), interleaved pairs, median ratio; a second push of the stored artifact against
+  `openssl dgst -sha256` (one hash pass); peak RSS of each;
 - `revreg ls` over 10,000 versions against `python -c pass` (and a check that torch stays out);
 - 8 concurrent pushers on SQLite and on PostgreSQL: errors other than clean conflicts, throughput.
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -64,55 +67,69 @@ def setup_registry(location: str, store: str | None, keys: Path, env: dict[str, 
 
 
 def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+    """Interleaved pairs: `dd conv=fsync` (a durable copy, as push and pull make), then push; the
+    same anchor, then pull; then a second push of the stored artifact. Ratios per pair, median."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     size = art.stat().st_size
     timed(["cat", str(art)])
-    cps, durable, pushes, pulls = [], [], [], []
+    dst = out / "dd-copy.safetensors"
+
+    def durable_copy() -> float:
+        dst.unlink(missing_ok=True)
+        seconds = timed(["dd", f"if={art}", f"of={dst}", "bs=4M", "conv=fsync", "status=none"])[0]
+        dst.unlink()
+        return seconds
+
+    rows = []
     for i in range(repeat):
         reg = out / f"reg-push-{i}"
         shutil.rmtree(reg, ignore_errors=True)
         setup_registry(str(reg), None, keys, env)
-        dst = out / "cp-copy.safetensors"
-        dst.unlink(missing_ok=True)
-        cps.append(timed(["cp", str(art), str(dst)])[:2])
-        dst.unlink()
-        # The durable anchor: the same copy made to survive a crash, as push and pull do.
-        durable.append(timed(["dd", f"if={art}", f"of={dst}", "bs=4M", "conv=fsync", "status=none"])[0])
-        pushes.append(timed([REVREG, "push", str(art), "--registry", str(reg)], env))
+        dd_push = durable_copy()
+        push = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
+        again = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
         pulled = out / "pulled.safetensors"
         pulled.unlink(missing_ok=True)
-        pulls.append(
-            timed([REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)], env)
+        dd_pull = durable_copy()
+        pull = timed(
+            [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)], env
         )
-        assert pushes[-1][2] == 0 and pulls[-1][2] == 0
+        hash_pass = timed(["openssl", "dgst", "-sha256", str(art)])[0]
+        assert push[2] == 0 and again[2] == 0 and pull[2] == 0
+        rows.append((dd_push, push, again, dd_pull, pull, hash_pass))
         shutil.rmtree(reg)
-    cp_s = min(c[0] for c in cps)
-    push_s = min(p[0] for p in pushes)
-    pull_s = min(p[0] for p in pulls)
+        pulled.unlink()
+    med = statistics.median
     return {
         "artifact_bytes": size,
-        "cp_s": round(cp_s, 3),
-        "push_s": round(push_s, 3),
-        "pull_s": round(pull_s, 3),
-        "durable_copy_s": round(min(durable), 3),
-        "push_speed_vs_durable_copy": round(min(durable) / push_s, 2),
-        "pull_speed_vs_durable_copy": round(min(durable) / pull_s, 2),
-        "push_speed_vs_cp": round(cp_s / push_s, 2),
-        "pull_speed_vs_cp": round(cp_s / pull_s, 2),
-        "push_peak_rss_mib": round(max(p[1] for p in pushes) / 2**20),
-        "pull_peak_rss_mib": round(max(p[1] for p in pulls) / 2**20),
-        "cp_peak_rss_mib": round(max(c[1] for c in cps) / 2**20),
+        "pairs": repeat,
+        "durable_copy_s": round(med(r[0] for r in rows), 3),
+        "push_s": round(med(r[1][0] for r in rows), 3),
+        "pull_s": round(med(r[4][0] for r in rows), 3),
+        "push_vs_durable_copy": round(med(r[0] / r[1][0] for r in rows), 2),
+        "pull_vs_durable_copy": round(med(r[3] / r[4][0] for r in rows), 2),
+        "push_stored_s": round(med(r[2][0] for r in rows), 3),
+        "openssl_sha256_s": round(med(r[5] for r in rows), 3),
+        "push_stored_vs_one_hash_pass": round(med(r[2][0] / r[5] for r in rows), 2),
+        "push_peak_rss_mib": round(max(r[1][1] for r in rows) / 2**20),
+        "pull_peak_rss_mib": round(max(r[4][1] for r in rows) / 2**20),
+        "push_stored_peak_rss_mib": round(max(r[2][1] for r in rows) / 2**20),
+        "raw_s": [
+            [round(r[0], 2), round(r[1][0], 2), round(r[2][0], 2), round(r[3], 2), round(r[4][0], 2)] for r in rows
+        ],
     }
 
 
-def bench_ls(out: Path, keys: Path, env: dict[str, str], versions: int, repeat: int) -> dict:
+def ls_registry(out: Path, keys: Path, env: dict[str, str], versions: int) -> Path:
+    """An embedded registry holding `versions` + 1 versions (rows copied from one real push)."""
     from sqlalchemy import insert, select
 
     from revreg.registry.models import Behavior, Version
     from revreg.registry.service import Registry
 
-    reg_dir = out / "reg-ls"
-    shutil.rmtree(reg_dir, ignore_errors=True)
+    reg_dir = out / f"reg-ls-{versions}"
+    if (reg_dir / "registry.db").exists():
+        return reg_dir
     setup_registry(str(reg_dir), None, keys, env)
     subprocess.run(
         [REVREG, "push", str(artifact(out / "seed.safetensors", keys, "seed", "1.0.0", 1)), "--registry", str(reg_dir)],
@@ -140,6 +157,11 @@ def bench_ls(out: Path, keys: Path, env: dict[str, str], versions: int, repeat: 
             ]
         conn.execute(insert(Version), rows)
     reg.engine.dispose()
+    return reg_dir
+
+
+def bench_ls(out: Path, keys: Path, env: dict[str, str], versions: int, repeat: int) -> dict:
+    reg_dir = ls_registry(out, keys, env, versions)
     baseline = min(timed([sys.executable, "-c", "pass"])[0] for _ in range(repeat))
     ls_runs = [timed([REVREG, "ls", "--registry", str(reg_dir)], env) for _ in range(repeat)]
     assert all(r[2] == 0 for r in ls_runs)
@@ -149,19 +171,22 @@ def bench_ls(out: Path, keys: Path, env: dict[str, str], versions: int, repeat: 
             sys.executable,
             "-c",
             "import sys\nfrom revreg.cli.main import cli\ntry:\n cli.main(['ls', '--registry', "
-            f"{str(reg_dir)!r}])\nexcept SystemExit:\n pass\nprint('torch' in sys.modules, file=sys.stderr)",
+            f"{str(reg_dir)!r}])\nexcept SystemExit:\n pass\nprint('torch' in sys.modules, 'sqlalchemy' in sys.modules,"
+            " file=sys.stderr)",
         ],
         capture_output=True,
         text=True,
         env=env,
     )
+    torch_in, sqlalchemy_in = probe.stderr.strip().splitlines()[-1].split()
     return {
         "versions": versions + 1,
         "python_pass_s": round(baseline, 3),
         "ls_s": round(min(r[0] for r in ls_runs), 3),
         "ls_json_s": round(ls_json, 3),
         "ls_vs_python_pass": round(min(r[0] for r in ls_runs) / baseline, 1),
-        "torch_imported": probe.stderr.strip().splitlines()[-1] == "True",
+        "torch_imported": torch_in == "True",
+        "sqlalchemy_imported": sqlalchemy_in == "True",
     }
 
 
@@ -229,7 +254,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--versions", type=int, default=10000)
     parser.add_argument("--pushers", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--only", choices=["pushpull", "ls", "concurrency"], default=None)
     args = parser.parse_args()

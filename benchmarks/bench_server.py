@@ -5,7 +5,7 @@
 - 16 concurrent clients against one server on PostgreSQL: errors other than clean conflicts,
   and throughput.
 
-    python benchmarks/bench_server.py [--gib 1] [--clients 16] [--repeat 3] [--out bench-out]
+    python benchmarks/bench_server.py [--gib 1] [--clients 16] [--repeat 5] [--only transfer|clients] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -56,10 +57,14 @@ def token(location: str, env: dict[str, str]) -> str:
 
 
 def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+    """Interleaved rounds: push + pull through the local registry, then the same over loopback
+    HTTP; ratios per round (local time / remote time), median. Also a second remote push of the
+    stored artifact (one local hash pass and one request: no body is sent)."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     timed(["cat", str(art)])
-    local_push, local_pull, remote_push, remote_pull = [], [], [], []
+    rounds = []
     for i in range(repeat):
+        times: dict[str, float] = {}
         for kind in ("local", "remote"):
             reg = out / f"reg-{kind}-{i}"
             shutil.rmtree(reg, ignore_errors=True)
@@ -72,24 +77,32 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
             dest = out / "pulled.safetensors"
             dest.unlink(missing_ok=True)
             push = timed([REVREG, "push", str(art), "--registry", location], e)
+            again = timed([REVREG, "push", str(art), "--registry", location], e)
             pull = timed(
                 [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(dest), "--registry", location], e
             )
-            assert push[2] == 0 and pull[2] == 0, kind
-            (local_push if kind == "local" else remote_push).append(push[0])
-            (local_pull if kind == "local" else remote_pull).append(pull[0])
+            assert push[2] == 0 and again[2] == 0 and pull[2] == 0, kind
+            times |= {f"{kind}_push": push[0], f"{kind}_push_stored": again[0], f"{kind}_pull": pull[0]}
+            times[f"{kind}_rss"] = max(push[1], pull[1])
             if server:
                 server.terminate()
                 server.wait()
             shutil.rmtree(reg)
+            dest.unlink(missing_ok=True)
+        rounds.append(times)
+    med = statistics.median
     return {
         "artifact_bytes": art.stat().st_size,
-        "local_push_s": round(min(local_push), 3),
-        "remote_push_s": round(min(remote_push), 3),
-        "local_pull_s": round(min(local_pull), 3),
-        "remote_pull_s": round(min(remote_pull), 3),
-        "remote_push_speed_vs_local": round(min(local_push) / min(remote_push), 2),
-        "remote_pull_speed_vs_local": round(min(local_pull) / min(remote_pull), 2),
+        "rounds": repeat,
+        "local_push_s": round(med(r["local_push"] for r in rounds), 3),
+        "remote_push_s": round(med(r["remote_push"] for r in rounds), 3),
+        "local_pull_s": round(med(r["local_pull"] for r in rounds), 3),
+        "remote_pull_s": round(med(r["remote_pull"] for r in rounds), 3),
+        "remote_push_speed_vs_local": round(med(r["local_push"] / r["remote_push"] for r in rounds), 2),
+        "remote_pull_speed_vs_local": round(med(r["local_pull"] / r["remote_pull"] for r in rounds), 2),
+        "remote_push_stored_s": round(med(r["remote_push_stored"] for r in rounds), 3),
+        "local_push_stored_s": round(med(r["local_push_stored"] for r in rounds), 3),
+        "client_peak_rss_mib": round(max(r["remote_rss"] for r in rounds) / 2**20),
     }
 
 
@@ -150,14 +163,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--only", choices=["transfer", "clients"], default=None)
     args = parser.parse_args()
     out, keys, env = workspace(args.out)
-    results = {"transfer": bench_transfer(out, keys, env, args.gib, args.repeat)}
-    print(json.dumps(results["transfer"], indent=1), flush=True)
-    results["clients"] = bench_clients(out, keys, env, args.clients)
-    print(json.dumps(results["clients"], indent=1), flush=True)
+    results = {}
+    if args.only in (None, "transfer"):
+        results["transfer"] = bench_transfer(out, keys, env, args.gib, args.repeat)
+        print(json.dumps(results["transfer"], indent=1), flush=True)
+    if args.only in (None, "clients"):
+        results["clients"] = bench_clients(out, keys, env, args.clients)
+        print(json.dumps(results["clients"], indent=1), flush=True)
     (out / "server.json").write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -21,8 +21,11 @@ from typing import Any, BinaryIO
 from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
-BLOCK = 4 << 20
-PIPELINE_BLOCKS = 8
+# Small blocks stay in the CPU caches between the stages that touch them (read, sha256, tensor
+# hashes, write): 256 KiB blocks make a durable one-pass copy about 1.5x faster here than 4 MiB
+# ones, which each stage read back from memory (docs/performance.md).
+BLOCK = 256 << 10
+PIPELINE_BLOCKS = 16
 FLUSH_EVERY = 64 << 20
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row

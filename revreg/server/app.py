@@ -32,7 +32,7 @@ from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to
 from revreg.registry.db import HEAD
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.service import Registry
-from revreg.registry.store import BLOCK, FileBlobStore, Pipeline, StagedBlob, Tap, check_digest
+from revreg.registry.store import FileBlobStore, Pipeline, StagedBlob, Tap, check_digest
 from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
@@ -55,6 +55,11 @@ async def _refuse(send: Send, status: int, kind: str, message: str, extra: Seque
     headers = [(b"content-type", b"application/json"), (b"connection", b"close"), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# The event loop hands the upload body to the pipeline's threads in pieces this large (one thread
+# hop each); the pipeline cuts them into its own blocks.
+HANDOFF = 4 << 20
 
 
 class Guard:
@@ -387,7 +392,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     async def receive_upload(request: Request, digest: str | None, tap: Tap | None = None) -> StagedBlob:
         """Stream the body into the store's staging area in one pass, off the event loop: the
-        loop only gathers the body into blocks; writing (fdatasync every 64 MiB, fsync at the
+        loop only gathers the body into HANDOFF-sized pieces; writing (fdatasync every 64 MiB, fsync at the
         end), the sha256 and `tap` (an artifact's checks) run on the pipeline's threads, as a
         local push does. `digest`, when declared, must match what arrived."""
         if digest is not None:
@@ -403,7 +408,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
                         if refused is not None:
                             continue  # read the rest (the body limit still answers 413), store nothing
                         block += chunk
-                        if len(block) >= BLOCK:
+                        if len(block) >= HANDOFF:
                             # Hands over a whole block; waits off the loop while the disk is behind.
                             try:
                                 await run_in_threadpool(pipe.write, bytes(block))
