@@ -127,3 +127,34 @@ def test_stored_timestamps_parse_as_utc():
 def test_missing_registry_is_input_error(tmp_path: Path):
     with pytest.raises(InputError, match="no registry at"):
         ls_sqlite(tmp_path / "registry.db", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "corruption",
+    [
+        "DROP TABLE tags",
+        "ALTER TABLE versions DROP COLUMN yank_reason",
+        "UPDATE versions SET size = 'abc'",
+        "UPDATE versions SET pushed_at = 12345 WHERE version = '1.0.1'",
+    ],
+)
+def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, registry, keys_dir: Path, tmp_path, corruption):
+    if not registry.location.is_sqlite:
+        pytest.skip("the damage is written with sqlite3")
+    for i in range(2):
+        registry.push(make_artifact(tmp_path / f"a{i}.safetensors", keys_dir, f"1.0.{i}", seed=i))
+    directory = registry.location.directory
+    with sqlite3.connect(directory / "registry.db") as conn:
+        conn.execute(corruption)
+    cli = run("ls", "--registry", directory)
+    assert cli.exit_code == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    assert "Traceback" not in cli.stderr
+    with pytest.raises(SchemaError):
+        registry.ls()
+
+
+def test_ls_of_sqlalchemy_only_sqlite_urls_creates_nothing(run, tmp_path: Path):
+    for url in (f"sqlite:///{tmp_path / 'a.db'}?timeout=1", f"sqlite+pysqlite:///{tmp_path / 'b.db'}"):
+        result = run("ls", "--registry", url)
+        assert result.exit_code == 2 and "create one with `revreg init`" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]

@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from revreg.artifacts.attestation import sign_certification
 from revreg.artifacts.keys import Keyring
-from revreg.errors import IntegrityError, SignatureError
+from revreg.errors import InputError, IntegrityError, SignatureError
 from revreg.registry.policy import GateError
 from revreg.registry.service import ConflictError, NotFound, Registry, StateError
 from tests.conftest import make_artifact, minimal_predicate
@@ -271,3 +271,58 @@ def test_embedded_registry_uses_wal_and_foreign_keys(tmp_path: Path):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["append", "header_length", "manifest_byte", "truncate_header", "empty"],
+)
+def test_pull_of_a_blob_damaged_anywhere_is_corruption_not_bad_input(
+    registry: Registry, keys_dir: Path, tmp_path: Path, damage: str
+):
+    """The header is now parsed as the blob streams; damage there is still the registry's
+    corruption (IntegrityError, exit 1, with the fsck hint), never the user's bad input."""
+    import struct
+
+    info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    blob = registry.store.path(info.digest)
+    data = bytearray(blob.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    if damage == "append":
+        data += b"\0"
+    elif damage == "header_length":
+        data[:8] = struct.pack("<Q", 1 << 30)
+    elif damage == "manifest_byte":
+        data[8 + n // 2] ^= 0x01
+    elif damage == "truncate_header":
+        data = data[: 8 + n // 2]
+    else:
+        data = bytearray()
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(IntegrityError, match="stored blob for demo:1.0.0 is corrupt.*run `revreg fsck`"):
+        registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_a_push_from_a_pipe_is_checked_as_it_streams(registry: Registry, keys_dir: Path, tmp_path: Path):
+    import os
+    import threading
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir).read_bytes()
+    for payload, ok in ((art, True), (art[: len(art) // 2], False), (art[:-1] + bytes([art[-1] ^ 1]), False)):
+        read_end, write_end = os.pipe()
+        writer = threading.Thread(target=lambda p=payload, w=write_end: (os.write(w, p), os.close(w)))
+        writer.start()
+        try:
+            if ok:
+                assert registry.push(Path(f"/dev/fd/{read_end}")).version.ref == "demo:1.0.0"
+            else:
+                with pytest.raises((IntegrityError, InputError)):
+                    registry.push(Path(f"/dev/fd/{read_end}"))
+        finally:
+            writer.join()
+            os.close(read_end)
+    assert [v.ref for v in registry.ls()] == ["demo:1.0.0"]
+    assert list(registry.store.staging_dir.iterdir()) == []

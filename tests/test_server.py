@@ -322,3 +322,46 @@ def test_upload_check_asks_about_exactly_one_thing(served):
         f"{served['url']}/v1/uploads/check", json={"name": "demo", "version": "../x"}, headers=headers
     )
     assert response.status_code == 400
+
+
+def test_a_key_revoked_while_its_upload_streams_stores_nothing(served, keys_dir: Path, tmp_path: Path):
+    """The signature is checked on the header, before the data; a revocation that lands while
+    the body is still arriving must still refuse the push (checked again when it is recorded)."""
+    data = make_artifact(
+        tmp_path / "a.safetensors", keys_dir, size=1 << 20
+    ).read_bytes()  # 4 MiB, under the 8 MiB limit
+    parts = urlsplit(served["url"])
+    with socket.create_connection((parts.hostname, parts.port)) as s:
+        s.sendall(
+            (
+                f"PUT /v1/artifacts HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {served['tokens']['ci']}"
+                f"\r\nX-Revreg-Name: demo\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            + data[: len(data) // 2]
+        )
+        time.sleep(0.5)  # the header has arrived and been accepted
+        served["registry"].revoke_key("alice", "compromised")
+        s.sendall(data[len(data) // 2 :])
+        s.settimeout(30)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 4") and b"revoked key alice" in answer
+    _nothing_stored(served["registry"])
+
+
+def test_upload_check_by_version_tells_a_push_only_token_no_record(served, keys_dir: Path, tmp_path: Path, run):
+    from revreg.registry.remote import RemoteRegistry
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, name="team-a.tone")
+    assert RemoteRegistry(served["url"], token=served["tokens"]["ci"]).push(art).created
+    pusher = Tokens(served["registry"]).create("pusher", ["push:team-a"])[0]
+    answer = httpx.post(
+        f"{served['url']}/v1/uploads/check",
+        json={"name": "team-a.tone", "version": "1.0.0"},
+        headers={"Authorization": f"Bearer {pusher}"},
+    ).json()
+    assert answer == {"stored": False, "version": None, "exists": True}
+    # The client then asks about the bytes it holds, and needs no body for a stored version.
+    again = RemoteRegistry(served["url"], token=pusher).push(art)
+    assert not again.created and again.version.ref == "team-a.tone:1.0.0"

@@ -135,3 +135,18 @@ def test_pipeline_matches_plain_hashing_on_odd_sizes(tmp_path: Path):
         assert n == size and (tmp_path / "d").read_bytes() == payload
         with open(src, "rb") as fh:
             assert digest_of(fh) == (digest, size)
+
+
+def test_a_durable_copy_flushes_as_it_goes(tmp_path: Path):
+    """fdatasync every FLUSH_EVERY bytes while the copy runs, so the final fsync waits for the
+    last stretch only."""
+    from revreg.registry.store import FLUSH_EVERY
+
+    size = 2 * FLUSH_EVERY + BLOCK
+    with open(tmp_path / "d", "w+b", buffering=0) as sink:
+        pipe = Pipeline(sink, durable=True)
+        chunk = bytes(BLOCK)
+        for _ in range(size // BLOCK):
+            pipe.write(chunk)
+        pipe.close()
+    assert pipe.flushes == 2 and (tmp_path / "d").stat().st_size == size

@@ -15,7 +15,7 @@ from revreg.artifacts.artifact import Artifact, read_tensors, verify_signature
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.peft_io import write_peft
 from revreg.artifacts.stream import ArtifactStream
-from revreg.errors import InputError, IntegrityError, RevregError
+from revreg.errors import FormatError, InputError, IntegrityError, RevregError
 from revreg.registry.api import VersionInfo
 from revreg.registry.store import Tap
 
@@ -70,16 +70,19 @@ def deliver(
         return signer
 
     stream = ArtifactStream(tmp, label, info.size, check_header)
+    hint = " (run `revreg fsck`)" if source == "stored blob" else ""
     try:
-        with os.fdopen(fd, "r+b", buffering=0) as sink, renamed_in_errors(tmp, label):
-            digest = fill(sink, stream)
-        if digest != info.digest:
-            raise IntegrityError(
-                f"{label} is corrupt: expected {info.digest}, read {digest}"
-                + (" (run `revreg fsck`)" if source == "stored blob" else "")
-            )
-        with renamed_in_errors(tmp, label):
-            artifact = stream.finish()
+        try:
+            with os.fdopen(fd, "r+b", buffering=0) as sink, renamed_in_errors(tmp, label):
+                digest = fill(sink, stream)
+            if digest != info.digest:
+                raise IntegrityError(f"{label} is corrupt: expected {info.digest}, read {digest}{hint}")
+            with renamed_in_errors(tmp, label):
+                artifact = stream.finish()
+        except FormatError as exc:
+            # The registry's own bytes (or its server's answer) that do not parse are damage, not
+            # the user's bad input: a failed check (exit 1), like any other digest mismatch.
+            raise IntegrityError(f"{label} is corrupt: {exc}{hint}") from exc
         if fmt == "peft":
             write_peft(artifact.manifest, read_tensors(tmp), dest)
         else:

@@ -71,11 +71,21 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
         rows = cur.fetchall()
     finally:
         cur.close()
+    try:
+        out = _infos(rows, names, revoked, tags)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"the registry database holds a value of the wrong type ({exc})") from exc
+    if name is not None and not out:
+        raise NotFound(f"no behavior named {name!r}")
+    return out
+
+
+def _infos(rows: list[Any], names: dict[str, str], revoked: set[str], tags: dict[int, list[str]]) -> list[VersionInfo]:
     # Ordered here, not by the database: by code point on every backend (PostgreSQL would sort
     # names by its collation), and quicker than SQLite's temporary sort tree.
     rows.sort(key=_ORDER)
     sorted_tags = {version_id: tuple(sorted(t)) for version_id, t in tags.items()}
-    out = [
+    return [
         VersionInfo(
             behavior,
             version,
@@ -93,9 +103,13 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
         )
         for version_id, behavior, version, digest, size, state, base, signer, pushed_at, pushed_by, yank_reason in rows
     ]
-    if name is not None and not out:
-        raise NotFound(f"no behavior named {name!r}")
-    return out
+
+
+def unreachable(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite's OperationalError means the database could not be used now (locked,
+    busy, unreadable) rather than that it is not a registry (a table or column missing)."""
+    text = str(exc).lower()
+    return not text.startswith(("no such table", "no such column"))
 
 
 def sqlite_file(location: str) -> Path | None:
@@ -145,7 +159,9 @@ def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionIn
         finally:
             conn.execute("COMMIT")
     except sqlite3.OperationalError as exc:
-        raise Unreachable(f"registry database error at {where}: {exc}") from exc
+        if unreachable(exc):
+            raise Unreachable(f"registry database error at {where}: {exc}") from exc
+        raise SchemaError(f"the database at {where} is not a registry this revreg can read: {exc}") from exc
     except sqlite3.DatabaseError as exc:
         raise SchemaError(f"cannot read the registry database at {where}: {exc}") from exc
     finally:

@@ -156,10 +156,15 @@ class RemoteRegistry:
         thread.start()
 
         def body() -> Iterator[bytes]:
-            while block := fh.read(BLOCK):
+            sent = 0
+            while sent < size and (block := fh.read(min(BLOCK, size - sent))):
                 blocks.put(block)  # bytes are immutable: hashed there while sent here
                 progress.advance(len(block))
+                sent += len(block)
                 yield block
+            if sent != size or fh.read(1):
+                # Content-Length was promised: a file that changed size cannot be sent as it is.
+                raise errors.InputError(f"{file} changed while it was being pushed; push it again")
 
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream", **(extra or {})}
         try:
@@ -251,8 +256,7 @@ class RemoteRegistry:
         artifact = open_artifact(path)
         m = artifact.manifest
         check = self._call("POST", "/v1/uploads/check", json={"name": m.name, "version": m.version})
-        if check.get("version") is not None:
-            info = from_json(VersionInfo, check["version"])
+        if check.get("exists") or check.get("version") is not None:
             try:
                 with open(path, "rb") as fh:
                     # One pass: the file's digest, and its tensors (damage is named as such).
@@ -261,12 +265,19 @@ class RemoteRegistry:
                     stream.finish()
             except OSError as exc:
                 raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
-            if digest != info.digest:
-                raise ConflictError(
-                    f"{info.ref} already exists with digest {info.digest}; versions are immutable, push a new version"
-                )
-            if check.get("stored"):
-                return PushResult(info, False)
+            if check.get("version") is None:  # a push-only token: ask about these exact bytes
+                check = self._call("POST", "/v1/uploads/check", json={"name": m.name, "digest": digest})
+                if check.get("stored"):
+                    return PushResult(from_json(VersionInfo, check["version"]), False)
+            else:
+                info = from_json(VersionInfo, check["version"])
+                if digest != info.digest:
+                    raise ConflictError(
+                        f"{info.ref} already exists with digest {info.digest}; "
+                        "versions are immutable, push a new version"
+                    )
+                if check.get("stored"):
+                    return PushResult(info, False)
         doc, sent = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
         result = PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
         if result.version.digest != sent:

@@ -10,6 +10,8 @@ import getpass
 import json
 import os
 import socket
+import sqlite3
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -71,6 +73,7 @@ from revreg.registry.models import (
 )
 from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
 from revreg.registry.reader import list_versions
+from revreg.registry.reader import unreachable as sqlite_unreachable
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
     DEFAULT_GRACE,
@@ -150,6 +153,12 @@ class Registry:
         loc = resolve(location)
         if loc.directory is not None and not (loc.directory / "registry.db").exists():
             raise InputError(f"no registry at {loc.directory}: create one with `revreg init`")
+        if loc.directory is None and loc.is_sqlite:
+            from sqlalchemy.engine import make_url
+
+            database = make_url(loc.url).database  # connecting would create a missing file
+            if database and database != ":memory:" and not Path(database).is_file():
+                raise InputError(f"no registry at {loc.describe()}: create one with `revreg init`")
         engine = make_engine(loc)
         check_schema(engine, loc)
         with Session(engine) as s:
@@ -351,7 +360,10 @@ class Registry:
         except OSError as exc:
             raise InputError(f"cannot read {path}: {exc.strerror}") from exc
         with source:
-            size = os.fstat(source.fileno()).st_size
+            st = os.fstat(source.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return self._push_stream(source, path)
+            size = st.st_size
             planned = open_artifact(path)
             signer = self._signed_by(planned, str(path))
             m = planned.manifest
@@ -385,6 +397,19 @@ class Registry:
             ):
                 streams[0].finish()
                 return self._record(staged, planned, signer)
+
+    def _push_stream(self, source: BinaryIO, path: Path) -> PushResult:
+        """A push from a pipe (`revreg push /dev/stdin`): it can be read only once and has no
+        size, so its header is checked as it streams (as a server upload is), with no
+        existence check before the copy."""
+        streams: list[ArtifactStream] = []
+
+        def tap(staging: Path) -> ArtifactStream:
+            streams.append(ArtifactStream(staging, str(path), None, lambda a: self._signed_by(a, str(path))))
+            return streams[-1]
+
+        with self.store.stage(source, f"push {path.name}", tap) as staged:
+            return self.push_streamed(staged, streams[0])
 
     def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
         """Check and store an artifact already streamed into the store's staging area but not
@@ -440,6 +465,14 @@ class Registry:
         self.store.commit(staged)
         try:
             with self.transaction() as s:
+                # The signature was checked on the header, before the data arrived; a revocation
+                # since then (this transaction sees every committed one) refuses the push.
+                revoked = self._revoked(s, [signer.keyid])
+                if revoked is not None:
+                    raise SignatureError(
+                        f"{m.name}:{m.version} is signed by revoked key {revoked.name} ({revoked.keyid}): "
+                        f"{revoked.revoked_reason}; nothing was stored"
+                    )
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                 _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                 behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
@@ -566,6 +599,8 @@ class Registry:
                 try:
                     return list_versions(conn.connection.driver_connection, name)
                 except dbapi.OperationalError as exc:
+                    if isinstance(exc, sqlite3.OperationalError) and not sqlite_unreachable(exc):
+                        raise SchemaError(f"the registry database is not one this revreg can read: {exc}") from exc
                     raise Unreachable(f"registry database error: {_first_line(exc)}") from exc
                 except dbapi.DataError as exc:  # a value the database cannot hold (NUL in PostgreSQL text)
                     raise InputError(f"the registry database refused a value ({_first_line(exc)})") from exc

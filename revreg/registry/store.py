@@ -224,6 +224,7 @@ class Pipeline:
         self._pending: bytearray | None = None
         self._filled = 0
         self._since_flush = 0
+        self.flushes = 0  # fdatasync calls made before the final fsync
         self._error: BaseException | None = None
         self._closed = False
         stages: list[Callable[[memoryview], None]] = [self._h.update]
@@ -254,11 +255,12 @@ class Pipeline:
 
     def _write(self, view: memoryview) -> None:
         assert self.sink is not None
+        n = len(view)
         while len(view):
             written = self.sink.write(view)
             view = view[written if written is not None else len(view) :]
         if self.durable:
-            self._since_flush += len(view)
+            self._since_flush += n
             if self._since_flush >= FLUSH_EVERY:
                 self.sink.flush()
                 self._flushes.put(True)  # the flusher thread makes it durable while we go on
@@ -269,6 +271,7 @@ class Pipeline:
         fd = self.sink.fileno()
         while self._flushes.get() is not None:
             os.fdatasync(fd)
+            self.flushes += 1
 
     def _run(self, stage: Callable[[memoryview], None], q: queue.Queue[tuple[bytearray, int] | None]) -> None:
         while (item := q.get()) is not None:

@@ -478,9 +478,10 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.post("/v1/uploads/check")
     def upload_check(who: Principal, body: UploadCheckBody) -> dict[str, Any]:
         """Before an upload: is the client allowed to push this name, and is this version (by
-        `version`) or these exact bytes (by `digest`) stored already? By version, the answer
-        names the stored version (and its digest) whether or not its blob is present, so the
-        client can tell "already present" from a conflict without sending the body."""
+        `version`) or these exact bytes (by `digest`) stored already? By version, a token that
+        may also read the name gets the stored version (and its digest) whether or not its blob
+        is present, so the client can tell "already present" from a conflict without sending
+        the body; a push-only token gets only whether it exists."""
         who.require("push", check_name(body.name))
         if (body.digest is None) == (body.version is None):
             raise InputError("ask about a version or a digest: send exactly one of `version` and `digest`")
@@ -495,8 +496,12 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         try:
             info = registry.resolve(Ref(body.name, check_version(body.version or "")), tags=False)
         except NotFound:
-            return {"stored": False, "version": None}
-        return {"stored": registry.store.exists(info.digest), "version": to_json(info)}
+            return {"stored": False, "version": None, "exists": False}
+        if not who.allows("read", body.name):
+            # A push-only token learns that the version exists (its push would conflict or be a
+            # no-op anyway), not its record: it asks again by the digest of the bytes it holds.
+            return {"stored": False, "version": None, "exists": True}
+        return {"stored": registry.store.exists(info.digest), "version": to_json(info), "exists": True}
 
     @app.get("/v1/artifact")
     def artifact(
