@@ -1,0 +1,101 @@
+"""The one-pass pipeline in-process (issue 17): why its blocks are 256 KiB.
+
+- sha256 throughput of this machine's hashlib on data in cache (16 KiB updates of one buffer)
+  and on data read back from memory (one 256 MiB buffer), and blake3's on one core;
+- a durable one-pass copy of a 1 GiB artifact (write + file sha256 + every tensor's digests,
+  `store.copy_hashing` with the `artifacts.stream` tap) with 256 KiB blocks against 4 MiB blocks,
+  interleaved, median of --repeat; and the same pass with nothing written (a stored push).
+
+    python benchmarks/bench_pipeline.py [--gib 1] [--repeat 5] [--out bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from bench_registry import artifact
+from measure import workspace
+
+import revreg.registry.store as store
+from revreg.artifacts.stream import ArtifactStream
+
+
+def sha256_rates() -> dict:
+    small = os.urandom(16 << 10)
+    h, t = hashlib.sha256(), time.perf_counter()
+    for _ in range(16384):
+        h.update(small)
+    in_cache = 0.25 / (time.perf_counter() - t)
+    big = os.urandom(256 << 20)
+    t = time.perf_counter()
+    hashlib.sha256(big).digest()
+    from_memory = 0.25 / (time.perf_counter() - t)
+    import blake3
+
+    t = time.perf_counter()
+    blake3.blake3(big).digest()  # one thread (AVX-512 where the CPU has it)
+    blake3_one_core = 0.25 / (time.perf_counter() - t)
+    return {
+        "sha256_in_cache_gib_s": round(in_cache, 2),
+        "sha256_from_memory_gib_s": round(from_memory, 2),
+        "blake3_one_core_from_memory_gib_s": round(blake3_one_core, 2),
+    }
+
+
+def one_pass(src: Path, out: Path | None, block: int, blocks: int) -> float:
+    store.BLOCK, store.PIPELINE_BLOCKS = block, blocks
+    size = src.stat().st_size
+    if out is not None:
+        out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    with open(src, "rb") as fh:
+        tap = ArtifactStream(out or src, "bench", size)
+        if out is None:
+            store.copy_hashing(fh, None, tap=tap)
+        else:
+            with open(out, "w+b", buffering=0) as sink:
+                store.copy_hashing(fh, sink, durable=True, tap=tap)
+        tap.finish()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    out, keys, _ = workspace(args.out)
+    src = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(args.gib * 1024))
+    dst = out / "pipeline.out"
+    default = (store.BLOCK, store.PIPELINE_BLOCKS)
+    shapes = {"256KiB x 16": (256 << 10, 16), "4MiB x 8": (4 << 20, 8)}
+    durable: dict[str, list[float]] = {k: [] for k in shapes}
+    read_only: dict[str, list[float]] = {k: [] for k in shapes}
+    one_pass(src, None, *default)  # page cache
+    for _ in range(args.repeat):
+        for name, shape in shapes.items():
+            durable[name].append(one_pass(src, dst, *shape))
+            read_only[name].append(one_pass(src, None, *shape))
+    dst.unlink(missing_ok=True)
+    results = {
+        **sha256_rates(),
+        "artifact_bytes": src.stat().st_size,
+        "durable_one_pass_s": {k: round(statistics.median(v), 3) for k, v in durable.items()},
+        "stored_push_pass_s": {k: round(statistics.median(v), 3) for k, v in read_only.items()},
+        "durable_speedup_256KiB_over_4MiB": round(
+            statistics.median(b / a for a, b in zip(durable["256KiB x 16"], durable["4MiB x 8"], strict=True)), 2
+        ),
+    }
+    print(json.dumps(results, indent=1))
+    (out / "pipeline.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
