@@ -4,7 +4,8 @@
   and on data read back from memory (one 256 MiB buffer), and blake3's on one core;
 - a durable one-pass copy of a 1 GiB artifact (write + file sha256 + every tensor's digests,
   `store.copy_hashing` with the `artifacts.stream` tap) with 256 KiB blocks against 4 MiB blocks,
-  interleaved, median of --repeat; and the same pass with nothing written (a stored push).
+  interleaved, median of --repeat; the same pass with `fdatasync` every 16 MiB, every 64 MiB or
+  only at the end; and the same pass with nothing written (a stored push).
 
     python benchmarks/bench_pipeline.py [--gib 1] [--repeat 5] [--out bench-out]
 """
@@ -48,8 +49,8 @@ def sha256_rates() -> dict:
     }
 
 
-def one_pass(src: Path, out: Path | None, block: int, blocks: int) -> float:
-    store.BLOCK, store.PIPELINE_BLOCKS = block, blocks
+def one_pass(src: Path, out: Path | None, block: int, blocks: int, flush: int = store.FLUSH_EVERY) -> float:
+    store.BLOCK, store.PIPELINE_BLOCKS, store.FLUSH_EVERY = block, blocks, flush
     size = src.stat().st_size
     if out is not None:
         out.unlink(missing_ok=True)
@@ -76,6 +77,8 @@ def main() -> None:
     dst = out / "pipeline.out"
     default = (store.BLOCK, store.PIPELINE_BLOCKS)
     shapes = {"256KiB x 16": (256 << 10, 16), "4MiB x 8": (4 << 20, 8)}
+    flushes = {"every 16 MiB": 16 << 20, "every 64 MiB": 64 << 20, "once, at the end": 1 << 62}
+    flushed: dict[str, list[float]] = {k: [] for k in flushes}
     durable: dict[str, list[float]] = {k: [] for k in shapes}
     read_only: dict[str, list[float]] = {k: [] for k in shapes}
     one_pass(src, None, *default)  # page cache
@@ -83,12 +86,15 @@ def main() -> None:
         for name, shape in shapes.items():
             durable[name].append(one_pass(src, dst, *shape))
             read_only[name].append(one_pass(src, None, *shape))
+        for name, every in flushes.items():
+            flushed[name].append(one_pass(src, dst, *default, flush=every))
     dst.unlink(missing_ok=True)
     results = {
         **sha256_rates(),
         "artifact_bytes": src.stat().st_size,
         "durable_one_pass_s": {k: round(statistics.median(v), 3) for k, v in durable.items()},
         "stored_push_pass_s": {k: round(statistics.median(v), 3) for k, v in read_only.items()},
+        "durable_one_pass_by_fdatasync_interval_s": {k: round(statistics.median(v), 3) for k, v in flushed.items()},
         "durable_speedup_256KiB_over_4MiB": round(
             statistics.median(b / a for a, b in zip(durable["256KiB x 16"], durable["4MiB x 8"], strict=True)), 2
         ),

@@ -26,7 +26,7 @@ from revreg.errors import InputError, IntegrityError
 # ones, which each stage read back from memory (docs/performance.md).
 BLOCK = 256 << 10
 PIPELINE_BLOCKS = 16
-FLUSH_EVERY = 64 << 20
+FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 MiB beat 64 MiB and a single fsync here
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
 # has committed (the lock follows the file through the rename into the store).

@@ -392,9 +392,9 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     async def receive_upload(request: Request, digest: str | None, tap: Tap | None = None) -> StagedBlob:
         """Stream the body into the store's staging area in one pass, off the event loop: the
-        loop only gathers the body into HANDOFF-sized pieces; writing (fdatasync every 64 MiB, fsync at the
-        end), the sha256 and `tap` (an artifact's checks) run on the pipeline's threads, as a
-        local push does. `digest`, when declared, must match what arrived."""
+        loop only gathers the body into HANDOFF-sized pieces; writing (fdatasync as it goes,
+        fsync at the end), the sha256 and `tap` (an artifact's checks) run on the pipeline's
+        threads, as a local push does. `digest`, when declared, must match what arrived."""
         if digest is not None:
             check_digest(digest)
         path, request.state.revreg_lock = registry.store.create_staging()
