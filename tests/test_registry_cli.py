@@ -119,3 +119,5 @@ def test_ls_does_not_import_torch(run, keys_dir: Path, tmp_path: Path):
     )
     mods = _modules_after(code)
     assert "torch" not in mods and "revreg.registry.reader" in mods
+    # An embedded registry is listed through sqlite3 alone: no SQLAlchemy, no cryptography.
+    assert not {m for m in mods if m.split(".")[0] in ("sqlalchemy", "cryptography", "numpy")}
