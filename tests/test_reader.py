@@ -119,6 +119,14 @@ def test_missing_registry_is_input_error(tmp_path: Path):
         "ALTER TABLE versions DROP COLUMN yank_reason",
         "UPDATE versions SET size = 'abc'",
         "UPDATE versions SET pushed_at = 12345 WHERE version = '1.0.1'",
+        "UPDATE versions SET digest = X'00ff'",
+        "UPDATE versions SET state = X'01'",
+        "UPDATE tags SET tag = X'01'",
+        "UPDATE keys SET name = X'01'",
+        "UPDATE versions SET size = 9e999",
+        "UPDATE versions SET pushed_at = '9999-12-31T23:00:00-14:00'",
+        "ALTER TABLE versions RENAME TO v0; CREATE VIEW versions AS SELECT * FROM v0 WHERE nosuchfn(id)",
+        "DROP TABLE keys",
     ],
 )
 def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, registry, keys_dir: Path, tmp_path, corruption):
@@ -126,12 +134,14 @@ def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, registry, key
         pytest.skip("the damage is written with sqlite3")
     for i in range(2):
         registry.push(make_artifact(tmp_path / f"a{i}.safetensors", keys_dir, f"1.0.{i}", seed=i))
+    registry.tag("demo:1.0.0", "stable")
     directory = registry.location.directory
     with sqlite3.connect(directory / "registry.db") as conn:
-        conn.execute(corruption)
-    cli = run("ls", "--registry", directory)
-    assert cli.exit_code == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
-    assert "Traceback" not in cli.stderr
+        conn.executescript(corruption)
+    for args in (("ls",), ("ls", "--json")):
+        cli = run(*args, "--registry", directory)
+        assert cli.exit_code == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+        assert "Traceback" not in cli.stderr
     with pytest.raises(SchemaError):
         registry.ls()
 

@@ -326,3 +326,26 @@ def test_a_push_from_a_pipe_is_checked_as_it_streams(registry: Registry, keys_di
             os.close(read_end)
     assert [v.ref for v in registry.ls()] == ["demo:1.0.0"]
     assert list(registry.store.staging_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["directory", "fifo", "symlink"])
+def test_pull_of_a_blob_that_is_not_a_file_is_corruption_and_never_hangs(
+    registry: Registry, keys_dir: Path, tmp_path: Path, planted: str
+):
+    import os
+
+    info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    blob = registry.store.path(info.digest)
+    copy = tmp_path / "real"
+    copy.write_bytes(blob.read_bytes())
+    blob.unlink()
+    if planted == "directory":
+        blob.mkdir()
+    elif planted == "fifo":
+        os.mkfifo(blob)
+    else:
+        blob.symlink_to(copy)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(IntegrityError, match="run `revreg fsck`"):
+        registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

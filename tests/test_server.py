@@ -362,6 +362,13 @@ def test_upload_check_by_version_tells_a_push_only_token_no_record(served, keys_
         headers={"Authorization": f"Bearer {pusher}"},
     ).json()
     assert answer == {"stored": False, "version": None, "exists": True}
-    # The client then asks about the bytes it holds, and needs no body for a stored version.
+    # By digest it learns nothing either (knowing a digest is not holding the bytes) ...
+    by_digest = httpx.post(
+        f"{served['url']}/v1/uploads/check",
+        json={"name": "team-a.tone", "digest": "sha256:" + __import__("hashlib").sha256(art.read_bytes()).hexdigest()},
+        headers={"Authorization": f"Bearer {pusher}"},
+    ).json()
+    assert by_digest == {"stored": False, "version": None}
+    # ... so it sends the bytes, and the upload's answer is the version those bytes are.
     again = RemoteRegistry(served["url"], token=pusher).push(art)
     assert not again.created and again.version.ref == "team-a.tone:1.0.0"

@@ -82,7 +82,8 @@ def deliver(
         except FormatError as exc:
             # The registry's own bytes (or its server's answer) that do not parse are damage, not
             # the user's bad input: a failed check (exit 1), like any other digest mismatch.
-            raise IntegrityError(f"{label} is corrupt: {exc}{hint}") from exc
+            detail = str(exc).removeprefix(f"{label}: ")
+            raise IntegrityError(f"{label} is corrupt: {detail}{hint}") from exc
         if fmt == "peft":
             write_peft(artifact.manifest, read_tensors(tmp), dest)
         else:

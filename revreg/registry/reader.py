@@ -71,9 +71,15 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
         rows = cur.fetchall()
     finally:
         cur.close()
+    # Every text column must hold text (SQLite stores whatever it is given); checked in one sweep.
+    text = {type(v) for r in rows for v in (r[1], r[2], r[3], r[5], r[6], r[7], r[9])}
+    text |= {type(t) for ts in tags.values() for t in ts} | {type(n) for n in names.values()}
+    text |= {type(r[10]) for r in rows} - {type(None)}
+    if text - {str}:
+        raise SchemaError("the registry database holds a value of the wrong type where text belongs")
     try:
         out = _infos(rows, names, revoked, tags)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise SchemaError(f"the registry database holds a value of the wrong type ({exc})") from exc
     if name is not None and not out:
         raise NotFound(f"no behavior named {name!r}")
@@ -107,9 +113,10 @@ def _infos(rows: list[Any], names: dict[str, str], revoked: set[str], tags: dict
 
 def unreachable(exc: sqlite3.OperationalError) -> bool:
     """Whether SQLite's OperationalError means the database could not be used now (locked,
-    busy, unreadable) rather than that it is not a registry (a table or column missing)."""
+    busy, unreadable) rather than that it is not a registry revreg can read (a table, column,
+    function or collation missing, a broken view): the latter is a schema error."""
     text = str(exc).lower()
-    return not text.startswith(("no such table", "no such column"))
+    return any(word in text for word in ("locked", "busy", "unable to open", "disk i/o", "readonly"))
 
 
 def sqlite_file(location: str) -> Path | None:

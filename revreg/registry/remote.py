@@ -158,13 +158,18 @@ class RemoteRegistry:
         def body() -> Iterator[bytes]:
             sent = 0
             while sent < size and (block := fh.read(min(BLOCK, size - sent))):
+                sent += len(block)
+                if sent == size and fh.read(1):
+                    break  # it grew: refused below, before the last block lets the server finish
                 blocks.put(block)  # bytes are immutable: hashed there while sent here
                 progress.advance(len(block))
-                sent += len(block)
                 yield block
-            if sent != size or fh.read(1):
-                # Content-Length was promised: a file that changed size cannot be sent as it is.
-                raise errors.InputError(f"{file} changed while it was being pushed; push it again")
+            else:
+                if sent == size:
+                    return
+            # Content-Length was promised: a file that changed size cannot be sent as it is, and
+            # the server, short of bytes, stores nothing.
+            raise errors.InputError(f"{file} changed while it was being pushed; push it again")
 
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream", **(extra or {})}
         try:

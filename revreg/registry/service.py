@@ -26,7 +26,14 @@ from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from revreg import progress
-from revreg.artifacts.artifact import VERSION_RE, Artifact, open_artifact, verify_artifact, verify_signature
+from revreg.artifacts.artifact import (
+    VERSION_RE,
+    Artifact,
+    BehaviorManifest,
+    open_artifact,
+    verify_artifact,
+    verify_signature,
+)
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
 from revreg.artifacts.keys import TrustedKey, keyid_of, load_public_pem
@@ -462,17 +469,14 @@ class Registry:
         if existing is not None:
             self._restore_blob(staged, existing.ref)
             return PushResult(existing, False)
+        with self.reading() as s:  # revoked while the bytes streamed: refuse before the blob moves
+            self._refuse_revoked(s, m, signer)
         self.store.commit(staged)
         try:
             with self.transaction() as s:
                 # The signature was checked on the header, before the data arrived; a revocation
                 # since then (this transaction sees every committed one) refuses the push.
-                revoked = self._revoked(s, [signer.keyid])
-                if revoked is not None:
-                    raise SignatureError(
-                        f"{m.name}:{m.version} is signed by revoked key {revoked.name} ({revoked.keyid}): "
-                        f"{revoked.revoked_reason}; nothing was stored"
-                    )
+                self._refuse_revoked(s, m, signer)
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                 _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                 behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
@@ -514,6 +518,14 @@ class Registry:
             # relied on (stores without local renames); the checked bytes are still staged.
             self.store.commit(staged)
         return PushResult(self.resolve(Ref(m.name, m.version)), True)
+
+    def _refuse_revoked(self, s: Session, m: BehaviorManifest, signer: TrustedKey) -> None:
+        revoked = self._revoked(s, [signer.keyid])
+        if revoked is not None:
+            raise SignatureError(
+                f"{m.name}:{m.version} is signed by revoked key {revoked.name} ({revoked.keyid}): "
+                f"{revoked.revoked_reason}; no version was recorded"
+            )
 
     def _restore_blob(self, staged: StagedBlob, subject: str) -> None:
         """The version is recorded; if its blob went missing (lost, or pruned by an older revreg),

@@ -422,9 +422,18 @@ class FileBlobStore(BlobStore):
 
     def open(self, digest: str) -> BinaryIO:
         try:
-            return open(self.path(digest), "rb")
+            # Never block on a FIFO or follow a link planted where a blob belongs.
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except FileNotFoundError as exc:
             raise IntegrityError(f"blob {digest} is missing from the store at {self.root}: run `revreg fsck`") from exc
+        except OSError as exc:
+            raise IntegrityError(
+                f"blob {digest} in the store at {self.root} cannot be read ({exc.strerror}): run `revreg fsck`"
+            ) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IntegrityError(f"blob {digest} in the store at {self.root} is not a regular file: run `revreg fsck`")
+        return os.fdopen(fd, "rb")
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()

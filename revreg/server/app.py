@@ -344,6 +344,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         """A file store serves Range requests from the file; other stores stream the object."""
         headers = {"X-Revreg-Digest": digest, **headers}
         if isinstance(registry.store, FileBlobStore):
+            registry.store.open(digest).close()  # a regular file, or one clear error (never a hang)
             return FileResponse(registry.store.path(digest), media_type="application/octet-stream", headers=headers)
         body = registry.store.open(digest)
 
@@ -481,12 +482,17 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         `version`) or these exact bytes (by `digest`) stored already? By version, a token that
         may also read the name gets the stored version (and its digest) whether or not its blob
         is present, so the client can tell "already present" from a conflict without sending
-        the body; a push-only token gets only whether it exists."""
+        the body; a push-only token gets only whether it exists (by version) or nothing (by
+        digest), and proves it holds the bytes by sending them."""
         who.require("push", check_name(body.name))
         if (body.digest is None) == (body.version is None):
             raise InputError("ask about a version or a digest: send exactly one of `version` and `digest`")
         if body.digest is not None:
             check_digest(body.digest)
+            if not who.allows("read", body.name):
+                # Knowing a digest is not holding the bytes: a push-only token learns nothing
+                # here, and uploads; the upload's answer is the version its bytes are.
+                return {"stored": False, "version": None}
             try:
                 info = registry.resolve(f"{body.name}@{body.digest}")
             except NotFound:
