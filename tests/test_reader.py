@@ -15,6 +15,17 @@ from revreg.registry.reader import ls_sqlite, sqlite_file, utc
 from tests.conftest import make_artifact
 
 
+@pytest.fixture
+def embedded(keys_dir: Path, tmp_path: Path):
+    """An embedded (SQLite) registry trusting `alice`: the sqlite3 reader's own ground."""
+    from revreg.registry.service import Registry
+
+    reg = Registry.init(str(tmp_path / "registry"), actor="tester")
+    reg.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
+    yield reg
+    reg.engine.dispose()
+
+
 def _fill(registry, keys_dir: Path, tmp_path: Path) -> None:
     """Versions of two behaviors (names that collations order differently), tags, a yank, and a revoked signer."""
     ring = Keyring(keys_dir)
@@ -59,9 +70,8 @@ def test_ls_of_a_missing_registry_creates_nothing(run, tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]  # the fixture's keyring only
 
 
-def test_ls_refuses_a_database_at_another_schema_or_not_a_registry(run, registry, tmp_path: Path):
-    if not registry.location.is_sqlite:
-        pytest.skip("the sqlite3 reader serves embedded registries; PostgreSQL goes through Registry.ls")
+def test_ls_refuses_a_database_at_another_schema_or_not_a_registry(run, embedded, tmp_path: Path):
+    registry = embedded
     directory = registry.location.directory
     with sqlite3.connect(directory / "registry.db") as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0001'")
@@ -80,9 +90,8 @@ def test_ls_refuses_a_database_at_another_schema_or_not_a_registry(run, registry
     assert result.exit_code != 0 and "create one with `revreg init`" in result.stderr
 
 
-def test_ls_of_a_sqlite_url_matches_the_directory_form(run, registry, keys_dir: Path, tmp_path: Path):
-    if not registry.location.is_sqlite:
-        pytest.skip("embedded registries only")
+def test_ls_of_a_sqlite_url_matches_the_directory_form(run, embedded, keys_dir: Path, tmp_path: Path):
+    registry = embedded
     registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
     directory = registry.location.directory
     by_dir = run("ls", "--json", "--registry", directory)
@@ -129,9 +138,8 @@ def test_missing_registry_is_input_error(tmp_path: Path):
         "DROP TABLE keys",
     ],
 )
-def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, registry, keys_dir: Path, tmp_path, corruption):
-    if not registry.location.is_sqlite:
-        pytest.skip("the damage is written with sqlite3")
+def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, embedded, keys_dir: Path, tmp_path, corruption):
+    registry = embedded
     for i in range(2):
         registry.push(make_artifact(tmp_path / f"a{i}.safetensors", keys_dir, f"1.0.{i}", seed=i))
     registry.tag("demo:1.0.0", "stable")
