@@ -136,6 +136,12 @@ def test_missing_registry_is_input_error(tmp_path: Path):
         "UPDATE versions SET pushed_at = '9999-12-31T23:00:00-14:00'",
         "ALTER TABLE versions RENAME TO v0; CREATE VIEW versions AS SELECT * FROM v0 WHERE nosuchfn(id)",
         "DROP TABLE keys",
+        "UPDATE versions SET size = CAST('1' || printf('%.*c', 400, '0') AS BLOB)",
+        "UPDATE versions SET size = 1.5",
+        "UPDATE versions SET size = -1",
+        "ALTER TABLE tags RENAME TO t2; CREATE VIEW tags AS SELECT * FROM unlocked_tbl",
+        "ALTER TABLE tags RENAME TO t2; CREATE VIEW tags AS SELECT busy(1) AS version_id, 'x' AS tag",
+        "UPDATE versions SET state = CAST(X'ff6c6f636b6564' AS TEXT)",
     ],
 )
 def test_ls_of_a_damaged_database_is_one_line_not_a_traceback(run, embedded, keys_dir: Path, tmp_path, corruption):
@@ -159,3 +165,22 @@ def test_ls_of_sqlalchemy_only_sqlite_urls_creates_nothing(run, tmp_path: Path):
         result = run("ls", "--registry", url)
         assert result.exit_code == 2 and "create one with `revreg init`" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
+
+
+def test_only_sqlites_own_codes_make_a_database_unreachable(tmp_path: Path):
+    """Locked or busy is "try again" (exit 3); everything else a database says is about what it
+    holds (exit 2), whatever words its message quotes."""
+    from revreg.registry.reader import unreachable
+
+    path = tmp_path / "d.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    other = sqlite3.connect(path, timeout=0)
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        other.execute("SELECT * FROM t")
+    assert unreachable(busy.value)
+    holder.execute("COMMIT")
+    with pytest.raises(sqlite3.OperationalError) as missing:
+        other.execute("SELECT * FROM busy_locked_unable_to_open")
+    assert not unreachable(missing.value)

@@ -349,3 +349,27 @@ def test_pull_of_a_blob_that_is_not_a_file_is_corruption_and_never_hangs(
     with pytest.raises(IntegrityError, match="run `revreg fsck`"):
         registry.pull("demo:1.0.0", out, allow_unpublished=True)
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+@pytest.mark.parametrize("planted", ["directory", "symlink"])
+def test_a_push_puts_back_a_blob_something_else_replaced(
+    registry: Registry, keys_dir: Path, tmp_path: Path, planted: str
+):
+    """fsck names the hole, and a push of the same bytes fills it: a link (even to the right
+    bytes) or a directory where the blob belongs is not the blob."""
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    info = registry.push(art).version
+    blob = registry.store.path(info.digest)
+    blob.unlink()
+    if planted == "directory":
+        blob.mkdir()
+    else:
+        (tmp_path / "copy").write_bytes(art.read_bytes())
+        blob.symlink_to(tmp_path / "copy")
+    report = registry.fsck()
+    assert any(info.digest in p for p in report.problems), report
+    assert not registry.push(art).created
+    assert blob.is_file() and not blob.is_symlink() and blob.read_bytes() == art.read_bytes()
+    out = tmp_path / "out.safetensors"
+    registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert out.read_bytes() == art.read_bytes()

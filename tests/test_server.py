@@ -372,3 +372,23 @@ def test_upload_check_by_version_tells_a_push_only_token_no_record(served, keys_
     # ... so it sends the bytes, and the upload's answer is the version those bytes are.
     again = RemoteRegistry(served["url"], token=pusher).push(art)
     assert not again.created and again.version.ref == "team-a.tone:1.0.0"
+
+
+def test_tagging_needs_read_as_well_as_push(served, keys_dir: Path, tmp_path: Path):
+    from revreg.registry.remote import RemoteRegistry
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, name="team-a.tone")
+    RemoteRegistry(served["url"], token=served["tokens"]["ci"]).push(art)
+    pusher = Tokens(served["registry"]).create("pusher2", ["push:team-a"])[0]
+    answer = httpx.post(
+        f"{served['url']}/v1/tags",
+        json={"ref": "team-a.tone:1.0.0", "tag": "probe"},
+        headers={"Authorization": f"Bearer {pusher}"},
+    )
+    assert answer.status_code == 403 and "digest" not in answer.text
+    ok = httpx.post(
+        f"{served['url']}/v1/tags",
+        json={"ref": "team-a.tone:1.0.0", "tag": "stable"},
+        headers={"Authorization": f"Bearer {served['tokens']['team-a']}"},
+    )
+    assert ok.status_code == 200 and ok.json()["tags"] == ["stable"]

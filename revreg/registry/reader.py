@@ -77,6 +77,8 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
     text |= {type(r[10]) for r in rows} - {type(None)}
     if text - {str}:
         raise SchemaError("the registry database holds a value of the wrong type where text belongs")
+    if {type(r[4]) for r in rows} - {int} or any(not 0 <= r[4] < 1 << 63 for r in rows):
+        raise SchemaError("the registry database holds a version size that is not a byte count")
     try:
         out = _infos(rows, names, revoked, tags)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -111,12 +113,16 @@ def _infos(rows: list[Any], names: dict[str, str], revoked: set[str], tags: dict
     ]
 
 
-def unreachable(exc: sqlite3.OperationalError) -> bool:
-    """Whether SQLite's OperationalError means the database could not be used now (locked,
-    busy, unreadable) rather than that it is not a registry revreg can read (a table, column,
-    function or collation missing, a broken view): the latter is a schema error."""
-    text = str(exc).lower()
-    return any(word in text for word in ("locked", "busy", "unable to open", "disk i/o", "readonly"))
+# SQLite's result codes for a database that cannot be used now, rather than one that is not a
+# registry revreg can read (a table, column, function or collation missing, a broken view, text
+# that is not UTF-8): decided by code, never by the message, which can quote names and data.
+_UNREACHABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_FULL")
+
+
+def unreachable(exc: sqlite3.Error) -> bool:
+    """Whether a SQLite error means the database could not be used now (exit 3)."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name.startswith(_UNREACHABLE)
 
 
 def sqlite_file(location: str) -> Path | None:
@@ -142,6 +148,8 @@ def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
         has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
         revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
     except sqlite3.DatabaseError as exc:
+        if unreachable(exc):
+            raise Unreachable(f"registry database error at {where}: {exc}") from exc
         raise SchemaError(f"cannot open the registry database at {where}: {exc}") from exc
     if revision is None:
         conn.close()
@@ -165,11 +173,9 @@ def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionIn
             return list_versions(conn, name)
         finally:
             conn.execute("COMMIT")
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         if unreachable(exc):
             raise Unreachable(f"registry database error at {where}: {exc}") from exc
         raise SchemaError(f"the database at {where} is not a registry this revreg can read: {exc}") from exc
-    except sqlite3.DatabaseError as exc:
-        raise SchemaError(f"cannot read the registry database at {where}: {exc}") from exc
     finally:
         conn.close()

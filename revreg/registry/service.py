@@ -611,7 +611,7 @@ class Registry:
                 try:
                     return list_versions(conn.connection.driver_connection, name)
                 except dbapi.OperationalError as exc:
-                    if isinstance(exc, sqlite3.OperationalError) and not sqlite_unreachable(exc):
+                    if isinstance(exc, sqlite3.Error) and not sqlite_unreachable(exc):
                         raise SchemaError(f"the registry database is not one this revreg can read: {exc}") from exc
                     raise Unreachable(f"registry database error: {_first_line(exc)}") from exc
                 except dbapi.DataError as exc:  # a value the database cannot hold (NUL in PostgreSQL text)

@@ -417,6 +417,14 @@ class FileBlobStore(BlobStore):
         final = self.path(staged.digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged.path, 0o444)
+        try:
+            planted = os.lstat(final)
+        except FileNotFoundError:
+            planted = None
+        if planted is not None and stat.S_ISDIR(planted.st_mode):
+            # Something that is not a blob sits where this one belongs (a directory cannot be
+            # replaced): moved aside under a name fsck reports as a stray object, never deleted.
+            os.rename(final, final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.stray"))
         os.replace(staged.path, final)
         fsync_dir(final.parent)
 
@@ -436,7 +444,11 @@ class FileBlobStore(BlobStore):
         return os.fdopen(fd, "rb")
 
     def exists(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        """A regular file under the digest's name (a link, directory or FIFO there is no blob)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.path(digest)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def digests(self) -> Iterator[str]:
         """What lies in the store, as digests; entries that are not a blob where one belongs

@@ -526,7 +526,10 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.post("/v1/tags")
     def tag(who: Principal, body: TagBody) -> dict[str, Any]:
+        # Tagging answers with the version's record (and its refusals name states and tags):
+        # it needs read as well as push on the namespace.
         who.require("push", name_of(body.ref))
+        who.require("read", name_of(body.ref))
         return to_json(registry_actor(who).tag(body.ref, body.tag, body.allow_downgrade))
 
     @app.post("/v1/publish")
