@@ -152,6 +152,14 @@ def test_unknown_name_and_version_are_named(registry: Registry, keys_dir: Path, 
         registry.resolve("demo:9.9")
 
 
+def _pull_is_refused(registry: Registry, tmp_path: Path, match: str) -> None:
+    """demo:1.0.0's pull fails its checks and leaves neither the output nor a partial file."""
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(IntegrityError, match=match):
+        registry.pull("demo:1.0.0", out, allow_unpublished=True)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
 def test_pull_detects_a_tampered_blob_and_writes_nothing(registry: Registry, keys_dir: Path, tmp_path: Path):
     info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
     blob = registry.store.path(info.digest)
@@ -159,10 +167,7 @@ def test_pull_detects_a_tampered_blob_and_writes_nothing(registry: Registry, key
     data[-2] ^= 0x10
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    out = tmp_path / "out.safetensors"
-    with pytest.raises(IntegrityError, match="stored blob for demo:1.0.0 is corrupt"):
-        registry.pull("demo:1.0.0", out, allow_unpublished=True)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    _pull_is_refused(registry, tmp_path, "stored blob for demo:1.0.0 is corrupt")
     report = registry.fsck()
     assert len(report.problems) == 1 and f"blob {info.digest} is corrupt" in report.problems[0]
 
@@ -300,10 +305,7 @@ def test_pull_of_a_blob_damaged_anywhere_is_corruption_not_bad_input(
         data = bytearray()
     blob.chmod(0o644)
     blob.write_bytes(bytes(data))
-    out = tmp_path / "out.safetensors"
-    with pytest.raises(IntegrityError, match="stored blob for demo:1.0.0 is corrupt.*run `revreg fsck`"):
-        registry.pull("demo:1.0.0", out, allow_unpublished=True)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    _pull_is_refused(registry, tmp_path, "stored blob for demo:1.0.0 is corrupt.*run `revreg fsck`")
 
 
 def test_a_push_from_a_pipe_is_checked_as_it_streams(registry: Registry, keys_dir: Path, tmp_path: Path):
@@ -345,10 +347,7 @@ def test_pull_of_a_blob_that_is_not_a_file_is_corruption_and_never_hangs(
         os.mkfifo(blob)
     else:
         blob.symlink_to(copy)
-    out = tmp_path / "out.safetensors"
-    with pytest.raises(IntegrityError, match="run `revreg fsck`"):
-        registry.pull("demo:1.0.0", out, allow_unpublished=True)
-    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    _pull_is_refused(registry, tmp_path, "run `revreg fsck`")
 
 
 @pytest.mark.parametrize("planted", ["directory", "symlink"])

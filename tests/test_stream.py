@@ -61,7 +61,7 @@ def _by_file(data: bytes, tmp: Path, trusted: dict) -> tuple[str, str] | str:
 def _by_stream(data: bytes, chunks: list[int], trusted: dict, known_size: bool) -> tuple[str, str] | str:
     from revreg.artifacts.artifact import verify_signature
 
-    stream = ArtifactStream(Path("s"), "s", len(data) if known_size else None, lambda a: verify_signature(a, trusted))
+    stream = ArtifactStream("s", len(data) if known_size else None, lambda a: verify_signature(a, trusted))
     sink = io.BytesIO()
     pipe = Pipeline(sink, tap=stream)
     try:
@@ -115,7 +115,7 @@ def test_an_untrusted_signer_is_refused_before_any_tensor_byte(signed, tmp_path:
     data, _ = signed
     other = Keyring(tmp_path / "other")
     other.generate("eve")
-    stream = ArtifactStream(Path("s"), "s", len(data), lambda a: verify_signature(a, other.trusted()))
+    stream = ArtifactStream("s", len(data), lambda a: verify_signature(a, other.trusted()))
     pipe = Pipeline(None, tap=stream)
     with pytest.raises(RevregError):
         for at in range(0, len(data), 4096):

@@ -33,24 +33,22 @@ from revreg.artifacts.identity import (
     new_hasher,
 )
 from revreg.artifacts.keys import TrustedKey
-from revreg.artifacts.safetensors_io import SMALL_HEADER_BYTES, Header, TensorInfo, parse_header
+from revreg.artifacts.safetensors_io import SMALL_HEADER_BYTES, TensorInfo, parse_header
 from revreg.errors import FormatError, IntegrityError
 
 
 class ArtifactStream:
-    """The tap that checks an artifact streaming into `path` (see the module docstring).
-    `size` is the stream's length when known (a file, a Content-Length); `where` names the
-    artifact in errors."""
+    """The tap that checks an artifact as it streams (see the module docstring). `where` names
+    the artifact in errors (the user's file, "upload", a ref): never a staging path. `size` is
+    the stream's length when known (a file, a Content-Length)."""
 
     def __init__(
         self,
-        path: Path,
         where: str,
         size: int | None = None,
         on_header: Callable[[Artifact], TrustedKey | None] | None = None,
         algorithm: str = "sha256",
     ) -> None:
-        self.path = path
         self.where = where
         self.size = size
         self.on_header = on_header
@@ -112,7 +110,7 @@ class ArtifactStream:
         if len(self._prefix) < 8 + n:
             return view
         header = parse_header(bytes(self._prefix), self.size, self.where, SMALL_HEADER_BYTES)
-        self.artifact = artifact_from_header(header, self.path)
+        self.artifact = artifact_from_header(header, Path(self.where))
         if self.on_header is not None:
             self.signer = self.on_header(self.artifact)
         self._order = sorted(header.tensors, key=lambda t: (t.start, t.end))
@@ -152,7 +150,3 @@ class ArtifactStream:
                 f"{self.where}: tensor bytes do not match the signed manifest (expected {signed}, got {actual})"
             )
         return self.artifact
-
-    @property
-    def header(self) -> Header | None:
-        return self.artifact.header if self.artifact is not None else None

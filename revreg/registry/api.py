@@ -130,6 +130,15 @@ class VersionInfo:
         return to_json(self)
 
 
+def same_bytes(info: VersionInfo, digest: str) -> None:
+    """Versions are immutable: other bytes under a stored NAME:VERSION are a conflict (one rule,
+    for the SQL registry and for the HTTP client's check before an upload)."""
+    if info.digest != digest:
+        raise ConflictError(
+            f"{info.ref} already exists with digest {info.digest}; versions are immutable, push a new version"
+        )
+
+
 @dataclass(frozen=True)
 class PushResult:
     version: VersionInfo

@@ -69,7 +69,7 @@ def deliver(
             )
         return signer
 
-    stream = ArtifactStream(tmp, label, info.size, check_header)
+    stream = ArtifactStream(label, info.size, check_header)
     hint = " (run `revreg fsck`)" if source == "stored blob" else ""
     try:
         try:

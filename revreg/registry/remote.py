@@ -4,11 +4,8 @@ side of the wire too. Imports no SQLAlchemy: entities, errors and JSON shapes co
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -23,7 +20,6 @@ from revreg.registry.api import (
     AuditEntryInfo,
     BaseInfo,
     ChainVerdict,
-    ConflictError,
     FsckReport,
     KeyRecord,
     ProbeSetInfo,
@@ -34,6 +30,7 @@ from revreg.registry.api import (
     VersionDetail,
     VersionInfo,
     from_json,
+    same_bytes,
 )
 from revreg.registry.delivery import check_format, deliver
 from revreg.registry.store import Pipeline, Tap
@@ -145,28 +142,19 @@ class RemoteRegistry:
             size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             raise errors.InputError(f"cannot read {file}: {exc.strerror}") from exc
-        h = hashlib.sha256()
-        blocks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-
-        def hasher() -> None:
-            while (block := blocks.get()) is not None:
-                h.update(block)
-
-        thread = threading.Thread(target=hasher, daemon=True, name="revreg-upload-hash")
-        thread.start()
+        hashing = Pipeline(None)  # the sha256 on its own thread, while this one sends
 
         def body() -> Iterator[bytes]:
             sent = 0
-            while sent < size and (block := fh.read(min(BLOCK, size - sent))):
+            while sent < size:
+                block = fh.read(min(BLOCK, size - sent))
                 sent += len(block)
-                if sent == size and fh.read(1):
-                    break  # it grew: refused below, before the last block lets the server finish
-                blocks.put(block)  # bytes are immutable: hashed there while sent here
-                progress.advance(len(block))
+                if not block or (sent == size and fh.read(1)):
+                    break  # it shrank, or grew: refused before the last block lets the server finish
+                hashing.write(block)
                 yield block
             else:
-                if sent == size:
-                    return
+                return
             # Content-Length was promised: a file that changed size cannot be sent as it is, and
             # the server, short of bytes, stores nothing.
             raise errors.InputError(f"{file} changed while it was being pushed; push it again")
@@ -175,10 +163,9 @@ class RemoteRegistry:
         try:
             with fh, progress.task(f"upload {file.name}", size):
                 doc = self._call("PUT", path, content=body(), headers=headers)
+            return doc, hashing.close()[0]
         finally:
-            blocks.put(None)
-            thread.join()
-        return doc, "sha256:" + h.hexdigest()
+            hashing.abort()
 
     def _download(self, path: str, params: dict[str, Any], sink: BinaryIO, tap: Tap | None = None) -> str:
         """Stream a download into `sink` in one pass (written, hashed and handed to `tap` from the
@@ -265,7 +252,7 @@ class RemoteRegistry:
             try:
                 with open(path, "rb") as fh:
                     # One pass: the file's digest, and its tensors (damage is named as such).
-                    stream = ArtifactStream(path, str(path), os.fstat(fh.fileno()).st_size)
+                    stream = ArtifactStream(str(path), os.fstat(fh.fileno()).st_size)
                     digest, _ = copy_hashing(fh, None, tap=stream)
                     stream.finish()
             except OSError as exc:
@@ -276,11 +263,7 @@ class RemoteRegistry:
                     return PushResult(from_json(VersionInfo, check["version"]), False)
             else:
                 info = from_json(VersionInfo, check["version"])
-                if digest != info.digest:
-                    raise ConflictError(
-                        f"{info.ref} already exists with digest {info.digest}; "
-                        "versions are immutable, push a new version"
-                    )
+                same_bytes(info, digest)
                 if check.get("stored"):
                     return PushResult(info, False)
         doc, sent = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})

@@ -31,7 +31,6 @@ from revreg.artifacts.artifact import (
     Artifact,
     BehaviorManifest,
     open_artifact,
-    verify_artifact,
     verify_signature,
 )
 from revreg.artifacts.attestation import verify_certification
@@ -62,6 +61,7 @@ from revreg.registry.api import (
     StateError,
     VersionDetail,
     VersionInfo,
+    same_bytes,
 )
 from revreg.registry.db import Location, check_schema, make_engine, resolve, upgrade
 from revreg.registry.delivery import check_format, deliver, renamed_in_errors
@@ -369,79 +369,48 @@ class Registry:
         with source:
             st = os.fstat(source.fileno())
             if not stat.S_ISREG(st.st_mode):
-                return self._push_stream(source, path)
-            size = st.st_size
+                # A pipe can be read only once and has no size: its header is checked as it
+                # streams (as a server upload is), with no existence check before the copy.
+                stream = ArtifactStream(str(path), None, lambda a: self.signed_by(a, str(path)))
+                return self._stream_in(source, path, stream)
             planned = open_artifact(path)
-            signer = self._signed_by(planned, str(path))
+            signer = self.signed_by(planned, str(path))
             m = planned.manifest
-            stored = self._stored(m.name, m.version)
 
             def same_header(streamed: Artifact) -> TrustedKey:
                 if streamed.header.raw != planned.header.raw:
                     raise IntegrityError(f"{path} changed while it was being pushed; push it again")
                 return signer
 
+            stored = self._stored(m.name, m.version)
             if stored is not None:
                 # One pass, nothing written: the file's digest (are these the stored bytes?) and
                 # its tensors (a damaged file is named as such, not as a version conflict).
-                check = ArtifactStream(path, str(path), size, same_header)
+                check = ArtifactStream(str(path), st.st_size, same_header)
                 digest, _ = copy_hashing(source, None, tap=check)
                 check.finish()
-                existing = self._existing(m.name, m.version, digest)
-                if existing is not None and self.store.exists(digest):
-                    return PushResult(existing, False)
+                same_bytes(stored, digest)
+                if self.store.exists(digest):
+                    return PushResult(stored, False)
                 source.seek(0)  # its blob went missing: the push below puts it back
+            return self._stream_in(source, path, ArtifactStream(str(path), st.st_size, same_header))
 
-            streams: list[ArtifactStream] = []
-
-            def tap(staging: Path) -> ArtifactStream:
-                streams.append(ArtifactStream(staging, str(path), size, same_header))
-                return streams[-1]
-
-            with (
-                self.store.stage(source, f"push {path.name}", tap) as staged,
-                renamed_in_errors(staged.path, str(path)),
-            ):
-                streams[0].finish()
-                return self._record(staged, planned, signer)
-
-    def _push_stream(self, source: BinaryIO, path: Path) -> PushResult:
-        """A push from a pipe (`revreg push /dev/stdin`): it can be read only once and has no
-        size, so its header is checked as it streams (as a server upload is), with no
-        existence check before the copy."""
-        streams: list[ArtifactStream] = []
-
-        def tap(staging: Path) -> ArtifactStream:
-            streams.append(ArtifactStream(staging, str(path), None, lambda a: self._signed_by(a, str(path))))
-            return streams[-1]
-
-        with self.store.stage(source, f"push {path.name}", tap) as staged:
-            return self.push_streamed(staged, streams[0])
-
-    def push_staged(self, staged: StagedBlob, label: str, authorize: Callable[[str], None] | None = None) -> PushResult:
-        """Check and store an artifact already streamed into the store's staging area but not
-        checked on the way. `authorize(name)` may refuse before anything is stored."""
-        with renamed_in_errors(staged.path, label):
-            artifact = open_artifact(staged.path)
-            signer = self._signed_by(artifact, label, authorize)
-            verify_artifact(artifact, {signer.keyid: signer}, digest=staged.digest)
-            return self._record(staged, artifact, signer)
+    def _stream_in(self, source: BinaryIO, path: Path, stream: ArtifactStream) -> PushResult:
+        with self.store.stage(source, f"push {path.name}", stream) as staged:
+            return self.push_streamed(staged, stream)
 
     def push_streamed(self, staged: StagedBlob, stream: ArtifactStream) -> PushResult:
         """Store an artifact whose checks ran while it streamed into staging (`stream` was its
-        tap, and its `on_header` called `signed_by`): the server's uploads arrive this way."""
-        with renamed_in_errors(staged.path, stream.where):
-            artifact = stream.finish()
-            if stream.signer is None:  # fail closed: a tap without a signature check stores nothing
-                raise SignatureError(f"{stream.where}: its signature was never checked; nothing was stored")
-            return self._record(staged, artifact, stream.signer)
+        tap, and its `on_header` returned the key `signed_by` verified): local pushes and the
+        server's uploads arrive this way."""
+        artifact = stream.finish()
+        if stream.signer is None:  # fail closed: a tap without a signature check stores nothing
+            raise SignatureError(f"{stream.where}: its signature was never checked; nothing was stored")
+        return self._record(staged, artifact, stream.signer)
 
     def signed_by(self, artifact: Artifact, label: str, authorize: Callable[[str], None] | None = None) -> TrustedKey:
         """The trusted, unrevoked publisher key that signed `artifact` (from its header alone);
         `authorize(name)` runs first and may refuse."""
-        return self._signed_by(artifact, label, authorize)
-
-    def _signed_by(self, artifact: Artifact, label: str, authorize: Callable[[str], None] | None = None) -> TrustedKey:
         if authorize is not None:
             authorize(artifact.manifest.name)
         with self.reading() as s:
@@ -538,14 +507,9 @@ class Registry:
 
     def _existing(self, name: str, version: str, digest: str) -> VersionInfo | None:
         """The version if it exists with these bytes; ConflictError if with other bytes."""
-        try:
-            info = self.resolve(Ref(name, version), tags=False)
-        except NotFound:
-            return None
-        if info.digest != digest:
-            raise ConflictError(
-                f"{name}:{version} already exists with digest {info.digest}; versions are immutable, push a new version"
-            )
+        info = self._stored(name, version)
+        if info is not None:
+            same_bytes(info, digest)
         return info
 
     # -- reading -----------------------------------------------------------------------------

@@ -125,17 +125,15 @@ class BlobStore(ABC):
         return path, fd
 
     @contextmanager
-    def stage(
-        self, source: BinaryIO, label: str = "staging", tap: Callable[[Path], Tap] | None = None
-    ) -> Iterator[StagedBlob]:
+    def stage(self, source: BinaryIO, label: str = "staging", tap: Tap | None = None) -> Iterator[StagedBlob]:
         """Stream `source` into a staging file (hashed, fsynced) in one pass; removed on exit
-        unless committed. `tap(staging_path)` makes a stage that sees every block the copy writes
-        (an artifact's checks, revreg.artifacts.stream). The file is writer-locked for the whole
-        block, through commit and the caller's row."""
+        unless committed. `tap` sees every block the copy writes (an artifact's checks,
+        revreg.artifacts.stream). The file is writer-locked for the whole block, through commit
+        and the caller's row."""
         tmp, lock = self.create_staging()
         try:
             with open(tmp, "r+b", buffering=0) as sink, progress.task(label, _size_of(source)):
-                digest, size = copy_hashing(source, sink, durable=True, tap=tap(tmp) if tap else None)
+                digest, size = copy_hashing(source, sink, durable=True, tap=tap)
             yield StagedBlob(tmp, digest, size)
         finally:
             tmp.unlink(missing_ok=True)
@@ -309,7 +307,7 @@ class Pipeline:
         self.size += n
         progress.advance(n)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hand over bytes of any length (an HTTP body's chunks): gathered into whole blocks."""
         view = memoryview(data)
         while len(view):

@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -411,14 +410,14 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
                         block += chunk
                         if len(block) >= HANDOFF:
                             # Hands over a whole block; waits off the loop while the disk is behind.
-                            try:
-                                await run_in_threadpool(pipe.write, bytes(block))
+                            try:  # write copies the bytes into the pipeline's blocks before it returns
+                                await run_in_threadpool(pipe.write, block)
                             except RevregError as exc:  # the header was refused: nothing more is written
                                 refused = exc
-                            block.clear()
+                            block = bytearray()  # a new one: a refusal's traceback may still hold a view of the old
                     if refused is not None:
                         raise refused
-                    await run_in_threadpool(pipe.write, bytes(block))
+                    await run_in_threadpool(pipe.write, block)
                     received, size = await run_in_threadpool(pipe.close)
                 except ClientDisconnect as exc:
                     raise IntegrityError(f"upload interrupted after {pipe.received} bytes; nothing was stored") from exc
@@ -468,7 +467,6 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         # signature verified before any tensor byte, then every tensor hashed on the way.
         length = request.headers.get("content-length")
         stream = ArtifactStream(
-            Path("upload"),
             "upload",
             int(length) if length is not None and length.isdigit() else None,
             lambda artifact: reg.signed_by(artifact, "upload", authorize),
