@@ -184,3 +184,17 @@ def test_only_sqlites_own_codes_make_a_database_unreachable(tmp_path: Path):
     with pytest.raises(sqlite3.OperationalError) as missing:
         other.execute("SELECT * FROM busy_locked_unable_to_open")
     assert not unreachable(missing.value)
+
+
+def test_a_database_whose_schema_text_is_not_utf8_is_one_line(run, embedded, keys_dir: Path, tmp_path: Path):
+    embedded.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    with sqlite3.connect(embedded.location.directory / "registry.db") as conn:
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = CAST(X'435245415445ff' AS TEXT) "
+            "WHERE name = (SELECT name FROM sqlite_master WHERE type = 'index' LIMIT 1)"
+        )
+    for args in (("ls",), ("fsck",), ("push", tmp_path / "a.safetensors")):
+        result = run(*args, "--registry", embedded.location.directory)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert "damaged" in result.stderr

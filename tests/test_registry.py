@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,41 @@ def test_a_push_puts_back_a_blob_something_else_replaced(
     out = tmp_path / "out.safetensors"
     registry.pull("demo:1.0.0", out, allow_unpublished=True)
     assert out.read_bytes() == art.read_bytes()
+
+
+def test_a_push_refused_for_shadowing_a_tag_leaves_no_blob(registry: Registry, keys_dir: Path, tmp_path: Path):
+    registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    registry.tag("demo:1.0.0", "2.0.0")
+    before = set(registry.store.digests())
+    with pytest.raises(StateError, match="would shadow the tag"):
+        registry.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "2.0.0", seed=1))
+    assert set(registry.store.digests()) == before and registry.fsck().warnings == ()
+
+
+def test_a_stored_blob_damaged_in_its_signature_is_corruption(registry: Registry, keys_dir: Path, tmp_path: Path):
+    """Whichever header bytes the damage hits (here the signature), a blob that is not the
+    recorded one is reported as corrupt, with the fsck hint."""
+    info = registry.push(make_artifact(tmp_path / "a.safetensors", keys_dir)).version
+    blob = registry.store.path(info.digest)
+    data = bytearray(blob.read_bytes())
+    at = data.index(b'sig\\":\\"') + 12  # inside the signature's base64, in the JSON-quoted envelope
+    data[at] = ord("A") if data[at] != ord("A") else ord("B")
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    _pull_is_refused(registry, tmp_path, "stored blob for demo:1.0.0 is corrupt.*run `revreg fsck`")
+
+
+def test_a_blob_folder_replaced_by_a_file_is_reported_and_repaired(registry: Registry, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    info = registry.push(art).version
+    folder = registry.store.path(info.digest).parent
+    shutil.rmtree(folder)
+    folder.write_bytes(b"not a folder")
+    assert any("has no file in the store" in p for p in registry.fsck().problems)
+    assert not registry.push(art).created
+    assert registry.fsck().problems == ()
+    staging = registry.store.staging_dir
+    shutil.rmtree(staging)
+    staging.write_bytes(b"not a folder")
+    with pytest.raises(IntegrityError, match="is not a directory"):
+        registry.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "1.0.1", seed=1))

@@ -392,3 +392,18 @@ def test_tagging_needs_read_as_well_as_push(served, keys_dir: Path, tmp_path: Pa
         headers={"Authorization": f"Bearer {served['tokens']['team-a']}"},
     )
     assert ok.status_code == 200 and ok.json()["tags"] == ["stable"]
+
+
+def test_publish_and_yank_need_read_as_well(served, keys_dir: Path, tmp_path: Path):
+    from revreg.registry.remote import RemoteRegistry
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, name="team-a.tone")
+    RemoteRegistry(served["url"], token=served["tokens"]["ci"]).push(art)
+    publisher = Tokens(served["registry"]).create("pub-only", ["publish:team-a"])[0]
+    for path, body in (
+        ("/v1/yank", {"ref": "team-a.tone:1.0.0", "reason": "x"}),
+        ("/v1/publish", {"ref": "team-a.tone:1.0.0"}),
+    ):
+        answer = httpx.post(f"{served['url']}{path}", json=body, headers={"Authorization": f"Bearer {publisher}"})
+        assert answer.status_code == 403 and "sha256" not in answer.text and "pending" not in answer.text
+    assert served["registry"].resolve("team-a.tone:1.0.0").state == "pending"

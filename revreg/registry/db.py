@@ -93,6 +93,8 @@ def current_revision(engine: Engine) -> str | None:
         raise Unreachable(f"cannot reach the registry database at {_redact(str(engine.url))}: {_reason(exc)}") from exc
     except SQLAlchemyError as exc:
         raise SchemaError(f"cannot open the registry database: {exc.__class__.__name__}: {exc.args[0]}") from exc
+    except UnicodeDecodeError as exc:  # SQLite's message about a damaged file is not UTF-8
+        raise SchemaError(f"the registry database is damaged ({exc.reason}): not a registry revreg can read") from exc
 
 
 def check_schema(engine: Engine, location: Location) -> None:

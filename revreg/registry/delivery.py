@@ -59,14 +59,22 @@ def deliver(
     tmp = Path(tmp_name)
     label = f"{source} for {info.ref}"
 
-    def check_header(artifact: Artifact) -> TrustedKey:
-        signer = verify_signature(artifact, publishers)
-        signed = (artifact.manifest.name, artifact.manifest.version)
-        if signed != (info.name, info.version):
-            raise IntegrityError(
-                f"{label} is signed as {signed[0]}:{signed[1]}; "
-                "the registry's record of it was altered (run `revreg fsck`)"
-            )
+    refused: list[RevregError] = []
+
+    def check_header(artifact: Artifact) -> TrustedKey | None:
+        # A refusal is reported after the digest is known: a blob that is not the recorded one
+        # is named corrupt, whichever of its bytes the damage hit (a signature's, say).
+        try:
+            signer = verify_signature(artifact, publishers)
+            signed = (artifact.manifest.name, artifact.manifest.version)
+            if signed != (info.name, info.version):
+                raise IntegrityError(
+                    f"{label} is signed as {signed[0]}:{signed[1]}; "
+                    "the registry's record of it was altered (run `revreg fsck`)"
+                )
+        except RevregError as exc:
+            refused.append(exc)
+            return None
         return signer
 
     stream = ArtifactStream(label, info.size, check_header)
@@ -77,6 +85,8 @@ def deliver(
                 digest = fill(sink, stream)
             if digest != info.digest:
                 raise IntegrityError(f"{label} is corrupt: expected {info.digest}, read {digest}{hint}")
+            if refused:
+                raise refused[0]
             with renamed_in_errors(tmp, label):
                 artifact = stream.finish()
         except FormatError as exc:

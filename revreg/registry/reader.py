@@ -147,6 +147,8 @@ def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=30000")
         has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
         revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
+    except UnicodeDecodeError as exc:  # SQLite's own message about a damaged file is not UTF-8
+        raise SchemaError(f"the database at {where} is damaged ({exc.reason}): not a registry revreg can read") from exc
     except sqlite3.DatabaseError as exc:
         if unreachable(exc):
             raise Unreachable(f"registry database error at {where}: {exc}") from exc
@@ -173,6 +175,8 @@ def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionIn
             return list_versions(conn, name)
         finally:
             conn.execute("COMMIT")
+    except UnicodeDecodeError as exc:  # SQLite's own message about a damaged file is not UTF-8
+        raise SchemaError(f"the database at {where} is damaged ({exc.reason}): not a registry revreg can read") from exc
     except sqlite3.DatabaseError as exc:
         if unreachable(exc):
             raise Unreachable(f"registry database error at {where}: {exc}") from exc

@@ -248,7 +248,8 @@ class RemoteRegistry:
         artifact = open_artifact(path)
         m = artifact.manifest
         check = self._call("POST", "/v1/uploads/check", json={"name": m.name, "version": m.version})
-        if check.get("exists") or check.get("version") is not None:
+        if check.get("version") is not None:  # stored, and this token may read its record
+            info = from_json(VersionInfo, check["version"])
             try:
                 with open(path, "rb") as fh:
                     # One pass: the file's digest, and its tensors (damage is named as such).
@@ -257,15 +258,11 @@ class RemoteRegistry:
                     stream.finish()
             except OSError as exc:
                 raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
-            if check.get("version") is None:  # a push-only token: ask about these exact bytes
-                check = self._call("POST", "/v1/uploads/check", json={"name": m.name, "digest": digest})
-                if check.get("stored"):
-                    return PushResult(from_json(VersionInfo, check["version"]), False)
-            else:
-                info = from_json(VersionInfo, check["version"])
-                same_bytes(info, digest)
-                if check.get("stored"):
-                    return PushResult(info, False)
+            same_bytes(info, digest)
+            if check.get("stored"):
+                return PushResult(info, False)
+        # A new version, or a token that may not read this name (it learns only whether the
+        # version exists): the upload itself proves the bytes, and its answer names the version.
         doc, sent = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
         result = PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
         if result.version.digest != sent:

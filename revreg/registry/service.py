@@ -211,6 +211,8 @@ class Registry:
                 yield session
         except DataError as exc:
             raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
+        except UnicodeDecodeError as exc:  # SQLite's message about a damaged file is not UTF-8
+            raise SchemaError(f"the registry database is damaged ({exc.reason}): run `revreg fsck`") from exc
 
     @staticmethod
     def _recorded_store(loc: Location) -> str | None:
@@ -243,6 +245,8 @@ class Registry:
             raise InputError(f"the registry database refused a value ({_first_line(exc.orig)})") from exc
         except OperationalError as exc:
             raise Unreachable(f"registry database error: {_first_line(exc.orig or exc)}") from exc
+        except UnicodeDecodeError as exc:
+            raise SchemaError(f"the registry database is damaged ({exc.reason}): run `revreg fsck`") from exc
 
     # -- keys --------------------------------------------------------------------------------
     def trust_key(self, pem: bytes, name: str, role: str) -> KeyRecord:
@@ -438,8 +442,9 @@ class Registry:
         if existing is not None:
             self._restore_blob(staged, existing.ref)
             return PushResult(existing, False)
-        with self.reading() as s:  # revoked while the bytes streamed: refuse before the blob moves
+        with self.reading() as s:  # every refusal that can be known now, before the blob moves
             self._refuse_revoked(s, m, signer)
+            self._refuse_shadowing(s, m)
         self.store.commit(staged)
         try:
             with self.transaction() as s:
@@ -449,11 +454,7 @@ class Registry:
                 _insert(s, Blob, {"digest": staged.digest, "size": staged.size, "created_at": _now()}, ["digest"])
                 _insert(s, Behavior, {"name": m.name, "created_at": _now()}, ["name"])
                 behavior = s.scalars(select(Behavior).where(Behavior.name == m.name)).one()
-                if s.scalars(select(Tag.id).where(Tag.behavior_id == behavior.id, Tag.tag == m.version)).first():
-                    raise StateError(
-                        f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
-                        "a version and a tag never share a name: pick another version"
-                    )
+                self._refuse_shadowing(s, m)  # the last guard, for a tag set meanwhile
                 s.add(
                     Version(
                         behavior_id=behavior.id,
@@ -487,6 +488,19 @@ class Registry:
             # relied on (stores without local renames); the checked bytes are still staged.
             self.store.commit(staged)
         return PushResult(self.resolve(Ref(m.name, m.version)), True)
+
+    @staticmethod
+    def _refuse_shadowing(s: Session, m: BehaviorManifest) -> None:
+        shadowed = s.scalars(
+            select(Tag.id)
+            .join(Behavior, Behavior.id == Tag.behavior_id)
+            .where(Behavior.name == m.name, Tag.tag == m.version)
+        ).first()
+        if shadowed is not None:
+            raise StateError(
+                f"{m.name}:{m.version} would shadow the tag {m.version!r} of {m.name}; "
+                "a version and a tag never share a name: pick another version"
+            )
 
     def _refuse_revoked(self, s: Session, m: BehaviorManifest, signer: TrustedKey) -> None:
         revoked = self._revoked(s, [signer.keyid])

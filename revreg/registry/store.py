@@ -110,7 +110,7 @@ class BlobStore(ABC):
         It is created under a name fsck never considers, locked, and only then renamed to its
         `.partial` name (the lock follows the inode), so fsck can never see a staging file in
         the instant between its creation and its lock."""
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        _a_directory(self.staging_dir)
         name = uuid.uuid4().hex
         creating = self.staging_dir / f"{name}.creating"
         fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -381,6 +381,22 @@ def digest_of(source: BinaryIO) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), size
 
 
+def _a_directory(path: Path, move_aside: bool = False) -> None:
+    """Make `path` a directory. Something else in its place (a file, a link) is moved aside
+    under a name fsck reports as a stray object when `move_aside`, else refused in one line."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not move_aside:
+        raise IntegrityError(f"{path} is not a directory: the blob store is damaged (run `revreg fsck`)")
+    os.rename(path, path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.stray"))
+    path.mkdir()
+
+
 def check_digest(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
@@ -413,7 +429,7 @@ class FileBlobStore(BlobStore):
 
     def commit(self, staged: StagedBlob) -> None:
         final = self.path(staged.digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _a_directory(final.parent, move_aside=True)
         os.chmod(staged.path, 0o444)
         try:
             planted = os.lstat(final)
@@ -445,7 +461,7 @@ class FileBlobStore(BlobStore):
         """A regular file under the digest's name (a link, directory or FIFO there is no blob)."""
         try:
             return stat.S_ISREG(os.lstat(self.path(digest)).st_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
 
     def digests(self) -> Iterator[str]:

@@ -533,11 +533,13 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
     @app.post("/v1/publish")
     def publish(who: Principal, body: RefBody) -> dict[str, Any]:
         who.require("publish", name_of(body.ref))
+        who.require("read", name_of(body.ref))  # it answers with the version's record
         return to_json(registry_actor(who).publish(body.ref))
 
     @app.post("/v1/yank")
     def yank(who: Principal, body: YankBody) -> dict[str, Any]:
         who.require("publish", name_of(body.ref))
+        who.require("read", name_of(body.ref))  # it answers with the version's record
         return to_json(registry_actor(who).yank(body.ref, body.reason))
 
     @app.post("/v1/certifications")
