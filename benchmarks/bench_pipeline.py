@@ -56,7 +56,7 @@ def one_pass(src: Path, out: Path | None, block: int, blocks: int, flush: int = 
         out.unlink(missing_ok=True)
     t = time.perf_counter()
     with open(src, "rb") as fh:
-        tap = ArtifactStream(out or src, "bench", size)
+        tap = ArtifactStream(str(out or src), size)
         if out is None:
             store.copy_hashing(fh, None, tap=tap)
         else:

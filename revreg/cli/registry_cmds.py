@@ -24,7 +24,9 @@ from revreg.registry.api import to_json
 from revreg.registry.locate import open_registry, require_local
 
 if TYPE_CHECKING:
-    from revreg.registry.api import RegistryAPI
+    from collections.abc import Callable
+
+    from revreg.registry.api import PushResult, RegistryAPI
 
 
 def _open(registry: str | None) -> RegistryAPI:
@@ -90,11 +92,30 @@ def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
     and every tensor must match the signed manifest. Pushing the same bytes again does nothing;
     different bytes under an existing NAME:VERSION is refused.
     """
-    reg = _open(registry)
-    results = []
+    from contextlib import ExitStack
+
+    from revreg.registry.locate import location_of
+    from revreg.registry.reader import sqlite_file
+
+    with ExitStack() as stack:
+        location = location_of(registry)
+        db_file = sqlite_file(location)
+        if db_file is not None:
+            # An embedded registry: the file streams into the store while SQLAlchemy loads for
+            # the transaction that records it (registry.intake).
+            from revreg.registry.intake import EmbeddedPush
+
+            pusher = stack.enter_context(EmbeddedPush(location, db_file)).push
+        else:
+            pusher = _open(registry).push
+        _push_each(files, pusher, as_json)
+
+
+def _push_each(files: tuple[Path, ...], pusher: Callable[[Path], PushResult], as_json: bool) -> None:
+    results: list[PushResult] = []
     try:
         for path in files:
-            result = reg.push(path)
+            result = pusher(path)
             results.append(result)
             if not as_json:
                 verb = "pushed" if result.created else "already present:"

@@ -1,10 +1,12 @@
-"""The registry's listing, read through the database driver alone (no SQLAlchemy).
+"""Registry reads through the database driver alone (no SQLAlchemy): the listing, and what a
+push must know before it copies a byte (the store, the publisher keys, the stored version).
 
 `revreg ls` is the command people run most, and importing SQLAlchemy costs about nine times
-Python's own start-up on our machines (docs/performance.md), so the listing is one set of SQL
-statements run on a DB-API connection: `sqlite3` for an embedded registry, or the connection
-SQLAlchemy's engine holds (`Registry.ls`, any backend). Both paths run this module's code, so
-they cannot disagree; tests/test_reader.py compares them row by row on SQLite and PostgreSQL.
+Python's own start-up on our machines (docs/performance.md), so these reads are SQL statements
+run on a DB-API connection: `sqlite3` for an embedded registry, or the connection SQLAlchemy's
+engine holds (`Registry.ls`, `Registry.signed_by`, `Registry.push`, any backend). Both paths run
+this module's code, so they cannot disagree; tests/test_reader.py compares them on SQLite and
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import operator
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,10 +51,14 @@ def utc(value: Any) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
-    """Every version (or NAME's), ordered by behavior then push time, as `Registry.ls` returns
-    them. `conn` is a DB-API connection; the caller owns its transaction."""
-    placeholder = "?" if getattr(type(conn), "__module__", "").startswith("sqlite3") else "%s"
+def _placeholder(conn: Any) -> str:
+    return "?" if getattr(type(conn), "__module__", "").startswith("sqlite3") else "%s"
+
+
+def list_versions(conn: Any, name: str | None = None, version: str | None = None) -> list[VersionInfo]:
+    """Every version (or NAME's, or NAME:VERSION alone), ordered by behavior then push time, as
+    `Registry.ls` returns them. `conn` is a DB-API connection; the caller owns its transaction."""
+    placeholder = _placeholder(conn)
     cur = conn.cursor()
     try:
         names: dict[str, str] = {}
@@ -66,8 +74,10 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
             tags.setdefault(version_id, []).append(tag)
         if name is None:
             cur.execute(_VERSIONS)
-        else:
+        elif version is None:
             cur.execute(_VERSIONS + f" WHERE b.name = {placeholder}", (name,))
+        else:
+            cur.execute(_VERSIONS + f" WHERE b.name = {placeholder} AND v.version = {placeholder}", (name, version))
         rows = cur.fetchall()
     finally:
         cur.close()
@@ -83,9 +93,62 @@ def list_versions(conn: Any, name: str | None = None) -> list[VersionInfo]:
         out = _infos(rows, names, revoked, tags)
     except (TypeError, ValueError, OverflowError) as exc:
         raise SchemaError(f"the registry database holds a value of the wrong type ({exc})") from exc
-    if name is not None and not out:
+    if name is not None and version is None and not out:
         raise NotFound(f"no behavior named {name!r}")
     return out
+
+
+def version_info(conn: Any, name: str, version: str) -> VersionInfo | None:
+    """NAME:VERSION as `Registry.resolve` describes it (no tags), or None if it is not stored."""
+    found = list_versions(conn, name, version)
+    return found[0] if found else None
+
+
+def store_url(conn: Any) -> str | None:
+    """The blob store the registry records (`revreg init` wrote it)."""
+    cur = conn.cursor()
+    try:
+        cur.execute(f"SELECT value FROM settings WHERE key = {_placeholder(conn)}", ("store",))
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    if row is not None and type(row[0]) is not str:
+        raise SchemaError("the registry database holds a value of the wrong type where text belongs")
+    return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class PublisherTrust:
+    """The keys a push's signature is checked against, read once: unrevoked publisher keys
+    (keyid -> (name, public PEM)) and every revoked key id, in any role (keyid -> (name,
+    reason)). The transaction that records a version checks revocation again."""
+
+    publishers: dict[str, tuple[str, str]]
+    revoked: dict[str, tuple[str, str]]
+
+
+def publisher_trust(conn: Any) -> PublisherTrust:
+    cur = conn.cursor()
+    try:
+        cur.execute(
+            "SELECT keyid, name, role, public_pem, revoked_at, revoked_reason FROM keys "
+            f"WHERE role = {_placeholder(conn)} OR revoked_at IS NOT NULL ORDER BY id",
+            ("publisher",),
+        )
+        rows = cur.fetchall()
+    finally:
+        cur.close()
+    text = {type(v) for r in rows for v in (r[0], r[1], r[2], r[3])} | ({type(r[5]) for r in rows} - {type(None)})
+    if text - {str}:
+        raise SchemaError("the registry database holds a value of the wrong type where text belongs")
+    publishers: dict[str, tuple[str, str]] = {}
+    revoked: dict[str, tuple[str, str]] = {}
+    for keyid, key_name, role, pem, revoked_at, reason in rows:
+        if revoked_at is not None:
+            revoked.setdefault(keyid, (key_name, reason or ""))
+        elif role == "publisher":
+            publishers[keyid] = (key_name, pem)
+    return PublisherTrust(publishers, revoked)
 
 
 def _infos(rows: list[Any], names: dict[str, str], revoked: set[str], tags: dict[int, list[str]]) -> list[VersionInfo]:
@@ -165,21 +228,29 @@ def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
     return conn
 
 
-def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionInfo]:
-    """`Registry.ls` on an embedded registry without importing SQLAlchemy: one read
-    transaction (a consistent snapshot under WAL)."""
-    conn = open_sqlite(path, where)
+@contextlib.contextmanager
+def sqlite_errors(where: str) -> Iterator[None]:
+    """SQLite's errors as revreg's: unusable now (exit 3) or not a registry this revreg reads."""
     try:
-        conn.execute("BEGIN")
-        try:
-            return list_versions(conn, name)
-        finally:
-            conn.execute("COMMIT")
+        yield
     except UnicodeDecodeError as exc:  # SQLite's own message about a damaged file is not UTF-8
         raise SchemaError(f"the database at {where} is damaged ({exc.reason}): not a registry revreg can read") from exc
     except sqlite3.DatabaseError as exc:
         if unreachable(exc):
             raise Unreachable(f"registry database error at {where}: {exc}") from exc
         raise SchemaError(f"the database at {where} is not a registry this revreg can read: {exc}") from exc
+
+
+def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionInfo]:
+    """`Registry.ls` on an embedded registry without importing SQLAlchemy: one read
+    transaction (a consistent snapshot under WAL)."""
+    conn = open_sqlite(path, where)
+    try:
+        with sqlite_errors(where):
+            conn.execute("BEGIN")
+            try:
+                return list_versions(conn, name)
+            finally:
+                conn.execute("COMMIT")
     finally:
         conn.close()

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import sqlite3
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
@@ -30,8 +29,6 @@ from revreg.artifacts.artifact import (
     VERSION_RE,
     Artifact,
     BehaviorManifest,
-    open_artifact,
-    verify_signature,
 )
 from revreg.artifacts.attestation import verify_certification
 from revreg.artifacts.identity import TensorManifest
@@ -43,7 +40,6 @@ from revreg.errors import (
     InputError,
     IntegrityError,
     SignatureError,
-    UnknownKeyError,
     Unreachable,
 )
 from revreg.registry import audit
@@ -65,6 +61,7 @@ from revreg.registry.api import (
 )
 from revreg.registry.db import Location, check_schema, make_engine, resolve, upgrade
 from revreg.registry.delivery import check_format, deliver, renamed_in_errors
+from revreg.registry.intake import check_signer, push_file
 from revreg.registry.models import (
     ROLES,
     AuditEntry,
@@ -79,7 +76,7 @@ from revreg.registry.models import (
     Version,
 )
 from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
-from revreg.registry.reader import list_versions
+from revreg.registry.reader import PublisherTrust, list_versions, publisher_trust, version_info
 from revreg.registry.reader import unreachable as sqlite_unreachable
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
@@ -363,45 +360,20 @@ class Registry:
         copied. A version already stored costs one hash pass over the file and no copy. Otherwise
         the bytes are read once: streamed into the store's staging area while the file's digest
         and every tensor's digest are computed from the same buffers (revreg.artifacts.stream),
-        so what is stored is exactly what was checked.
+        so what is stored is exactly what was checked. The steps are `registry.intake`'s, which
+        `revreg push` also runs on an embedded registry before SQLAlchemy has loaded.
         """
-        path = Path(path)
-        try:
-            source = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except OSError as exc:
-            raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-        with source:
-            st = os.fstat(source.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                # A pipe can be read only once and has no size: its header is checked as it
-                # streams (as a server upload is), with no existence check before the copy.
-                stream = ArtifactStream(str(path), None, lambda a: self.signed_by(a, str(path)))
-                return self._stream_in(source, path, stream)
-            planned = open_artifact(path)
-            signer = self.signed_by(planned, str(path))
-            m = planned.manifest
+        return push_file(path, self, self.store, lambda: self)
 
-            def same_header(streamed: Artifact) -> TrustedKey:
-                if streamed.header.raw != planned.header.raw:
-                    raise IntegrityError(f"{path} changed while it was being pushed; push it again")
-                return signer
+    def trust(self) -> PublisherTrust:
+        """The publisher keys and revoked key ids a push's signature is checked against."""
+        with self._driver() as conn:
+            return publisher_trust(conn)
 
-            stored = self._stored(m.name, m.version)
-            if stored is not None:
-                # One pass, nothing written: the file's digest (are these the stored bytes?) and
-                # its tensors (a damaged file is named as such, not as a version conflict).
-                check = ArtifactStream(str(path), st.st_size, same_header)
-                digest, _ = copy_hashing(source, None, tap=check)
-                check.finish()
-                same_bytes(stored, digest)
-                if self.store.exists(digest):
-                    return PushResult(stored, False)
-                source.seek(0)  # its blob went missing: the push below puts it back
-            return self._stream_in(source, path, ArtifactStream(str(path), st.st_size, same_header))
-
-    def _stream_in(self, source: BinaryIO, path: Path, stream: ArtifactStream) -> PushResult:
-        with self.store.stage(source, f"push {path.name}", stream) as staged:
-            return self.push_streamed(staged, stream)
+    def stored(self, name: str, version: str) -> VersionInfo | None:
+        """NAME:VERSION if it is stored (no tags), read as `revreg push` reads it before copying."""
+        with self._driver() as conn:
+            return version_info(conn, name, version)
 
     def push_streamed(self, staged: StagedBlob, stream: ArtifactStream) -> PushResult:
         """Store an artifact whose checks ran while it streamed into staging (`stream` was its
@@ -417,23 +389,7 @@ class Registry:
         `authorize(name)` runs first and may refuse."""
         if authorize is not None:
             authorize(artifact.manifest.name)
-        with self.reading() as s:
-            revoked = self._revoked(s, [sig.keyid for sig in artifact.envelope.signatures])
-            if revoked is not None:
-                raise SignatureError(
-                    f"{label} is signed by revoked key {revoked.name} ({revoked.keyid}): {revoked.revoked_reason}"
-                )
-            publishers = self.trusted("publisher", session=s)
-        try:
-            return verify_signature(artifact, publishers)
-        except UnknownKeyError as exc:
-            raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
-
-    def _stored(self, name: str, version: str) -> VersionInfo | None:
-        try:
-            return self.resolve(Ref(name, version), tags=False)
-        except NotFound:
-            return None
+        return check_signer(self.trust(), artifact, label)
 
     def _record(self, staged: StagedBlob, artifact: Artifact, signer: TrustedKey) -> PushResult:
         """Make checked, staged bytes a version (or find them already one)."""
@@ -521,7 +477,7 @@ class Registry:
 
     def _existing(self, name: str, version: str, digest: str) -> VersionInfo | None:
         """The version if it exists with these bytes; ConflictError if with other bytes."""
-        info = self._stored(name, version)
+        info = self.stored(name, version)
         if info is not None:
             same_bytes(info, digest)
         return info
@@ -583,11 +539,18 @@ class Registry:
     def ls(self, name: str | None = None) -> list[VersionInfo]:
         """Every version (or NAME's): the driver-level listing `revreg ls` also runs without
         SQLAlchemy (registry.reader), here on this engine's connection in one read transaction."""
+        with self._driver() as conn:
+            return list_versions(conn, name)
+
+    @contextmanager
+    def _driver(self) -> Iterator[Any]:
+        """This engine's DB-API connection in one read transaction, for `registry.reader`; the
+        driver's errors become revreg's as a session's do."""
         try:
             with self.engine.connect() as conn, conn.begin():
                 dbapi = conn.dialect.loaded_dbapi
                 try:
-                    return list_versions(conn.connection.driver_connection, name)
+                    yield conn.connection.driver_connection
                 except dbapi.OperationalError as exc:
                     if isinstance(exc, sqlite3.Error) and not sqlite_unreachable(exc):
                         raise SchemaError(f"the registry database is not one this revreg can read: {exc}") from exc
