@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from measure import timed, workspace
+from measure import quiet_disk, timed, workspace
 
 from revreg.artifacts.artifact import Attachment, pack, utc_timestamp
 from revreg.artifacts.keys import Keyring
@@ -68,7 +68,8 @@ def setup_registry(location: str, store: str | None, keys: Path, env: dict[str, 
 
 def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
     """Interleaved pairs: `dd conv=fsync` (a durable copy, as push and pull make), then push; the
-    same anchor, then pull; then a second push of the stored artifact. Ratios per pair, median."""
+    same anchor, then pull; then a second push of the stored artifact. Ratios per pair, median.
+    Every timed command starts on a quiet disk (measure.quiet_disk), anchors and subjects alike."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     size = art.stat().st_size
     timed(["cat", str(art)])
@@ -76,6 +77,7 @@ def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repe
 
     def durable_copy() -> float:
         dst.unlink(missing_ok=True)
+        quiet_disk()
         seconds = timed(["dd", f"if={art}", f"of={dst}", "bs=4M", "conv=fsync", "status=none"])[0]
         dst.unlink()
         return seconds
@@ -86,11 +88,14 @@ def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repe
         shutil.rmtree(reg, ignore_errors=True)
         setup_registry(str(reg), None, keys, env)
         dd_push = durable_copy()
+        quiet_disk()
         push = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
+        quiet_disk()
         again = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
         pulled = out / "pulled.safetensors"
         pulled.unlink(missing_ok=True)
         dd_pull = durable_copy()
+        quiet_disk()
         pull = timed(
             [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)], env
         )

@@ -102,10 +102,10 @@ def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
         db_file = sqlite_file(location)
         if db_file is not None:
             # An embedded registry: the file streams into the store while SQLAlchemy loads for
-            # the transaction that records it (registry.intake).
-            from revreg.registry.intake import EmbeddedPush
+            # the transaction that records it (registry.embedded).
+            from revreg.registry.embedded import Embedded
 
-            pusher = stack.enter_context(EmbeddedPush(location, db_file)).push
+            pusher = stack.enter_context(Embedded(location, db_file)).push
         else:
             pusher = _open(registry).push
         _push_each(files, pusher, as_json)
@@ -159,7 +159,20 @@ def pull(
         what = "a directory" if output.is_dir() else "a file"
         hint = "" if output.is_dir() else " (pass --force to replace it)"
         raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
-    info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
+    from revreg.registry.locate import location_of
+    from revreg.registry.reader import sqlite_file
+
+    location = location_of(registry)
+    db_file = sqlite_file(location)
+    if db_file is not None:
+        # An embedded registry: the blob streams out while SQLAlchemy loads for the checks that
+        # decide whether it may be delivered (registry.embedded).
+        from revreg.registry.embedded import Embedded
+
+        with Embedded(location, db_file) as embedded:
+            info = embedded.pull(ref, output, fmt, allow_unpublished, allow_yanked)
+    else:
+        info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
     if as_json:
         click.echo(json.dumps({"version": to_json(info), "output": str(output), "format": fmt}, indent=1))
         return

@@ -44,12 +44,14 @@ def deliver(
     fmt: str,
     fill: Callable[[BinaryIO, Tap], str],
     source: str,
+    confirm: Callable[[], None] | None = None,
 ) -> None:
     """Write a version to `dest` only after its bytes are checked, reading them once: `fill`
     streams them into a staging file beside `dest` through `tap` (revreg.artifacts.stream: the
     header parsed and its signature and name checked before any tensor byte, then every tensor
     hashed from the copy's own buffers) and returns their sha256; then digest and tensors are
-    compared and the file renamed (or exported as PEFT)."""
+    compared, `confirm()` runs (it may still refuse: registry.embedded checks the version's
+    state and certification meanwhile), and the file is renamed (or exported as PEFT)."""
     check_format(fmt)
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
@@ -94,6 +96,8 @@ def deliver(
             # the user's bad input: a failed check (exit 1), like any other digest mismatch.
             detail = str(exc).removeprefix(f"{label}: ")
             raise IntegrityError(f"{label} is corrupt: {detail}{hint}") from exc
+        if confirm is not None:
+            confirm()
         if fmt == "peft":
             write_peft(artifact.manifest, read_tensors(tmp), dest)
         else:

@@ -12,39 +12,25 @@
 
 The reads of steps 1 and 2 go through `registry.reader`, on any DB-API connection. `Registry.push`
 runs this code on its engine's connection; `revreg push` on an embedded registry runs the same
-reads on `sqlite3` (`EmbeddedPush`) and streams the file while SQLAlchemy, which only step 3
+reads on `sqlite3` (`registry.embedded`) and streams the file while SQLAlchemy, which only step 3
 needs, is still being imported on another thread. Nothing here imports SQLAlchemy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from revreg.artifacts.artifact import Artifact, open_artifact, verify_signature
 from revreg.artifacts.keys import TrustedKey, load_public_pem
 from revreg.artifacts.stream import ArtifactStream
 from revreg.errors import InputError, IntegrityError, SignatureError, UnknownKeyError
 from revreg.registry.api import PushResult, VersionInfo, same_bytes
-from revreg.registry.reader import (
-    PublisherTrust,
-    open_sqlite,
-    publisher_trust,
-    sqlite_errors,
-    store_url,
-    version_info,
-)
-from revreg.registry.store import BlobStore, StagedBlob, copy_hashing, open_store
-
-if TYPE_CHECKING:
-    import sqlite3
-
-    from revreg.registry.service import Registry
+from revreg.registry.reader import PublisherTrust
+from revreg.registry.store import BlobStore, StagedBlob, copy_hashing
 
 
 class Catalog(Protocol):
@@ -60,18 +46,21 @@ class Recorder(Protocol):
     def push_streamed(self, staged: StagedBlob, stream: ArtifactStream) -> PushResult: ...
 
 
+def publisher_keys(trust: PublisherTrust) -> Mapping[str, TrustedKey]:
+    return {
+        keyid: TrustedKey(name, keyid, load_public_pem(pem.encode(), name))
+        for keyid, (name, pem) in trust.publishers.items()
+    }
+
+
 def check_signer(trust: PublisherTrust, artifact: Artifact, label: str) -> TrustedKey:
     """The trusted, unrevoked publisher key that signed `artifact` (from its header alone)."""
     for sig in artifact.envelope.signatures:
         if sig.keyid in trust.revoked:
             name, reason = trust.revoked[sig.keyid]
             raise SignatureError(f"{label} is signed by revoked key {name} ({sig.keyid}): {reason}")
-    publishers = {
-        keyid: TrustedKey(name, keyid, load_public_pem(pem.encode(), name))
-        for keyid, (name, pem) in trust.publishers.items()
-    }
     try:
-        return verify_signature(artifact, publishers)
+        return verify_signature(artifact, publisher_keys(trust))
     except UnknownKeyError as exc:
         raise UnknownKeyError(f"{exc}: trust the signer with `revreg keys trust KEY --role publisher`") from exc
 
@@ -133,76 +122,3 @@ def _stream_in(
         copying()
     with store.stage(source, f"push {path.name}", stream) as staged:
         return recorder().push_streamed(staged, stream)
-
-
-class SqliteCatalog:
-    """A push's reads on an embedded registry's database, through sqlite3."""
-
-    def __init__(self, conn: sqlite3.Connection, where: str) -> None:
-        self.conn, self.where = conn, where
-
-    def trust(self) -> PublisherTrust:
-        with sqlite_errors(self.where):
-            return publisher_trust(self.conn)
-
-    def stored(self, name: str, version: str) -> VersionInfo | None:
-        with sqlite_errors(self.where):
-            return version_info(self.conn, name, version)
-
-
-def _import_sql_registry() -> None:
-    # A failure is not reported here: the thread that needs the module imports it again and raises.
-    with contextlib.suppress(BaseException):
-        import revreg.registry.service  # noqa: F401 - warmed for the recording transaction
-
-
-class EmbeddedPush:
-    """`revreg push` on an embedded (SQLite) registry: the reads before the copy run on sqlite3;
-    when a file has to be copied, the SQL registry (SQLAlchemy: 0.3-0.5 s to import, most of a
-    push's fixed cost) starts loading on another thread while the file streams into staging, and
-    is opened when the version is recorded. A push of a stored version never loads it."""
-
-    def __init__(self, location: str, db_file: Path) -> None:
-        self.location = location
-        embedded_dir = db_file.parent if "://" not in location else None
-        where = str(embedded_dir or db_file)
-        self._conn = open_sqlite(db_file, where)
-        self.catalog = SqliteCatalog(self._conn, where)
-        with sqlite_errors(where):
-            url = store_url(self._conn)
-        if url is None:
-            raise InputError(f"registry at {where} has no blob store configured: run `revreg init`")
-        self.store = open_store(url, embedded_dir)
-        self._registry: Registry | None = None
-        self._warm: threading.Thread | None = None
-
-    def _warm_up(self) -> None:
-        if self._warm is None:
-            self._warm = threading.Thread(target=_import_sql_registry, daemon=True, name="revreg-import")
-            self._warm.start()
-
-    def registry(self) -> Registry:
-        if self._registry is None:
-            if self._warm is not None:
-                self._warm.join()
-            from revreg.registry.service import Registry
-
-            registry = Registry.open(self.location)
-            if registry.store.describe() != self.store.describe():  # both read the same row
-                raise IntegrityError(f"the registry's blob store changed during the push: {registry.store.describe()}")
-            self._registry = registry
-        return self._registry
-
-    def push(self, path: Path) -> PushResult:
-        return push_file(path, self.catalog, self.store, self.registry, self._warm_up)
-
-    def close(self) -> None:
-        self._conn.close()
-        if self._warm is not None:
-            self._warm.join()  # no import left running while the interpreter shuts down
-
-    def __enter__(self) -> EmbeddedPush:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
