@@ -19,9 +19,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from measure import quiet_disk, timed, workspace
@@ -67,9 +69,10 @@ def setup_registry(location: str, store: str | None, keys: Path, env: dict[str, 
 
 
 def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
-    """Interleaved pairs: `dd conv=fsync` (a durable copy, as push and pull make), then push; the
-    same anchor, then pull; then a second push of the stored artifact. Ratios per pair, median.
-    Every timed command starts on a quiet disk (measure.quiet_disk), anchors and subjects alike."""
+    """Interleaved pairs: `dd conv=fsync` (a durable copy, as push and pull make) and push (then a
+    second push of the stored artifact); the same anchor and pull. Ratios per pair, median. Every
+    timed command starts on a quiet disk (measure.quiet_disk), and the order within each pair
+    alternates, anchors and subjects alike."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     size = art.stat().st_size
     timed(["cat", str(art)])
@@ -83,25 +86,41 @@ def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repe
         return seconds
 
     rows = []
+    pulled = out / "pulled.safetensors"
     for i in range(repeat):
         reg = out / f"reg-push-{i}"
         shutil.rmtree(reg, ignore_errors=True)
         setup_registry(str(reg), None, keys, env)
-        dd_push = durable_copy()
-        quiet_disk()
-        push = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
-        quiet_disk()
-        again = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
-        pulled = out / "pulled.safetensors"
         pulled.unlink(missing_ok=True)
-        dd_pull = durable_copy()
-        quiet_disk()
-        pull = timed(
-            [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)], env
+        t: dict[str, Any] = {}
+
+        def push(t: dict[str, Any] = t, reg: Path = reg) -> None:
+            quiet_disk()
+            t["push"] = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
+            quiet_disk()
+            t["again"] = timed([REVREG, "push", str(art), "--registry", str(reg)], env)
+
+        def pull(t: dict[str, Any] = t, reg: Path = reg) -> None:
+            quiet_disk()
+            cmd = [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(pulled), "--registry", str(reg)]
+            t["pull"] = timed(cmd, env)
+
+        def anchor(key: str, t: dict[str, Any] = t) -> Callable[[], None]:
+            return lambda: t.__setitem__(key, durable_copy())
+
+        # A 1 GiB write right after another runs slower here, even after sync (the dd after a push
+        # took 3.0-3.8 s, the one after a quiet spell 1.8-3.0 s): so the order alternates, anchor
+        # first in even pairs and subject first in odd ones, and neither gains from its place.
+        steps = (
+            [anchor("dd_push"), push, anchor("dd_pull"), pull]
+            if i % 2 == 0
+            else [push, anchor("dd_push"), pull, anchor("dd_pull")]
         )
+        for step in steps:
+            step()
         hash_pass = timed(["openssl", "dgst", "-sha256", str(art)])[0]
-        assert push[2] == 0 and again[2] == 0 and pull[2] == 0
-        rows.append((dd_push, push, again, dd_pull, pull, hash_pass))
+        assert t["push"][2] == 0 and t["again"][2] == 0 and t["pull"][2] == 0
+        rows.append((t["dd_push"], t["push"], t["again"], t["dd_pull"], t["pull"], hash_pass))
         shutil.rmtree(reg)
         pulled.unlink()
     med = statistics.median

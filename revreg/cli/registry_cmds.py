@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from revreg.cli.ls_cmd import _short, ls  # noqa: F401 - ls is registered from here too
+from revreg.cli.main import skip_teardown
 from revreg.cli.options import (
     MODEL,
     human_bytes,
@@ -109,6 +110,8 @@ def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
         else:
             pusher = _open(registry).push
         _push_each(files, pusher, as_json)
+    if db_file is not None:
+        skip_teardown()
 
 
 def _push_each(files: tuple[Path, ...], pusher: Callable[[Path], PushResult], as_json: bool) -> None:
@@ -171,6 +174,7 @@ def pull(
 
         with Embedded(location, db_file) as embedded:
             info = embedded.pull(ref, output, fmt, allow_unpublished, allow_yanked)
+        skip_teardown()
     else:
         info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
     if as_json:

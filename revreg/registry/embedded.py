@@ -215,6 +215,8 @@ class Embedded:
         self._conn.close()
         for thread in self._threads:  # nothing left running while the interpreter shuts down
             thread.join()
+        if self._registry is not None:
+            self._registry.engine.dispose()  # its connections closed (SQLite checkpoints its WAL)
 
     def __enter__(self) -> Embedded:
         return self
