@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench_registry import PG_ADMIN, REVREG, artifact, setup_registry
-from measure import timed, workspace
+from measure import quiet_disk, timed, workspace
 
 
 def start_server(location: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -57,15 +57,17 @@ def token(location: str, env: dict[str, str]) -> str:
 
 
 def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
-    """Interleaved rounds: push + pull through the local registry, then the same over loopback
-    HTTP; ratios per round (local time / remote time), median. Also a second remote push of the
+    """Interleaved rounds: push + pull through the local registry and the same over loopback
+    HTTP, in alternating order, each command on a quiet disk; ratios per round (local time /
+    remote time), median. Also a second remote push of the
     stored artifact (one local hash pass and one request: no body is sent)."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     timed(["cat", str(art)])
     rounds = []
     for i in range(repeat):
         times: dict[str, float] = {}
-        for kind in ("local", "remote"):
+        # Alternating which goes first: a 1 GiB write right after another is slower here.
+        for kind in ("local", "remote") if i % 2 == 0 else ("remote", "local"):
             reg = out / f"reg-{kind}-{i}"
             shutil.rmtree(reg, ignore_errors=True)
             setup_registry(str(reg), None, keys, env)
@@ -76,8 +78,11 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
                 location = f"http://127.0.0.1:{8490 + i}"
             dest = out / "pulled.safetensors"
             dest.unlink(missing_ok=True)
+            quiet_disk()
             push = timed([REVREG, "push", str(art), "--registry", location], e)
+            quiet_disk()
             again = timed([REVREG, "push", str(art), "--registry", location], e)
+            quiet_disk()
             pull = timed(
                 [REVREG, "pull", "big:1.0.0", "--allow-unpublished", "-o", str(dest), "--registry", location], e
             )

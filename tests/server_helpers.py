@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -28,10 +29,13 @@ def running(
     read_timeout: float = 60.0,
     min_rate: float = 16 << 10,
     min_rate_after: float = 30.0,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> Iterator[str]:
+    """`wrap`, if given, puts an ASGI middleware in front of the app (a misbehaving proxy)."""
     port = free_port()
+    app = asgi(registry, anonymous_read, max_upload, read_timeout, min_rate, min_rate_after)
     config = uvicorn.Config(
-        asgi(registry, anonymous_read, max_upload, read_timeout, min_rate, min_rate_after),
+        wrap(app) if wrap is not None else app,
         host="127.0.0.1",
         port=port,
         log_level="warning",

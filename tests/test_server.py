@@ -407,3 +407,129 @@ def test_publish_and_yank_need_read_as_well(served, keys_dir: Path, tmp_path: Pa
         answer = httpx.post(f"{served['url']}{path}", json=body, headers={"Authorization": f"Bearer {publisher}"})
         assert answer.status_code == 403 and "sha256" not in answer.text and "pending" not in answer.text
     assert served["registry"].resolve("team-a.tone:1.0.0").state == "pending"
+
+
+def test_the_client_reads_responses_a_mebibyte_at_a_time():
+    """The pull's read size is httpcore's class attribute (docs/performance.md): if a new httpcore
+    renames it, this fails and the figure must be measured again."""
+    from httpcore._sync.http11 import HTTP11Connection
+
+    from revreg.registry.remote import HTTP_READ_SIZE, RemoteRegistry
+
+    RemoteRegistry("http://127.0.0.1:9")
+    assert HTTP11Connection.READ_NUM_BYTES >= HTTP_READ_SIZE == 1 << 20
+
+
+def _gzip_every_artifact(app):
+    """A proxy that compresses the artifact download whatever the client asked for."""
+    import gzip
+
+    async def proxy(scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/artifact":
+            await app(scope, receive, send)
+            return
+        start: dict = {}
+        body = bytearray()
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if not message.get("more_body"):
+                packed = gzip.compress(bytes(body))
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                headers += [(b"content-encoding", b"gzip"), (b"content-length", str(len(packed)).encode())]
+                await send({**start, "headers": headers})
+                await send({"type": "http.response.body", "body": packed})
+
+        await app(scope, receive, capture)
+
+    return proxy
+
+
+def test_a_download_in_a_content_encoding_is_refused_and_nothing_written(
+    run, registry: Registry, keys_dir: Path, tmp_path: Path
+):
+    """The client reads the body raw; a proxy that compresses it anyway (the client asked for
+    identity) is refused in one line, and nothing reaches the output."""
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    registry.push(art)
+    secret = Tokens(registry).create("reader", ["read:*"])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    with running(registry, wrap=_gzip_every_artifact) as url:
+        result = run(
+            "pull",
+            "demo:1.0.0",
+            "--allow-unpublished",
+            "-o",
+            out / "a.safetensors",
+            "--registry",
+            url,
+            env={"REVREG_TOKEN": secret},
+        )
+    assert result.exit_code == 1, result.output
+    assert "content-encoding 'gzip'" in result.output and result.output.count("\n") == 1
+    assert list(out.iterdir()) == []
+    with running(registry) as url:  # without the proxy the same pull works, byte for byte
+        result = run(
+            "pull",
+            "demo:1.0.0",
+            "--allow-unpublished",
+            "-o",
+            out / "a.safetensors",
+            "--registry",
+            url,
+            env={"REVREG_TOKEN": secret},
+        )
+    assert result.exit_code == 0, result.output
+    assert (out / "a.safetensors").read_bytes() == art.read_bytes()
+
+
+class _ChangeTheFile:
+    """A progress display that, at the upload's first block, makes the file grow or shrink: what
+    a writer still busy with the file does to a push."""
+
+    def __init__(self, path: Path, grow: bool) -> None:
+        self.path, self.grow, self.done = path, grow, False
+
+    def start(self, label: str, total: int | None) -> object:
+        return label
+
+    def advance(self, handle: object, n: int, label: str | None = None) -> None:
+        if not self.done and str(handle).startswith("upload"):
+            self.done = True
+            size = self.path.stat().st_size
+            with open(self.path, "r+b") as fh:
+                if self.grow:
+                    fh.seek(0, 2)
+                    fh.write(b"\0" * 4096)
+                else:
+                    fh.truncate(size - 4096)
+
+    def finish(self, handle: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_an_upload_of_a_file_that_changes_size_is_refused_and_stores_nothing(
+    served, keys_dir: Path, tmp_path: Path, grow: bool
+):
+    from revreg import progress
+    from revreg.errors import InputError
+    from revreg.registry.remote import RemoteRegistry
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, size=1 << 20)  # 4 MiB: many blocks
+    remote = RemoteRegistry(served["url"], token=served["tokens"]["ci"])
+    with (
+        progress.showing(_ChangeTheFile(art, grow)),
+        pytest.raises(InputError, match="changed while it was being pushed"),
+    ):
+        remote.push(art)
+    assert served["registry"].ls() == []
+    staging = served["registry"].store.staging_dir
+    deadline = time.monotonic() + 30  # the server removes its staging file once it sees the cut
+    while staging.is_dir() and list(staging.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not staging.is_dir() or list(staging.iterdir()) == []

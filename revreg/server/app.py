@@ -130,8 +130,9 @@ class Guard:
 
     async def _receive(self, receive: Receive, send: Send) -> Message | None:
         """The next body message, or None after answering 408 to a body that stalled."""
-        try:
-            return await asyncio.wait_for(receive(), timeout=self.read_timeout)
+        try:  # a timer, not a task per message as wait_for makes: uploads arrive in 64 KiB messages
+            async with asyncio.timeout(self.read_timeout):
+                return await receive()
         except TimeoutError:
             await _refuse(send, 408, "RequestTimeout", f"no body data for {self.read_timeout:g} s")
             return None
@@ -300,6 +301,14 @@ class BaseBody(BaseModel):
     name: str | None = Field(default=None, max_length=128)
 
 
+class BlobFileResponse(FileResponse):
+    """Starlette's FileResponse (Range requests included) reading 1 MiB at a time instead of
+    64 KiB: each read is a hop to a worker thread and back, and the kernel copied 1 GiB into
+    fresh 64 KiB buffers in 0.83 s here against 0.13 s into 1 MiB ones (benchmarks/bench_server.py)."""
+
+    chunk_size = 1 << 20
+
+
 def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int = 64 << 30) -> FastAPI:
     tokens = Tokens(registry)
     app = FastAPI(
@@ -344,7 +353,7 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         headers = {"X-Revreg-Digest": digest, **headers}
         if isinstance(registry.store, FileBlobStore):
             registry.store.open(digest).close()  # a regular file, or one clear error (never a hang)
-            return FileResponse(registry.store.path(digest), media_type="application/octet-stream", headers=headers)
+            return BlobFileResponse(registry.store.path(digest), media_type="application/octet-stream", headers=headers)
         body = registry.store.open(digest)
 
         def chunks() -> Iterator[bytes]:
