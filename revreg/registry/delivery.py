@@ -13,7 +13,6 @@ from typing import BinaryIO
 
 from revreg.artifacts.artifact import Artifact, read_tensors, verify_signature
 from revreg.artifacts.keys import TrustedKey
-from revreg.artifacts.peft_io import write_peft
 from revreg.artifacts.stream import ArtifactStream
 from revreg.errors import FormatError, InputError, IntegrityError, RevregError
 from revreg.registry.api import VersionInfo
@@ -99,6 +98,8 @@ def deliver(
         if confirm is not None:
             confirm()
         if fmt == "peft":
+            from revreg.artifacts.peft_io import write_peft  # only here: 19 ms of imports a plain pull skips
+
             write_peft(artifact.manifest, read_tensors(tmp), dest)
         else:
             os.chmod(tmp, 0o644)
