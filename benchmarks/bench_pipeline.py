@@ -1,4 +1,9 @@
-"""The one-pass pipeline in-process (issue 17): why its blocks are 256 KiB.
+"""The one-pass pipeline in-process (issue 17): why its blocks are page-aligned, and their size.
+
+- the kernel's copy of 1 GiB from the page cache into a 256 KiB buffer that starts on a page
+  boundary (`store.aligned_block`) or 16, 32 or 64 bytes past one (a bytearray's data starts 16
+  bytes into a freshly mapped page), and from each into a file (no fsync), interleaved, median
+  of --repeat;
 
 - sha256 throughput of this machine's hashlib on data in cache (16 KiB updates of one buffer)
   and on data read back from memory (one 256 MiB buffer), and blake3's on one core;
@@ -49,6 +54,44 @@ def sha256_rates() -> dict:
     }
 
 
+def copy_rates(src: Path, scratch: Path, repeat: int) -> dict:
+    """Seconds to read `src` (in the page cache) into a 256 KiB buffer, and to write as much from
+    it, by where the buffer starts: on a page boundary (`store.aligned_block`), 16 bytes past one
+    (where a bytearray's data starts when the allocator maps it a fresh page, as in a new
+    process), 32 or 64 bytes past one. Interleaved, median of `repeat`."""
+    size, block = src.stat().st_size, 256 << 10
+    backing = {off: store.aligned_block(block + 4096) for off in (0, 16, 32, 64)}
+    kinds = {f"offset_{off}": memoryview(buf)[off : off + block] for off, buf in backing.items()}
+    reads: dict[str, list[float]] = {k: [] for k in kinds}
+    writes: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeat):
+        for kind, buf in kinds.items():
+            with open(src, "rb", buffering=0) as fh:
+                t = time.perf_counter()
+                while fh.readinto(buf):  # type: ignore[attr-defined]
+                    pass
+                reads[kind].append(time.perf_counter() - t)
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            t = time.perf_counter()
+            for _ in range(size // block):
+                os.write(fd, buf)
+            writes[kind].append(time.perf_counter() - t)
+            os.close(fd)
+            scratch.unlink()
+            os.sync()
+    med = statistics.median
+    return {
+        "read_1GiB_from_page_cache_s": {k: round(med(v), 3) for k, v in reads.items()},
+        "write_1GiB_to_page_cache_s": {k: round(med(v), 3) for k, v in writes.items()},
+        "read_16_bytes_off_vs_aligned": round(
+            med(b / a for a, b in zip(reads["offset_0"], reads["offset_16"], strict=True)), 2
+        ),
+        "write_16_bytes_off_vs_aligned": round(
+            med(b / a for a, b in zip(writes["offset_0"], writes["offset_16"], strict=True)), 2
+        ),
+    }
+
+
 def one_pass(src: Path, out: Path | None, block: int, blocks: int, flush: int = store.FLUSH_EVERY) -> float:
     store.BLOCK, store.PIPELINE_BLOCKS, store.FLUSH_EVERY = block, blocks, flush
     size = src.stat().st_size
@@ -70,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", choices=["copies"], default=None, help="only the aligned-buffer copy rates")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     out, keys, _ = workspace(args.out)
@@ -82,6 +126,10 @@ def main() -> None:
     durable: dict[str, list[float]] = {k: [] for k in shapes}
     read_only: dict[str, list[float]] = {k: [] for k in shapes}
     one_pass(src, None, *default)  # page cache
+    copies = copy_rates(src, out / "copy.scratch", args.repeat)
+    if args.only == "copies":
+        print(json.dumps(copies, indent=1))
+        return
     for _ in range(args.repeat):
         for name, shape in shapes.items():
             durable[name].append(one_pass(src, dst, *shape))
@@ -91,6 +139,7 @@ def main() -> None:
     dst.unlink(missing_ok=True)
     results = {
         **sha256_rates(),
+        **copies,
         "artifact_bytes": src.stat().st_size,
         "durable_one_pass_s": {k: round(statistics.median(v), 3) for k, v in durable.items()},
         "stored_push_pass_s": {k: round(statistics.median(v), 3) for k, v in read_only.items()},

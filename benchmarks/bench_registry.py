@@ -166,10 +166,10 @@ def ls_registry(out: Path, keys: Path, env: dict[str, str], versions: int) -> Pa
         template = conn.execute(select(Version)).mappings().one()
         now = datetime.now(UTC)
         rows = []
-        for b in range(versions // 100):
-            bid = conn.execute(insert(Behavior).values(name=f"behavior-{b:04d}", created_at=now)).inserted_primary_key[
-                0
-            ]
+        for b in range(0, versions, 100):  # behaviors of 100 versions each, the last one the rest
+            bid = conn.execute(
+                insert(Behavior).values(name=f"behavior-{b // 100:04d}", created_at=now)
+            ).inserted_primary_key[0]
             rows += [
                 {
                     **{k: v for k, v in template.items() if k != "id"},
@@ -177,9 +177,10 @@ def ls_registry(out: Path, keys: Path, env: dict[str, str], versions: int) -> Pa
                     "version": f"1.0.{i}",
                     "pushed_at": now,
                 }
-                for i in range(100)
+                for i in range(min(100, versions - b))
             ]
-        conn.execute(insert(Version), rows)
+        if rows:
+            conn.execute(insert(Version), rows)
     reg.engine.dispose()
     return reg_dir
 

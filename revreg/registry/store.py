@@ -22,22 +22,21 @@ from typing import Any, BinaryIO
 from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
-# Small blocks stay in the CPU caches between the stages that touch them (read, sha256, tensor
-# hashes, write): 256 KiB blocks make a durable one-pass copy about 1.5x faster here than 4 MiB
-# ones, which each stage read back from memory (docs/performance.md).
+# 16 blocks of 256 KiB: 4 MiB in flight between the stages that touch them (read, sha256, tensor
+# hashes, write). With page-aligned blocks a durable one-pass copy runs as fast with 256 KiB as
+# with 4 MiB ones here (benchmarks/bench_pipeline.py, docs/performance.md).
 BLOCK = 256 << 10
 
 
 def aligned_block(size: int = BLOCK) -> mmap.mmap:
-    """A writable buffer that starts on a page boundary. The kernel copies file data into and out
-    of it several times faster than into a bytearray, whose data starts 16 bytes into its page:
-    reading 1 GiB from the page cache took 0.43 s into a bytearray and 0.10 s into this here
-    (`python benchmarks/bench_pipeline.py`, "aligned buffers")."""
+    """A writable buffer that starts on a page boundary. The kernel copies file data into it
+    several times faster than into a bytearray, whose data starts 16 bytes into its page here
+    (`python benchmarks/bench_pipeline.py --only copies`; figures in docs/performance.md)."""
     return mmap.mmap(-1, size)
 
 
 PIPELINE_BLOCKS = 16
-FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 MiB beat 64 MiB and a single fsync here
+FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 and 64 MiB alike, one fsync at the end 1.45x slower
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
 # has committed (the lock follows the file through the rename into the store).
