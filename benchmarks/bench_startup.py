@@ -6,9 +6,13 @@ same run, as the median over interleaved pairs (anchor, then revreg, then anchor
 - `revreg verify` end to end (a tiny GPT-2 directory, a LoRA on every linear layer, 16 probes,
   3 cycles) against the work it cannot avoid, in a fresh interpreter too: importing torch and
   transformers, loading the model from the directory, and the protocol's 8 forward passes
-  (<= 1.5x). The verify run also reports whether torch._dynamo was imported.
+  (<= 1.5x). The verify run also reports whether torch._dynamo was imported;
+- what the embedded push/pull path keeps off its critical path (`--only sql`): importing the
+  SQL registry (SQLAlchemy and `revreg.registry.service`) against `python -c pass`, and the
+  interpreter's teardown after it (the same import ending in `os._exit(0)`, as
+  `revreg.cli.main.skip_teardown` ends a push), as medians over interleaved triples.
 
-    python benchmarks/bench_startup.py [--pairs 7] [--versions 10000] [--only help,ls,verify] [--out bench-out]
+    python benchmarks/bench_startup.py [--pairs 7] [--versions 10000] [--only help,ls,verify,sql] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -50,6 +54,21 @@ def pairs(anchor: list[str], subject: list[str], n: int, env: dict[str, str]) ->
         "revreg_s": round(statistics.median(s_s), 4),
         "ratio_median": round(statistics.median(ratios), 2),
         "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
+    }
+
+
+def bench_sql(env: dict[str, str], n: int) -> dict:
+    bare = [sys.executable, "-c", "pass"]
+    imported = [sys.executable, "-c", "import revreg.registry.service"]
+    no_teardown = [sys.executable, "-c", "import os, revreg.registry.service; os._exit(0)"]
+    for cmd in (bare, imported, no_teardown):
+        wall(cmd, env)  # .pyc files and page cache
+    rows = [(wall(bare, env), wall(imported, env), wall(no_teardown, env)) for _ in range(n)]
+    med = statistics.median
+    return {
+        "python_s": round(med(r[0] for r in rows), 4),
+        "import_sql_registry_s": round(med(r[2] - r[0] for r in rows), 4),
+        "teardown_after_it_s": round(med(r[1] - r[2] for r in rows), 4),
     }
 
 
@@ -130,13 +149,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--versions", type=int, default=10000)
-    parser.add_argument("--only", default="help,ls,verify")
+    parser.add_argument("--only", default="help,ls,verify,sql")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     out, keys, env = workspace(args.out)
     env = {**env, "OMP_NUM_THREADS": "1"}  # the same thread count for anchor and revreg
     parts = set(args.only.split(","))
     results: dict[str, object] = {}
+    if "sql" in parts:
+        results["sql"] = bench_sql(env, args.pairs)
+        print("sql", json.dumps(results["sql"]), flush=True)
     if "help" in parts:
         results["help"] = bench_help(env, args.pairs)
         print("help", json.dumps(results["help"]), flush=True)

@@ -220,8 +220,9 @@ _skip_teardown = False
 def skip_teardown() -> None:
     """Called by a command that has written its output and closed everything it opened (its
     database connections, its threads): the process then ends without the interpreter's
-    teardown, which frees every module object one by one and took 0.15-0.25 s after a push had
-    loaded SQLAlchemy (docs/performance.md). Only the `revreg` entry point acts on it."""
+    teardown, which frees every module object one by one (measured after loading SQLAlchemy by
+    `benchmarks/bench_startup.py --only sql`, docs/performance.md). Only the `revreg` entry point
+    acts on it."""
     global _skip_teardown
     _skip_teardown = True
 

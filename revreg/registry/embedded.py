@@ -1,8 +1,8 @@
 """`revreg push` and `revreg pull` on an embedded (SQLite) registry, with SQLAlchemy's import off
 the critical path.
 
-Importing SQLAlchemy and the SQL registry takes 0.3-0.5 s here, most of a push's or a pull's
-fixed cost (docs/performance.md). Neither needs it to start moving bytes:
+Importing SQLAlchemy and the SQL registry is most of a push's or a pull's fixed cost
+(`benchmarks/bench_startup.py --only sql`, docs/performance.md). Neither needs it to start moving bytes:
 
 - a push's reads before its copy (the publisher keys, whether NAME:VERSION is stored) are
   `registry.reader` statements, run here on `sqlite3` (`Registry.push` runs the same statements
