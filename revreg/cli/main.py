@@ -234,7 +234,10 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code
     if _skip_teardown and code == 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a closed pipe, say: the interpreter's own exit reports it as before
+            sys.exit(code)
         os._exit(0)
     sys.exit(code)
