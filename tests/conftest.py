@@ -141,6 +141,17 @@ def registry_location(request, tmp_path: Path) -> tuple[str, str | None]:
 
 
 @pytest.fixture
+def embedded(keys_dir: Path, tmp_path: Path):
+    """An embedded (SQLite) registry trusting `alice`: the ground of the sqlite3-only paths."""
+    from revreg.registry.service import Registry
+
+    reg = Registry.init(str(tmp_path / "registry"), actor="tester")
+    reg.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
+    yield reg
+    reg.engine.dispose()
+
+
+@pytest.fixture
 def registry(registry_location, keys_dir: Path):
     """An initialised registry trusting `alice` as publisher and `vera` as verifier."""
     from revreg.registry.service import Registry

@@ -66,27 +66,17 @@ def test_a_pushs_reads_agree_with_the_sql_registry(registry, keys_dir: Path, tmp
             conn.close()
 
 
-@pytest.fixture
-def embedded_reg(keys_dir: Path, tmp_path: Path):
-    from revreg.registry.service import Registry
-
-    reg = Registry.init(str(tmp_path / "registry"), actor="tester")
-    reg.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
-    yield reg
-    reg.engine.dispose()
-
-
 def _revreg(keys_dir: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "REVREG_KEYS": str(keys_dir)}
     return subprocess.run([REVREG, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_the_real_entry_point_flushes_its_output_and_leaves_no_wal(embedded_reg, keys_dir: Path, tmp_path: Path):
+def test_the_real_entry_point_flushes_its_output_and_leaves_no_wal(embedded, keys_dir: Path, tmp_path: Path):
     """`revreg push`/`pull` end without the interpreter's teardown: their output must still
     arrive whole through a pipe, and the database must be closed (no -wal file left)."""
     path = make_artifact(tmp_path / "a.safetensors", keys_dir)
-    where = embedded_reg.location.directory
-    embedded_reg.engine.dispose()
+    where = embedded.location.directory
+    embedded.engine.dispose()
     pushed = _revreg(keys_dir, "push", path, "--json", "--registry", where)
     assert pushed.returncode == 0, pushed.stderr
     assert json.loads(pushed.stdout)[0]["created"] is True
@@ -103,10 +93,10 @@ def test_the_real_entry_point_flushes_its_output_and_leaves_no_wal(embedded_reg,
     assert refused.stderr.count("\n") == 1
 
 
-def test_a_stored_push_never_loads_sqlalchemy(embedded_reg, keys_dir: Path, tmp_path: Path):
+def test_a_stored_push_never_loads_sqlalchemy(embedded, keys_dir: Path, tmp_path: Path):
     path = make_artifact(tmp_path / "a.safetensors", keys_dir)
-    embedded_reg.push(path)
-    where = embedded_reg.location.directory
+    embedded.push(path)
+    where = embedded.location.directory
     probe = (
         "import sys\n"
         "from revreg.cli.main import cli\n"
@@ -120,12 +110,12 @@ def test_a_stored_push_never_loads_sqlalchemy(embedded_reg, keys_dir: Path, tmp_
     assert lines[0].startswith("already present: demo:1.0.0 sha256:") and lines[1:] == ["NOT LOADED"]
 
 
-def test_a_refused_pull_reports_the_refusal_and_leaves_nothing(run, embedded_reg, keys_dir: Path, tmp_path: Path):
+def test_a_refused_pull_reports_the_refusal_and_leaves_nothing(run, embedded, keys_dir: Path, tmp_path: Path):
     """The copy starts before the SQL registry has decided; its refusal must win over whatever
     the copy met (here: the blob is gone), and no staging file may stay beside the output."""
     path = make_artifact(tmp_path / "a.safetensors", keys_dir)
-    info = embedded_reg.push(path).version
-    where = embedded_reg.location.directory
+    info = embedded.push(path).version
+    where = embedded.location.directory
     outdir = tmp_path / "out"
     outdir.mkdir()
     refused = run("pull", "demo:1.0.0", "-o", outdir / "x.safetensors", "--registry", where)
@@ -137,25 +127,25 @@ def test_a_refused_pull_reports_the_refusal_and_leaves_nothing(run, embedded_reg
     assert refused.exit_code == 2 and "pending, not published" in refused.output
     missing = run("pull", "demo:1.0.0", "--allow-unpublished", "-o", outdir / "x.safetensors", "--registry", where)
     assert missing.exit_code == 1 and "pending" not in missing.output
-    embedded_reg.yank("demo:1.0.0", "bad")
+    embedded.yank("demo:1.0.0", "bad")
     yanked = run("pull", "demo:1.0.0", "--allow-unpublished", "-o", outdir / "x.safetensors", "--registry", where)
     assert yanked.exit_code == 2 and "was yanked (bad)" in yanked.output
     assert list(outdir.iterdir()) == []
 
 
 def test_a_pull_whose_guess_went_stale_is_done_again_by_the_sql_registry(
-    embedded_reg, keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedded, keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """A tag can move between the sqlite3 lookup and the SQL registry's check. The lookup is
     made stale here by hand (the race itself cannot be timed in a test): the output must be the
     version the check names, never the guessed one."""
-    first, second = _push_versions(embedded_reg, keys_dir, tmp_path, 2)
-    embedded_reg.tag("demo:1.0.1", "stable")
-    where = embedded_reg.location.directory
-    stale = embedded_reg.resolve("demo:1.0.0")
+    first, second = _push_versions(embedded, keys_dir, tmp_path, 2)
+    embedded.tag("demo:1.0.1", "stable")
+    where = embedded.location.directory
+    stale = embedded.resolve("demo:1.0.0")
     monkeypatch.setattr(SqliteCatalog, "hint", lambda self, ref: stale)
     out = tmp_path / "out.safetensors"
-    with Embedded(str(where), where / "registry.db") as embedded:
-        info = embedded.pull("demo:stable", out, allow_unpublished=True)
+    with Embedded(str(where), where / "registry.db") as fast:
+        info = fast.pull("demo:stable", out, allow_unpublished=True)
     assert info.version == "1.0.1" and out.read_bytes() == second.read_bytes() != first.read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -15,17 +15,6 @@ from revreg.registry.reader import ls_sqlite, sqlite_file, utc
 from tests.conftest import make_artifact
 
 
-@pytest.fixture
-def embedded(keys_dir: Path, tmp_path: Path):
-    """An embedded (SQLite) registry trusting `alice`: the sqlite3 reader's own ground."""
-    from revreg.registry.service import Registry
-
-    reg = Registry.init(str(tmp_path / "registry"), actor="tester")
-    reg.trust_key(Keyring(keys_dir).public_pem("alice"), "alice", "publisher")
-    yield reg
-    reg.engine.dispose()
-
-
 def _fill(registry, keys_dir: Path, tmp_path: Path) -> None:
     """Versions of two behaviors (names that collations order differently), tags, a yank, and a revoked signer."""
     ring = Keyring(keys_dir)

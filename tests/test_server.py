@@ -458,31 +458,18 @@ def test_a_download_in_a_content_encoding_is_refused_and_nothing_written(
     secret = Tokens(registry).create("reader", ["read:*"])[0]
     out = tmp_path / "out"
     out.mkdir()
+
+    def pull(url: str):
+        pull_args = ("pull", "demo:1.0.0", "--allow-unpublished", "-o", out / "a.safetensors", "--registry", url)
+        return run(*pull_args, env={"REVREG_TOKEN": secret})
+
     with running(registry, wrap=_gzip_every_artifact) as url:
-        result = run(
-            "pull",
-            "demo:1.0.0",
-            "--allow-unpublished",
-            "-o",
-            out / "a.safetensors",
-            "--registry",
-            url,
-            env={"REVREG_TOKEN": secret},
-        )
+        result = pull(url)
     assert result.exit_code == 1, result.output
     assert "content-encoding 'gzip'" in result.output and result.output.count("\n") == 1
     assert list(out.iterdir()) == []
     with running(registry) as url:  # without the proxy the same pull works, byte for byte
-        result = run(
-            "pull",
-            "demo:1.0.0",
-            "--allow-unpublished",
-            "-o",
-            out / "a.safetensors",
-            "--registry",
-            url,
-            env={"REVREG_TOKEN": secret},
-        )
+        result = pull(url)
     assert result.exit_code == 0, result.output
     assert (out / "a.safetensors").read_bytes() == art.read_bytes()
 
