@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,19 @@ def test_the_real_entry_point_flushes_its_output_and_leaves_no_wal(embedded, key
     refused = _revreg(keys_dir, "pull", "demo:1.0.0", "-o", tmp_path / "no.safetensors", "--registry", where)
     assert refused.returncode == 2 and "is pending, not published" in refused.stderr
     assert refused.stderr.count("\n") == 1
+    # With standard output closed (sys.stdout is None) a push or pull that succeeded still exits 0.
+    closed = tmp_path / "closed.safetensors"
+    for args in (["push", path], ["pull", "demo:1.0.0", "--allow-unpublished", "-o", closed]):
+        line = " ".join(shlex.quote(str(a)) for a in [REVREG, *args, "--registry", where])
+        done = subprocess.run(
+            ["bash", "-c", line + " >&-"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "REVREG_KEYS": str(keys_dir)},
+            timeout=120,
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert closed.read_bytes() == path.read_bytes()
 
 
 def test_a_stored_push_never_loads_sqlalchemy(embedded, keys_dir: Path, tmp_path: Path):
@@ -149,3 +163,39 @@ def test_a_pull_whose_guess_went_stale_is_done_again_by_the_sql_registry(
         info = fast.pull("demo:stable", out, allow_unpublished=True)
     assert info.version == "1.0.1" and out.read_bytes() == second.read_bytes() != first.read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    # A yanked version pulled this way is audited once, by the one check that ran (red team).
+    embedded.yank("demo:1.0.1", "bad")
+    out.unlink()
+    with Embedded(str(where), where / "registry.db") as fast:
+        fast.pull("demo:stable", out, allow_unpublished=True, allow_yanked=True)
+    pulls = [e for e in embedded.audit_log() if e.action == "version.pull-yanked"]
+    assert [e.subject for e in pulls] == ["demo:1.0.1"]
+
+
+@pytest.mark.parametrize("name", ["reg%41", "reg%2541", "reg?x", "reg x"])
+def test_a_directory_name_with_url_characters_is_one_registry(run, keys_dir: Path, tmp_path: Path, name: str):
+    """SQLAlchemy decodes %XX in a database URL and reads "?" as options; sqlite3 reads the file as
+    named. Both must open the same database: a `reg%41` beside a `regA` that trusts another key
+    must neither take the push's reads from one and record it in the other (red team)."""
+    ring = Keyring(keys_dir)
+    ring.generate("mallory")
+    target, decoy = tmp_path / name, tmp_path / "regA"
+    for where, key in ((target, "alice"), (decoy, "mallory")):
+        assert run("init", "--registry", where).exit_code == 0
+        assert run("keys", "trust", key, "--role", "publisher", "--registry", where).exit_code == 0
+    good = make_artifact(tmp_path / "good.safetensors", keys_dir, key="alice")
+    evil = make_artifact(tmp_path / "evil.safetensors", keys_dir, key="mallory", seed=1)
+    pushed = run("push", good, "--registry", target)
+    assert pushed.exit_code == 0, pushed.output
+    refused = run("push", evil, "--registry", target)
+    assert refused.exit_code == 1 and "unknown key" in refused.output
+    listed = run("ls", "--json", "--registry", target)
+    assert [v["name"] for v in json.loads(listed.output)] == ["demo"]
+    assert json.loads(run("ls", "--json", "--registry", decoy).output) == []
+    from revreg.registry.service import Registry
+
+    library = Registry.open(str(target))
+    try:
+        assert [v.ref for v in library.ls()] == ["demo:1.0.0"]
+    finally:
+        library.engine.dispose()

@@ -520,3 +520,77 @@ def test_an_upload_of_a_file_that_changes_size_is_refused_and_stores_nothing(
     while staging.is_dir() and list(staging.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not staging.is_dir() or list(staging.iterdir()) == []
+
+
+def _mangling_proxy(mode: str, ranges: list):
+    """A proxy in front of the artifact download: `drop` cuts the first response at 1.5 MB (the
+    client resumes with a Range request), `wrong206` then answers the resume with the whole file
+    labelled 206, `flip` flips one bit at 2 MB."""
+
+    def wrap(app):
+        async def proxy(scope, receive, send):
+            if scope["type"] != "http" or scope["path"] != "/v1/artifact":
+                await app(scope, receive, send)
+                return
+            ranges.append({k.lower(): v for k, v in scope["headers"]}.get(b"range"))
+            first, sent = len(ranges) == 1, 0
+            if mode == "wrong206" and not first:
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
+
+                async def as206(message):
+                    await send({**message, "status": 206} if message["type"] == "http.response.start" else message)
+
+                await app(scope, receive, as206)
+                return
+
+            async def out(message):
+                nonlocal sent
+                body = message.get("body", b"")
+                if message["type"] == "http.response.body":
+                    if mode in ("drop", "wrong206") and first and sent + len(body) >= 1_500_000:
+                        await send({**message, "body": body[: 1_500_000 - sent], "more_body": True})
+                        raise RuntimeError("connection dropped")
+                    if mode == "flip" and sent <= 2_000_000 < sent + len(body):
+                        flipped = bytearray(body)
+                        flipped[2_000_000 - sent] ^= 1
+                        message = {**message, "body": bytes(flipped)}
+                    sent += len(body)
+                await send(message)
+
+            await app(scope, receive, out)
+
+        return proxy
+
+    return wrap
+
+
+@pytest.mark.parametrize("mode", ["drop", "wrong206", "flip"])
+def test_a_cut_or_mangled_download_resumes_exactly_or_writes_nothing(
+    run, registry: Registry, keys_dir: Path, tmp_path: Path, mode: str
+):
+    """Red team: the raw 1 MiB reads still resume a cut download byte-exact, and a resume that
+    restarts from byte 0 or a flipped bit is refused with nothing at the output."""
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, size=1 << 20)  # 4 MiB
+    registry.push(art)
+    secret = Tokens(registry).create("reader", ["read:*"])[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    ranges: list = []
+    with running(registry, wrap=_mangling_proxy(mode, ranges)) as url:
+        result = run(
+            "pull",
+            "demo:1.0.0",
+            "--allow-unpublished",
+            "-o",
+            out / "a.safetensors",
+            "--registry",
+            url,
+            env={"REVREG_TOKEN": secret},
+        )
+    if mode == "drop":
+        assert result.exit_code == 0, result.output
+        assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith(b"bytes=")
+        assert (out / "a.safetensors").read_bytes() == art.read_bytes()
+    else:
+        assert result.exit_code == 1, result.output
+        assert list(out.iterdir()) == []

@@ -235,8 +235,9 @@ def main() -> None:
         code = exc.code
     if _skip_teardown and code == 0:
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:  # None when the descriptor was closed (`revreg push … >&-`)
+                    stream.flush()
         except OSError:  # a closed pipe, say: the interpreter's own exit reports it as before
             sys.exit(code)
         os._exit(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -49,7 +50,10 @@ def resolve(location: str | None) -> Location:
             raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
         return Location(raw, None)
     directory = Path(raw).absolute()
-    return Location(f"sqlite:///{directory / DB_FILE}", directory)
+    # Quoted: SQLAlchemy decodes %XX in a URL's database, and reads "?" as the start of options,
+    # so a directory named reg%41 or reg?x must not open regA or reg (registry.reader reads the
+    # file as named; tests/test_reader.py keeps the two on the same file).
+    return Location(f"sqlite:///{quote(str(directory / DB_FILE), safe='/')}", directory)
 
 
 def _reason(exc: OperationalError) -> str:

@@ -15,12 +15,13 @@ Importing SQLAlchemy and the SQL registry is most of a push's or a pull's fixed 
   certification gate). The output appears only if that check passed and named the same version
   and digest; a refusal stops the copy at its next block and removes the staging file, and is
   reported whatever else went wrong. If the check names another version (the tag moved, say),
-  the pull starts again on the SQL registry alone.
+  that version is copied and delivered instead, as `Registry.pull` would: checked, then copied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +132,7 @@ class Embedded:
 
     def __init__(self, location: str, db_file: Path) -> None:
         self.location = location
+        self._db_file = db_file
         embedded_dir = db_file.parent if "://" not in location else None
         where = str(embedded_dir or db_file)
         self._conn = open_sqlite(db_file, where)
@@ -159,6 +161,10 @@ class Embedded:
                 from revreg.registry.service import Registry
 
                 registry = Registry.open(self.location)
+                # The same database and store as the reads before the copy, or nothing is recorded.
+                database = registry.engine.url.database
+                if not database or not os.path.samefile(database, self._db_file):
+                    raise IntegrityError(f"{self.location} opened {database} for {self._db_file}; nothing was recorded")
                 if registry.store.describe() != self.store.describe():  # both read the same row
                     raise IntegrityError(f"the registry's blob store is not {self.store.describe()}")
                 self._registry = registry
@@ -186,14 +192,17 @@ class Embedded:
         self._threads.append(check)
         publishers = publisher_keys(self.catalog.trust())
 
-        def fill(sink: BinaryIO, tap: Tap) -> str:
-            def checked(view: memoryview) -> None:
-                if (refused := check.failed) is not None:
-                    raise refused  # stop copying what will not be delivered
-                tap(view)
+        def from_store(info: VersionInfo, confirm: Callable[[], None] | None) -> None:
+            def fill(sink: BinaryIO, tap: Tap) -> str:
+                def checked(view: memoryview) -> None:
+                    if (refused := check.failed) is not None:
+                        raise refused  # stop copying what will not be delivered
+                    tap(view)
 
-            with self.store.open(guess.digest) as source, progress.task(f"pull {guess.ref}", guess.size):
-                return copy_hashing(source, sink, durable=True, tap=checked)[0]
+                with self.store.open(info.digest) as source, progress.task(f"pull {info.ref}", info.size):
+                    return copy_hashing(source, sink, durable=True, tap=checked)[0]
+
+            deliver(info, publishers, dest, fmt, fill, "stored blob", confirm)
 
         def confirm() -> None:
             info = check.result()
@@ -201,9 +210,12 @@ class Embedded:
                 raise _Moved
 
         try:
-            deliver(guess, publishers, dest, fmt, fill, "stored blob", confirm)
-        except _Moved:
-            return self.registry().pull(parsed, dest, fmt, allow_unpublished, allow_yanked)
+            try:
+                from_store(guess, confirm)
+            except _Moved:
+                # The check passed for another version than the guess (a tag moved meanwhile):
+                # that one is delivered, checked already, as Registry.pull would (check, then copy).
+                from_store(check.result(), None)
         except BaseException:
             check.join()
             if check.failed is not None:  # the registry's refusal comes first, as without the overlap

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from revreg.errors import InputError, Unreachable
 from revreg.registry.api import NotFound, SchemaError, VersionInfo
@@ -196,7 +196,7 @@ def sqlite_file(location: str) -> Path | None:
     if location.startswith("sqlite:///"):
         rest = location[len("sqlite:///") :]
         if rest and "?" not in rest:  # URL options only SQLAlchemy understands: let it handle them
-            return Path(rest)
+            return Path(unquote(rest))  # %XX decoded, as SQLAlchemy decodes the URL's database
     return None
 
 

@@ -32,7 +32,7 @@ def aligned_block(size: int = BLOCK) -> mmap.mmap:
     """A writable buffer that starts on a page boundary. The kernel copies file data into it
     several times faster than into a bytearray, whose data starts 16 bytes into its page here
     (`python benchmarks/bench_pipeline.py --only copies`; figures in docs/performance.md)."""
-    return mmap.mmap(-1, size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # never shared with a child
 
 
 PIPELINE_BLOCKS = 16
