@@ -162,7 +162,9 @@ class RemoteRegistry:
             size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             raise errors.InputError(f"cannot read {file}: {exc.strerror}") from exc
-        hashing = Pipeline(None)  # the sha256 on its own thread, while this one sends
+        # The sha256 on its own thread while this one sends, in BLOCK (1 MiB) pieces: a quarter of
+        # the trips through httpx and h11 that the pipeline's 256 KiB blocks would make.
+        hashing = Pipeline(None, block=BLOCK)
 
         def body() -> Iterator[memoryview]:
             # Each block is read once into one of the pipeline's page-aligned buffers, hashed

@@ -22,9 +22,9 @@ from typing import Any, BinaryIO
 from revreg import progress
 from revreg.errors import InputError, IntegrityError
 
-# 16 blocks of 256 KiB: 4 MiB in flight between the stages that touch them (read, sha256, tensor
-# hashes, write). With page-aligned blocks a durable one-pass copy runs as fast with 256 KiB as
-# with 4 MiB ones here (benchmarks/bench_pipeline.py, docs/performance.md).
+# Small blocks stay in the CPU caches between the stages that touch them (read, sha256, tensor
+# hashes, write): 256 KiB blocks make a durable one-pass copy about 1.5x faster here than 4 MiB
+# ones, which each stage reads back from memory (benchmarks/bench_pipeline.py, docs/performance.md).
 BLOCK = 256 << 10
 
 
@@ -36,7 +36,7 @@ def aligned_block(size: int = BLOCK) -> mmap.mmap:
 
 
 PIPELINE_BLOCKS = 16
-FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 and 64 MiB alike, one fsync at the end 1.45x slower
+FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 and 64 MiB alike, a single fsync at the end 1.3x slower
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
 # has committed (the lock follows the file through the rename into the store).
@@ -221,14 +221,17 @@ class Pipeline:
     and `submit`s it; `close()` returns (sha256 digest, size). The first error of any stage is
     raised to the producer at its next call, and the stages stop working on later blocks."""
 
-    def __init__(self, sink: BinaryIO | None, durable: bool = False, tap: Tap | None = None) -> None:
+    def __init__(
+        self, sink: BinaryIO | None, durable: bool = False, tap: Tap | None = None, block: int | None = None
+    ) -> None:
         self.sink = sink
+        self.block = block or BLOCK  # read when called: benchmarks/bench_pipeline.py varies BLOCK
         self.durable = durable and sink is not None
         self.size = 0
         self._h = hashlib.sha256()
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(PIPELINE_BLOCKS):
-            self._free.put(aligned_block())
+            self._free.put(aligned_block(self.block))
         self._pending: mmap.mmap | None = None
         self._filled = 0
         self._since_flush = 0
@@ -323,11 +326,11 @@ class Pipeline:
         while len(view):
             if self._pending is None:
                 self._pending, self._filled = self.buffer(), 0
-            take = min(len(view), BLOCK - self._filled)
+            take = min(len(view), self.block - self._filled)
             self._pending[self._filled : self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
-            if self._filled == BLOCK:
+            if self._filled == self.block:
                 self.submit(self._pending, self._filled)
                 self._pending = None
 
