@@ -94,10 +94,14 @@ def test_the_real_entry_point_flushes_its_output_and_leaves_no_wal(embedded, key
     assert refused.stderr.count("\n") == 1
     # With standard output closed (sys.stdout is None) a push or pull that succeeded still exits 0.
     closed = tmp_path / "closed.safetensors"
-    for args in (["push", path], ["pull", "demo:1.0.0", "--allow-unpublished", "-o", closed]):
+    for args, redirect in (
+        (["push", path], " >&-"),
+        (["push", path], " 2>&-"),  # with standard error closed too (sys.stderr is None)
+        (["pull", "demo:1.0.0", "--allow-unpublished", "-o", closed], " >&-"),
+    ):
         line = " ".join(shlex.quote(str(a)) for a in [REVREG, *args, "--registry", where])
         done = subprocess.run(
-            ["bash", "-c", line + " >&-"],
+            ["bash", "-c", line + redirect],
             capture_output=True,
             text=True,
             env={**os.environ, "REVREG_KEYS": str(keys_dir)},
@@ -199,3 +203,34 @@ def test_a_directory_name_with_url_characters_is_one_registry(run, keys_dir: Pat
         assert [v.ref for v in library.ls()] == ["demo:1.0.0"]
     finally:
         library.engine.dispose()
+
+
+def test_a_path_through_a_link_and_dotdot_is_one_registry(run, keys_dir: Path, tmp_path: Path, monkeypatch):
+    """`link/../A`: the OS (and sqlite3) follow the link, then `..`; SQLAlchemy's SQLite dialect
+    would drop `link/..` as text. The push must check trust in the registry it records in, the
+    one the OS names (red team round 6)."""
+    Keyring(keys_dir).generate("mallory")
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "other" / "sub", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    for where, key in (("A", "alice"), ("other/A", "mallory")):
+        assert run("init", "--registry", where).exit_code == 0
+        assert run("keys", "trust", key, "--role", "publisher", "--registry", where).exit_code == 0
+    evil = make_artifact(tmp_path / "evil.safetensors", keys_dir, key="mallory")
+    pushed = run("push", evil, "--registry", "link/../A")
+    assert pushed.exit_code == 0, pushed.output  # other/A trusts mallory, and records it
+    assert json.loads(run("ls", "--json", "--registry", "A").output) == []  # A never trusted mallory
+    assert [v["name"] for v in json.loads(run("ls", "--json", "--registry", "other/A").output)] == ["demo"]
+    assert run("fsck", "--registry", "other/A").exit_code == 0
+    created = run("init", "--registry", "link/../C")
+    assert created.exit_code == 0, created.output
+    assert (tmp_path / "other" / "C" / "registry.db").is_file() and not (tmp_path / "C").exists()
+
+
+def test_a_sqlite_location_is_named_as_the_user_names_it():
+    """Errors name the file, not its %-encoded URL (red team round 6)."""
+    from revreg.registry.db import _redact
+
+    assert _redact("sqlite:////x/r%2541/registry.db") == "/x/r%41/registry.db"
+    assert _redact("sqlite:////x/%C3%BC%20dir/registry.db") == "/x/\u00fc dir/registry.db"
+    assert _redact("postgresql+psycopg://u:secret@h/db") == "postgresql+psycopg://u:***@h/db"

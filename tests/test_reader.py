@@ -92,8 +92,8 @@ def test_locations_the_reader_leaves_to_sqlalchemy():
     assert sqlite_file("postgresql+psycopg://x@h/db") is None
     assert sqlite_file("http://127.0.0.1:1") is None
     assert sqlite_file("sqlite:///f.db?timeout=3") is None  # options only SQLAlchemy reads
-    assert sqlite_file("sqlite:///relative.db") == Path("relative.db")
-    assert sqlite_file("reg") == Path("reg").absolute() / "registry.db"
+    assert sqlite_file("sqlite:///relative.db") == Path("relative.db").absolute()  # as SQLAlchemy opens it
+    assert sqlite_file("reg") == Path("reg").resolve() / "registry.db"
 
 
 def test_stored_timestamps_parse_as_utc():

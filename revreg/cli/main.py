@@ -78,7 +78,7 @@ class RevregGroup(click.Group):
 
 def _display_for(ctx: click.Context) -> Any:
     """A progress display when stderr is a terminal and the command is not --quiet."""
-    if ctx.params.get("quiet") or not sys.stderr.isatty():  # --json silences it too (cli.options)
+    if ctx.params.get("quiet") or sys.stderr is None or not sys.stderr.isatty():  # --json silences it too
         return None
     from revreg.cli.display import RichDisplay
 

@@ -6,6 +6,7 @@ SQLAlchemy URL such as postgresql+psycopg://user@host/db.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,10 @@ class Location:
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    parsed = make_url(url)
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        return parsed.database  # the file as the user names it, not %-encoded
+    return parsed.render_as_string(hide_password=True)
 
 
 def resolve(location: str | None) -> Location:
@@ -49,10 +53,12 @@ def resolve(location: str | None) -> Location:
         if raw.startswith("postgresql://"):
             raw = "postgresql+psycopg://" + raw[len("postgresql://") :]
         return Location(raw, None)
-    directory = Path(raw).absolute()
-    # Quoted: SQLAlchemy decodes %XX in a URL's database, and reads "?" as the start of options,
-    # so a directory named reg%41 or reg?x must not open regA or reg (registry.reader reads the
-    # file as named; tests/test_reader.py keeps the two on the same file).
+    # The real path, links followed as the OS follows them (SQLAlchemy would normalise
+    # `link/../A` as text and open another file than sqlite3 does), then quoted: SQLAlchemy
+    # decodes %XX in a URL's database and reads "?" as the start of options, so a directory
+    # named reg%41 or reg?x must not open regA or reg. registry.reader.sqlite_file names the
+    # same file (tests/test_embedded.py).
+    directory = Path(os.path.realpath(raw))
     return Location(f"sqlite:///{quote(str(directory / DB_FILE), safe='/')}", directory)
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Generic, TypeVar
 
@@ -123,6 +123,11 @@ def _import_sql_registry() -> None:
         import revreg.registry.service  # noqa: F401 - warmed for the recording transaction
 
 
+def _main_file(rows: Sequence[Any]) -> str | None:
+    """The file of the `main` database in `PRAGMA database_list`'s rows (seq, name, file)."""
+    return next((str(r[2]) for r in rows if r[1] == "main" and r[2]), None)
+
+
 class _Moved(Exception):
     """The SQL registry's check named another version than the guess the copy started from."""
 
@@ -136,6 +141,8 @@ class Embedded:
         embedded_dir = db_file.parent if "://" not in location else None
         where = str(embedded_dir or db_file)
         self._conn = open_sqlite(db_file, where)
+        with sqlite_errors(where):  # the file this connection opened (registry() runs on other threads)
+            self._opened = _main_file(self._conn.execute("PRAGMA database_list").fetchall())
         self.catalog = SqliteCatalog(self._conn, where)
         with sqlite_errors(where):
             url = store_url(self._conn)
@@ -161,10 +168,13 @@ class Embedded:
                 from revreg.registry.service import Registry
 
                 registry = Registry.open(self.location)
-                # The same database and store as the reads before the copy, or nothing is recorded.
-                database = registry.engine.url.database
-                if not database or not os.path.samefile(database, self._db_file):
-                    raise IntegrityError(f"{self.location} opened {database} for {self._db_file}; nothing was recorded")
+                # The same database file as the reads before the copy (as each connection opened
+                # it), and the same store, or nothing is recorded.
+                with registry.engine.connect() as conn:
+                    theirs = _main_file(conn.exec_driver_sql("PRAGMA database_list").fetchall())
+                mine = self._opened
+                if not (theirs and mine and os.path.samefile(theirs, mine)):
+                    raise IntegrityError(f"{self.location} opened {theirs} and {mine}; nothing was recorded")
                 if registry.store.describe() != self.store.describe():  # both read the same row
                     raise IntegrityError(f"the registry's blob store is not {self.store.describe()}")
                 self._registry = registry
@@ -210,17 +220,17 @@ class Embedded:
                 raise _Moved
 
         try:
-            try:
-                from_store(guess, confirm)
-            except _Moved:
-                # The check passed for another version than the guess (a tag moved meanwhile):
-                # that one is delivered, checked already, as Registry.pull would (check, then copy).
-                from_store(check.result(), None)
-        except BaseException:
+            from_store(guess, confirm)
+        except BaseException as exc:
             check.join()
             if check.failed is not None:  # the registry's refusal comes first, as without the overlap
                 raise check.failed from None
-            raise
+            info = check.result()
+            if not isinstance(exc, Exception) or (info.ref, info.digest) == (guess.ref, guess.digest):
+                raise
+            # The check passed for another version than the guess (a tag moved meanwhile), whatever
+            # the guess's copy met: that one is delivered, checked already, as Registry.pull would.
+            from_store(info, None)
         return check.result()
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,11 +193,12 @@ def sqlite_file(location: str) -> Path | None:
     """The database file of an embedded registry location (a directory or sqlite:///FILE);
     None for anything else (a server database, an http(s) registry)."""
     if "://" not in location:
-        return Path(location).absolute() / DB_FILE
+        return Path(os.path.realpath(location)) / DB_FILE  # as db.resolve names it
     if location.startswith("sqlite:///"):
         rest = location[len("sqlite:///") :]
         if rest and "?" not in rest:  # URL options only SQLAlchemy understands: let it handle them
-            return Path(unquote(rest))  # %XX decoded, as SQLAlchemy decodes the URL's database
+            # %XX decoded and the path normalised as text, as SQLAlchemy's SQLite dialect does.
+            return Path(os.path.abspath(unquote(rest)))
     return None
 
 
