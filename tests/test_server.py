@@ -159,7 +159,10 @@ def _raw_upload(url: str, token: str, head_length: int, body: bytes) -> bytes:
             + body
         )
         s.shutdown(socket.SHUT_WR)
-        s.settimeout(10)
+        # The server's answer (or its close) means it has dealt with the upload, its staging file
+        # included. A 10 s wait once ran out on a loaded CI machine before the server had even
+        # created that file, and the check below caught it being created.
+        s.settimeout(120)
         try:
             return s.recv(65536)
         except OSError:
