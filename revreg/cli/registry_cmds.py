@@ -30,6 +30,16 @@ if TYPE_CHECKING:
     from revreg.registry.api import PushResult, RegistryAPI
 
 
+def _embedded_db(registry: str | None) -> tuple[str, Path | None]:
+    """The location, and its database file when it is an embedded registry that push and pull
+    serve through registry.embedded (None for a server database or an http(s) registry)."""
+    from revreg.registry.locate import location_of
+    from revreg.registry.reader import sqlite_file
+
+    location = location_of(registry)
+    return location, sqlite_file(location)
+
+
 def _open(registry: str | None) -> RegistryAPI:
     """The registry at --registry, whichever implementation serves it (see registry.locate)."""
     return open_registry(registry)
@@ -95,12 +105,8 @@ def push(files: tuple[Path, ...], as_json: bool, registry: str | None) -> None:
     """
     from contextlib import ExitStack
 
-    from revreg.registry.locate import location_of
-    from revreg.registry.reader import sqlite_file
-
     with ExitStack() as stack:
-        location = location_of(registry)
-        db_file = sqlite_file(location)
+        location, db_file = _embedded_db(registry)
         if db_file is not None:
             # An embedded registry: the file streams into the store while SQLAlchemy loads for
             # the transaction that records it (registry.embedded).
@@ -162,11 +168,7 @@ def pull(
         what = "a directory" if output.is_dir() else "a file"
         hint = "" if output.is_dir() else " (pass --force to replace it)"
         raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
-    from revreg.registry.locate import location_of
-    from revreg.registry.reader import sqlite_file
-
-    location = location_of(registry)
-    db_file = sqlite_file(location)
+    location, db_file = _embedded_db(registry)
     if db_file is not None:
         # An embedded registry: the blob streams out while SQLAlchemy loads for the checks that
         # decide whether it may be delivered (registry.embedded).

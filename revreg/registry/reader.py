@@ -202,34 +202,6 @@ def sqlite_file(location: str) -> Path | None:
     return None
 
 
-def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
-    """A read-only-by-use connection to an existing registry database at this revreg's schema
-    (never creates a file: `mode=rw`)."""
-    if not path.is_file():
-        raise InputError(f"no registry at {where}: create one with `revreg init`")
-    try:
-        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=30000")
-        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
-        revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
-    except UnicodeDecodeError as exc:  # SQLite's own message about a damaged file is not UTF-8
-        raise SchemaError(f"the database at {where} is damaged ({exc.reason}): not a registry revreg can read") from exc
-    except sqlite3.DatabaseError as exc:
-        if unreachable(exc):
-            raise Unreachable(f"registry database error at {where}: {exc}") from exc
-        raise SchemaError(f"cannot open the registry database at {where}: {exc}") from exc
-    if revision is None:
-        conn.close()
-        raise SchemaError(f"no registry at {where}: create one with `revreg init`")
-    if revision[0] != HEAD:
-        conn.close()
-        raise SchemaError(
-            f"registry schema at {where} is at revision {revision[0]}, this revreg needs {HEAD}: "
-            "run `revreg db upgrade`"
-        )
-    return conn
-
-
 @contextlib.contextmanager
 def sqlite_errors(where: str) -> Iterator[None]:
     """SQLite's errors as revreg's: unusable now (exit 3) or not a registry this revreg reads."""
@@ -241,6 +213,28 @@ def sqlite_errors(where: str) -> Iterator[None]:
         if unreachable(exc):
             raise Unreachable(f"registry database error at {where}: {exc}") from exc
         raise SchemaError(f"the database at {where} is not a registry this revreg can read: {exc}") from exc
+
+
+def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
+    """A read-only-by-use connection to an existing registry database at this revreg's schema
+    (never creates a file: `mode=rw`)."""
+    if not path.is_file():
+        raise InputError(f"no registry at {where}: create one with `revreg init`")
+    with sqlite_errors(where):
+        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=30000")
+        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
+    if revision is None:
+        conn.close()
+        raise SchemaError(f"no registry at {where}: create one with `revreg init`")
+    if revision[0] != HEAD:
+        conn.close()
+        raise SchemaError(
+            f"registry schema at {where} is at revision {revision[0]}, this revreg needs {HEAD}: "
+            "run `revreg db upgrade`"
+        )
+    return conn
 
 
 def ls_sqlite(path: Path, where: str, name: str | None = None) -> list[VersionInfo]:
