@@ -294,6 +294,124 @@ def test_uploads_without_a_declared_digest_are_checked_as_fully(served, keys_dir
     assert good.json()["version"]["digest"] == "sha256:" + __import__("hashlib").sha256(art.read_bytes()).hexdigest()
 
 
+def _two_tensor_artifact(path: Path, keys_dir: Path) -> Path:
+    import numpy as np
+
+    from revreg.artifacts.artifact import Attachment, pack
+    from tests.conftest import CREATED
+
+    rng = np.random.default_rng(7)
+    pack(
+        path,
+        {
+            "h.0.steer_vector": ("F32", (8,), rng.standard_normal(8).astype("<f4").tobytes()),
+            "h.1.steer_vector": ("F32", (5,), rng.standard_normal(5).astype("<f4").tobytes()),
+        },
+        tuple(Attachment(f"h.{i}", "steer", {"vector": f"h.{i}.steer_vector"}) for i in range(2)),
+        name="demo",
+        version="1.0.0",
+        base="sha256:" + "ab" * 32,
+        signer=Keyring(keys_dir).signer("alice"),
+        created=CREATED,
+    )
+    return path
+
+
+def test_the_server_accepts_no_byte_its_signature_does_not_cover(served, keys_dir: Path, tmp_path: Path):
+    """The client sends an artifact without hashing it (registry/remote.py: push) because the
+    server takes only the one file the signature describes. Every kind of place a byte can be
+    damaged on the way (length prefix, header JSON and its padding, each tensor's first and last
+    byte) and a byte more or less: each refused with a 4xx, nothing stored; the intact file is
+    then stored under its own sha256."""
+    import hashlib
+
+    from revreg.artifacts.safetensors_io import read_header
+
+    art = _two_tensor_artifact(tmp_path / "a.safetensors", keys_dir)
+    good = art.read_bytes()
+    header = read_header(art)
+    start = header.data_start
+    places = {0, 7, 8, 9, start // 2, start - 2, start - 1, len(good) - 1}
+    for t in header.tensors:
+        places |= {start + t.start, start + t.end - 1}
+    variants = {f"byte {at} ^ {bit:#x}": at for at in sorted(places) for bit in (0x01, 0x20, 0x80)}
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Name": "demo"}
+    bodies = {label: bytearray(good) for label in variants}
+    for label, at in variants.items():
+        bodies[label][at] ^= int(label.rsplit(" ", 1)[1], 16)
+    bodies["one byte more"] = bytearray(good + b"\0")
+    bodies["one byte less"] = bytearray(good[:-1])
+    bodies["a padding space made a tab"] = bytearray(good)
+    assert good[start - 1 : start] == b" ", "the test needs a padded header"
+    bodies["a padding space made a tab"][start - 1] = 0x09
+    for label, body in bodies.items():
+        r = httpx.put(f"{served['url']}/v1/artifacts", content=bytes(body), headers=headers)
+        assert 400 <= r.status_code < 500, (label, r.status_code, r.text)
+        _nothing_stored(served["registry"])
+    ok = httpx.put(f"{served['url']}/v1/artifacts", content=good, headers=headers)
+    assert ok.status_code == 200
+    assert ok.json()["version"]["digest"] == "sha256:" + hashlib.sha256(good).hexdigest()
+
+
+def _answer_with_another_size(app):
+    """A proxy that changes the size in the server's answer to an upload."""
+
+    async def proxy(scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/artifacts":
+            await app(scope, receive, send)
+            return
+        start: dict = {}
+        body = bytearray()
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if not message.get("more_body"):
+                doc = json.loads(body)
+                doc["version"]["size"] += 1
+                out = json.dumps(doc).encode()
+                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
+                await send({"type": "http.response.body", "body": out})
+
+        await app(scope, receive, capture)
+
+    return proxy
+
+
+def test_a_push_answered_with_the_record_of_other_bytes_is_an_error(registry: Registry, keys_dir: Path, tmp_path: Path):
+    from revreg.errors import IntegrityError
+    from revreg.registry.remote import RemoteRegistry
+
+    secret = Tokens(registry).create("ci", ["read:*", "push:*"])[0]
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    with (
+        running(registry, wrap=_answer_with_another_size) as url,
+        pytest.raises(IntegrityError, match="with the record of demo:1.0.0"),
+    ):
+        RemoteRegistry(url, token=secret).push(art)
+
+
+def test_registry_commands_do_not_import_httpx_command_line_client(tmp_path: Path):
+    """httpx loads its own CLI (rich, pygments) on import; the registry client skips it, and
+    httpx.main still works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, revreg.registry.remote, httpx\n"
+        "assert 'httpx._main' not in sys.modules and 'pygments' not in sys.modules, sorted(sys.modules)\n"
+        "assert 'rich' not in sys.modules\n"
+        "sys.argv = ['httpx', '--help']\n"
+        "httpx.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: httpx" in out.stdout
+
+
 def test_remote_push_of_a_stored_version_sends_no_body(served, keys_dir: Path, tmp_path: Path):
     from revreg.registry.remote import RemoteRegistry
 
