@@ -65,6 +65,15 @@ class Unreachable(RevregError):
     exit_code = 3
 
 
+class OutputError(RevregError):
+    """Standard output could not be written (a full disk behind it, a reader that went away).
+    What the command did before stands: nothing is undone because its report was lost."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(f"cannot write to standard output: {cause.strerror or cause}; what the command did stands")
+        self.errno = cause.errno
+
+
 class CheckFailed(RevregError):
     """A comparison or verification ran to the end and found a difference."""
 

@@ -170,3 +170,30 @@ def test_export_refuses_kinds_peft_cannot_express(run, tmp_path: Path):
     assert "no equivalent of revreg kind 'steer'" in result.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("provenance", "abc"),
+        ("provenance", ["x"]),
+        ("provenance", [["peft_config", {"r": 1}]]),
+        ("description", 1),
+        ("license", None),
+        ("created", ["2026"]),
+    ],
+)
+def test_a_manifest_field_of_the_wrong_json_type_is_refused(
+    keys_dir: Path, tmp_path: Path, field: str, value: object
+) -> None:
+    """Signed or not, a manifest whose provenance is not an object (or whose free text is not a
+    string) is a format error, not something later commands trip over."""
+    from revreg.artifacts.artifact import BehaviorManifest, open_artifact
+    from revreg.artifacts.canonical import canonical_json
+    from revreg.errors import FormatError
+    from tests.conftest import make_artifact
+
+    doc = open_artifact(make_artifact(tmp_path / "a.safetensors", keys_dir)).manifest.to_dict()
+    doc[field] = value
+    with pytest.raises(FormatError, match=f"manifest {field} is not a JSON"):
+        BehaviorManifest.from_bytes(canonical_json(doc))

@@ -317,12 +317,11 @@ def _two_tensor_artifact(path: Path, keys_dir: Path) -> Path:
     return path
 
 
-def test_the_server_accepts_no_byte_its_signature_does_not_cover(served, keys_dir: Path, tmp_path: Path):
-    """The client sends an artifact without hashing it (registry/remote.py: push) because the
-    server takes only the one file the signature describes. Every kind of place a byte can be
-    damaged on the way (length prefix, header JSON and its padding, each tensor's first and last
-    byte) and a byte more or less: each refused with a 4xx, nothing stored; the intact file is
-    then stored under its own sha256."""
+def test_an_upload_damaged_anywhere_is_refused_and_nothing_stored(served, keys_dir: Path, tmp_path: Path):
+    """Damage on the way, wherever it falls (length prefix, header JSON and its padding, each
+    tensor's first and last byte) and a byte more or less: each refused with a 4xx, nothing
+    stored; the intact file is then stored under its own sha256. (Another valid signature over
+    the same manifest is not damage: the client's own digest catches that, below.)"""
     import hashlib
 
     from revreg.artifacts.safetensors_io import read_header
@@ -353,43 +352,109 @@ def test_the_server_accepts_no_byte_its_signature_does_not_cover(served, keys_di
     assert ok.json()["version"]["digest"] == "sha256:" + hashlib.sha256(good).hexdigest()
 
 
-def _answer_with_another_size(app):
-    """A proxy that changes the size in the server's answer to an upload."""
+def _rewrite_answer(field: str, value: object):
+    """A proxy that changes one field of the version in the server's answer to an upload."""
 
-    async def proxy(scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/artifacts":
-            await app(scope, receive, send)
-            return
-        start: dict = {}
-        body = bytearray()
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
+    def wrap(app):
+        async def proxy(scope, receive, send):
+            if scope["type"] != "http" or scope["path"] != "/v1/artifacts":
+                await app(scope, receive, send)
                 return
-            body.extend(message.get("body", b""))
-            if not message.get("more_body"):
-                doc = json.loads(body)
-                doc["version"]["size"] += 1
-                out = json.dumps(doc).encode()
-                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
-                await send({"type": "http.response.body", "body": out})
+            start: dict = {}
+            body = bytearray()
 
-        await app(scope, receive, capture)
+            async def capture(message):
+                if message["type"] == "http.response.start":
+                    start.update(message)
+                    return
+                body.extend(message.get("body", b""))
+                if not message.get("more_body"):
+                    doc = json.loads(body)
+                    doc["version"][field] = value
+                    out = json.dumps(doc).encode()
+                    headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+                    await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
+                    await send({"type": "http.response.body", "body": out})
 
-    return proxy
+            await app(scope, receive, capture)
+
+        return proxy
+
+    return wrap
 
 
-def test_a_push_answered_with_the_record_of_other_bytes_is_an_error(registry: Registry, keys_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("field", "value"), [("digest", "sha256:" + "00" * 32), ("version", "9.9.9"), ("name", "other")]
+)
+def test_a_push_answered_with_another_record_is_an_error(
+    registry: Registry, keys_dir: Path, tmp_path: Path, field: str, value: object
+):
+    """The client compares the answer with what it sent (its own sha256 of the bytes, the name and
+    version it pushed): a record rewritten on the way is an error, not a digest to print."""
     from revreg.errors import IntegrityError
     from revreg.registry.remote import RemoteRegistry
 
     secret = Tokens(registry).create("ci", ["read:*", "push:*"])[0]
     art = make_artifact(tmp_path / "a.safetensors", keys_dir)
     with (
-        running(registry, wrap=_answer_with_another_size) as url,
-        pytest.raises(IntegrityError, match="with the record of demo:1.0.0"),
+        running(registry, wrap=_rewrite_answer(field, value)) as url,
+        pytest.raises(IntegrityError, match="but this client sent demo:1.0.0 as sha256:"),
+    ):
+        RemoteRegistry(url, token=secret).push(art)
+
+
+def _resign_uploads(old: bytes, new: bytes):
+    """A proxy that swaps the upload's signature envelope for another valid one (same length)."""
+
+    def wrap(app):
+        async def proxy(scope, receive, send):
+            if scope["type"] != "http" or scope["path"] != "/v1/artifacts":
+                await app(scope, receive, send)
+                return
+            body = bytearray()
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            swapped = [bytes(body).replace(old, new)]
+
+            async def replay():
+                if swapped:
+                    return {"type": "http.request", "body": swapped.pop(), "more_body": False}
+                return await receive()
+
+            await app(scope, replay, send)
+
+        return proxy
+
+    return wrap
+
+
+@pytest.mark.parametrize("scopes", [["read:*", "push:*"], ["push:*"]])
+def test_a_push_whose_bytes_are_re_signed_on_the_way_is_an_error(
+    registry: Registry, keys_dir: Path, tmp_path: Path, scopes: list[str]
+):
+    """Another trusted publisher's signature over the same manifest is a valid artifact of the
+    same size: the server stores it, and only the client's own sha256 of what it sent tells the
+    user that the registry holds other bytes than theirs."""
+    from revreg.artifacts.artifact import PAYLOAD_TYPE, open_artifact
+    from revreg.artifacts.dsse import sign
+    from revreg.errors import IntegrityError
+    from revreg.registry.remote import RemoteRegistry
+
+    ring = Keyring(keys_dir)
+    ring.generate("bob")
+    registry.trust_key(ring.public_pem("bob"), "bob", "publisher")
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    envelope = open_artifact(art).envelope
+    resigned = sign(envelope.payload, PAYLOAD_TYPE, ring.signer("bob")).to_json()
+    old, new = (json.dumps(e.decode())[1:-1].encode() for e in (envelope.to_json(), resigned))
+    assert len(old) == len(new) and art.read_bytes().count(old) == 1
+    secret = Tokens(registry).create("ci", scopes)[0]
+    with (
+        running(registry, wrap=_resign_uploads(old, new)) as url,
+        pytest.raises(IntegrityError, match="but this client sent demo:1.0.0 as sha256:"),
     ):
         RemoteRegistry(url, token=secret).push(art)
 
@@ -404,6 +469,8 @@ def test_registry_commands_do_not_import_httpx_command_line_client(tmp_path: Pat
         "import sys, revreg.registry.remote, httpx\n"
         "assert 'httpx._main' not in sys.modules and 'pygments' not in sys.modules, sorted(sys.modules)\n"
         "assert 'rich' not in sys.modules\n"
+        "import httpx._main as real\n"
+        "assert sys.modules['httpx._main'] is real and real.main is not httpx.main\n"
         "sys.argv = ['httpx', '--help']\n"
         "httpx.main()\n"
     )

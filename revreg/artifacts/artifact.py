@@ -182,6 +182,9 @@ class BehaviorManifest:
         }
         if set(doc) != expected:
             raise FormatError(f"artifact manifest fields differ from {sorted(expected)}")
+        for key, kind in (("provenance", dict), ("description", str), ("license", str), ("created", str)):
+            if not isinstance(doc[key], kind):
+                raise FormatError(f"artifact manifest {key} is not a JSON {'object' if kind is dict else 'string'}")
         try:
             manifest = cls(
                 name=doc["name"],
@@ -279,7 +282,7 @@ class _ReadSource:
 
 def _check_provenance(attachments: tuple[Attachment, ...], provenance: Mapping[str, Any]) -> None:
     if "peft_config" not in provenance:
-        return  # only a PEFT import records one: nothing to contradict (and 30 ms of imports skipped)
+        return  # only a PEFT import records one (provenance is an object: from_bytes): 30 ms of imports skipped
     from revreg.artifacts.peft_io import check_provenance
 
     check_provenance(attachments, dict(provenance))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
 from revreg import __version__
-from revreg.errors import RevregError
+from revreg.errors import OutputError, RevregError
 
 
 class RevregGroup(click.Group):
@@ -62,6 +64,8 @@ class RevregGroup(click.Group):
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
             click.echo(f"revreg: error: {exc.format_message()}{where}", err=True)
             ctx.exit(2)
+        except OutputError:
+            raise  # main() reports it: the report itself is what failed
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
@@ -227,18 +231,64 @@ def skip_teardown() -> None:
     _skip_teardown = True
 
 
+class _Stdout:
+    """The entry point's standard output: a write or flush that fails raises OutputError, so a
+    full disk behind `>` is one line and exit 2 wherever the command is, not a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise OutputError(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise OutputError(exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+# A reader that closed the pipe (`revreg ls | head -1`): the command ends quietly with the
+# status a shell reports for a process killed by SIGPIPE, as other Unix tools do.
+CLOSED_PIPE_EXIT = 128 + 13
+
+
+def _output_failed(exc: OutputError) -> int:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # what is still buffered goes nowhere, instead of failing again at exit
+    os.close(devnull)
+    if exc.errno == errno.EPIPE:
+        return CLOSED_PIPE_EXIT
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(f"revreg: error: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
 def main() -> None:
+    if sys.stdout is not None:
+        sys.stdout = _Stdout(sys.stdout)
     try:
-        cli.main(prog_name="revreg", standalone_mode=True)
-        code: int | str | None = 0
-    except SystemExit as exc:
-        code = exc.code
+        try:
+            cli.main(prog_name="revreg", standalone_mode=True)
+            code: int | str | None = 0
+        except SystemExit as exc:
+            code = exc.code
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, so a failure is reported like any other
+    except OutputError as exc:
+        code = _output_failed(exc)
     if _skip_teardown and code == 0:
         try:
-            for stream in (sys.stdout, sys.stderr):
-                if stream is not None:  # None when the descriptor was closed (`revreg push … >&-`)
-                    stream.flush()
-        except OSError:  # a closed pipe, say: the interpreter's own exit reports it as before
+            if sys.stderr is not None:  # None when the descriptor was closed (`revreg push … 2>&-`)
+                sys.stderr.flush()
+        except OSError:  # the interpreter's own exit reports it as before
             sys.exit(code)
         os._exit(0)
     sys.exit(code)

@@ -7,6 +7,8 @@ SQLAlchemy URL such as postgresql+psycopg://user@host/db.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,8 +64,8 @@ def resolve(location: str | None) -> Location:
     return Location(f"sqlite:///{quote(str(directory / DB_FILE), safe='/')}", directory)
 
 
-def _reason(exc: OperationalError) -> str:
-    text = str(exc.orig or exc).strip()
+def _reason(exc: SQLAlchemyError) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
@@ -93,18 +95,28 @@ def make_engine(location: Location) -> Engine:
     return create_engine(location.url, pool_pre_ping=True)
 
 
-def current_revision(engine: Engine) -> str | None:
+@contextmanager
+def database_errors(engine: Engine) -> Iterator[None]:
+    """SQLAlchemy's errors opening or migrating a database as revreg's: unreachable now (exit 3),
+    or not a registry database this revreg can use (exit 2)."""
     try:
-        with engine.connect() as conn:
-            if not inspect(conn).has_table("alembic_version"):
-                return None
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        yield
     except OperationalError as exc:
         raise Unreachable(f"cannot reach the registry database at {_redact(str(engine.url))}: {_reason(exc)}") from exc
     except SQLAlchemyError as exc:
-        raise SchemaError(f"cannot open the registry database: {exc.__class__.__name__}: {exc.args[0]}") from exc
+        raise SchemaError(
+            f"cannot open the registry database at {_redact(str(engine.url))}: {_reason(exc)} "
+            "(not a revreg registry database?)"
+        ) from exc
     except UnicodeDecodeError as exc:  # SQLite's message about a damaged file is not UTF-8
         raise SchemaError(f"the registry database is damaged ({exc.reason}): not a registry revreg can read") from exc
+
+
+def current_revision(engine: Engine) -> str | None:
+    with database_errors(engine), engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def check_schema(engine: Engine, location: Location) -> None:
@@ -131,4 +143,5 @@ def alembic_config(engine: Engine) -> Any:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic import command
 
-    command.upgrade(alembic_config(engine), revision)
+    with database_errors(engine):
+        command.upgrade(alembic_config(engine), revision)

@@ -1,6 +1,7 @@
 """httpx for the registry client, imported without the command-line client its package loads on
 import (`httpx._main`: rich and pygments, about 90 ms of every remote command here). revreg never
-runs that client; `httpx.main` still does, importing it when first called."""
+runs that client; `httpx.main` still does, importing it when called. While httpx itself is being
+imported, a stub stands in sys.modules for `httpx._main` (its `main` imports the real one)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 
 def _cli_main(*args: Any, **kwargs: Any) -> Any:
-    sys.modules.pop("httpx._main", None)
-    from httpx._main import main
-
+    try:
+        from httpx._main import main  # the real one, imported once (the stub left sys.modules)
+    except ImportError as exc:
+        raise SystemExit(f"httpx's command-line client needs its extras: pip install 'httpx[cli]' ({exc})") from exc
     return main(*args, **kwargs)
 
 

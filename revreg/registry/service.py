@@ -59,7 +59,7 @@ from revreg.registry.api import (
     VersionInfo,
     same_bytes,
 )
-from revreg.registry.db import Location, check_schema, make_engine, resolve, upgrade
+from revreg.registry.db import Location, check_schema, current_revision, make_engine, resolve, upgrade
 from revreg.registry.delivery import check_format, deliver, renamed_in_errors
 from revreg.registry.intake import check_signer, push_file
 from revreg.registry.models import (
@@ -76,7 +76,7 @@ from revreg.registry.models import (
     Version,
 )
 from revreg.registry.policy import EPOCH, PublishGate, RequirePassingCertification, newest, signed_time, statement_key
-from revreg.registry.reader import PublisherTrust, list_versions, publisher_trust, version_info
+from revreg.registry.reader import DB_FILE, PublisherTrust, list_versions, publisher_trust, version_info
 from revreg.registry.reader import unreachable as sqlite_unreachable
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.store import (
@@ -120,6 +120,19 @@ def _first_line(error: object) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _registry_directory(directory: Path) -> None:
+    """Make an embedded registry's directory, or refuse in one line what cannot be one."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory} exists and is not a directory: name a directory for the registry")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the registry directory {directory}: {exc.strerror}") from exc
+    db_file = directory / DB_FILE
+    if db_file.exists() and not db_file.is_file():
+        raise InputError(f"{db_file} is not a file: it cannot be the registry's database (move it aside)")
 
 
 def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> bool:
@@ -175,7 +188,7 @@ class Registry:
     def init(cls, location: str | None = None, store: str | None = None, actor: str | None = None) -> Registry:
         loc = resolve(location)
         if loc.directory is not None:
-            loc.directory.mkdir(parents=True, exist_ok=True)
+            _registry_directory(loc.directory)
         elif store is None:
             store = cls._recorded_store(loc)
             if store is None:
@@ -184,8 +197,9 @@ class Registry:
         # directory can be moved; any other store is recorded absolutely.
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
         blob_store = open_store(store_url, loc.directory)
-        blob_store.create()
         engine = make_engine(loc)
+        current_revision(engine)  # a file that is not a registry database is refused before anything is made
+        blob_store.create()
         upgrade(engine)
         registry = cls(engine, loc, blob_store, actor)
         with registry.transaction() as s:
@@ -215,8 +229,6 @@ class Registry:
     def _recorded_store(loc: Location) -> str | None:
         """The blob store an existing database registry already records (re-running init on it
         only brings the schema current)."""
-        from revreg.registry.db import current_revision
-
         engine = make_engine(loc)
         try:
             if current_revision(engine) is None:

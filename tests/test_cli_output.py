@@ -1,0 +1,114 @@
+"""The real `revreg` entry point when its output cannot be written, and `init` on paths that
+cannot be a registry: one line and exit 2 (a closed pipe: quietly, 141), nothing half-made, and
+what a command did before its report was lost stands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from revreg.cli.main import CLOSED_PIPE_EXIT
+from tests.conftest import make_artifact
+
+REVREG = str(Path(sys.executable).parent / "revreg")
+FULL = Path("/dev/full")
+
+
+def _env(keys_dir: Path) -> dict[str, str]:
+    return {**os.environ, "REVREG_KEYS": str(keys_dir)}
+
+
+def _to_full(keys_dir: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    with open(FULL, "w") as full:
+        return subprocess.run(
+            [REVREG, *map(str, args)], stdout=full, stderr=subprocess.PIPE, text=True, env=_env(keys_dir), timeout=120
+        )
+
+
+def _to_closed_pipe(keys_dir: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        return subprocess.run(
+            [REVREG, *map(str, args)], stdout=write, stderr=subprocess.PIPE, text=True, env=_env(keys_dir), timeout=120
+        )
+    finally:
+        os.close(write)
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("revreg: error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize(
+    "args",
+    [("--help",), ("ls", "--registry", "{reg}"), ("ls", "--json", "--registry", "{reg}"), ("keys", "list")],
+)
+def test_a_report_that_cannot_be_written_is_one_line_and_exit_2(embedded, keys_dir: Path, args: tuple[str, ...]):
+    done = _to_full(keys_dir, *(a.format(reg=embedded.location.directory) for a in args))
+    assert done.returncode == 2
+    assert "cannot write to standard output: No space left on device" in _one_error_line(done)
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+def test_a_push_whose_report_is_lost_is_still_stored(embedded, keys_dir: Path, tmp_path: Path, json_flag):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    done = _to_full(keys_dir, "push", art, *json_flag, "--registry", embedded.location.directory)
+    assert done.returncode == 2
+    assert "what the command did stands" in _one_error_line(done)
+    assert [v.ref for v in embedded.ls()] == ["demo:1.0.0"]
+
+
+@pytest.mark.parametrize("args", [("ls", "--json"), ("push", "{art}", "--json")])
+def test_a_reader_that_went_away_ends_the_command_quietly(embedded, keys_dir: Path, tmp_path: Path, args):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    embedded.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "0.9.0"))
+    done = _to_closed_pipe(keys_dir, *(a.format(art=art) for a in args), "--registry", embedded.location.directory)
+    assert done.returncode == CLOSED_PIPE_EXIT == 141
+    assert done.stderr == ""
+    assert "demo:1.0.0" in [v.ref for v in embedded.ls()] or args[0] == "ls"
+
+
+def _init(keys_dir: Path, where: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [REVREG, "init", "--registry", str(where)], capture_output=True, text=True, env=_env(keys_dir), timeout=120
+    )
+
+
+def test_init_refuses_a_path_that_cannot_be_a_registry_directory(keys_dir: Path, tmp_path: Path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for where, fragment in ((afile, "exists and is not a directory"), (afile / "sub", "Not a directory")):
+        done = _init(keys_dir, where)
+        assert done.returncode == 2 and fragment in _one_error_line(done)
+    assert afile.read_text() == "x"
+
+
+def test_init_over_a_file_that_is_not_a_registry_database_makes_nothing(keys_dir: Path, tmp_path: Path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "registry.db").write_bytes(os.urandom(5000))
+    before = (junk / "registry.db").read_bytes()
+    done = _init(keys_dir, junk)
+    assert done.returncode == 2 and "not a revreg registry database" in _one_error_line(done)
+    assert sorted(p.name for p in junk.iterdir()) == ["registry.db"]  # no blobs/ beside it
+    assert (junk / "registry.db").read_bytes() == before
+    taken = tmp_path / "taken"
+    (taken / "registry.db").mkdir(parents=True)
+    done = _init(keys_dir, taken)
+    assert done.returncode == 2 and "is not a file" in _one_error_line(done)
+    assert sorted(p.name for p in taken.iterdir()) == ["registry.db"]
+
+
+def test_init_twice_is_a_no_op(keys_dir: Path, tmp_path: Path):
+    first, again = _init(keys_dir, tmp_path / "reg"), _init(keys_dir, tmp_path / "reg")
+    assert first.returncode == again.returncode == 0 and first.stdout == again.stdout
