@@ -4,6 +4,7 @@ stream refuses exactly when the file checks refuse, and accepts exactly the same
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import struct
@@ -58,7 +59,11 @@ def _by_file(data: bytes, tmp: Path, trusted: dict) -> tuple[str, str] | str:
     return verified.digest, verified.manifest.tensors_digest
 
 
-def _by_stream(data: bytes, chunks: list[int], trusted: dict, known_size: bool) -> tuple[str, str] | str:
+def _by_stream(
+    data: bytes, chunks: list[int], trusted: dict, known_size: bool, lend: bool = False
+) -> tuple[str, str] | str:
+    """`lend`: every other chunk is lent (`Pipeline.lend`, as the server does) instead of copied,
+    so lent chunks and gathered blocks interleave."""
     from revreg.artifacts.artifact import verify_signature
 
     stream = ArtifactStream("s", len(data) if known_size else None, lambda a: verify_signature(a, trusted))
@@ -66,10 +71,16 @@ def _by_stream(data: bytes, chunks: list[int], trusted: dict, known_size: bool) 
     pipe = Pipeline(sink, tap=stream)
     try:
         view, at = memoryview(data), 0
-        for size in chunks:
-            pipe.write(view[at : at + size])
+        for i, size in enumerate(chunks):
+            if lend and i % 2 == 0:
+                assert pipe.lend(bytes(view[at : at + size]), wait=False)
+            else:
+                pipe.write(view[at : at + size])
             at += size
-        pipe.write(view[at:])
+        if lend:
+            pipe.lend(bytes(view[at:]))
+        else:
+            pipe.write(view[at:])
         digest, _ = pipe.close()
         artifact = stream.finish()
     except RevregError as exc:
@@ -101,12 +112,12 @@ def test_stream_and_file_checks_agree_on_every_damaged_input(signed, tmp_path: P
     for case in cases:
         expected = _by_file(case, tmp_path, trusted)
         for chunks in ([], [1] * 9, [7, 4093, 1 << 20], [BLOCK - 1, 3]):
-            for known_size in (True, False):
-                got = _by_stream(case, chunks, trusted, known_size)
+            for known_size, lend in ((True, False), (False, False), (True, True)):
+                got = _by_stream(case, chunks, trusted, known_size, lend)
                 if isinstance(expected, str):
-                    assert isinstance(got, str), (len(case), chunks, known_size, got)
+                    assert isinstance(got, str), (len(case), chunks, known_size, lend, got)
                 else:
-                    assert got == expected, (len(case), chunks, known_size)
+                    assert got == expected, (len(case), chunks, known_size, lend)
 
 
 def test_an_untrusted_signer_is_refused_before_any_tensor_byte(signed, tmp_path: Path):
@@ -150,3 +161,35 @@ def test_a_durable_copy_flushes_as_it_goes(tmp_path: Path):
             pipe.write(chunk)
         pipe.close()
     assert pipe.flushes == 2 and (tmp_path / "d").stat().st_size == size
+
+
+def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
+    """At most LENT_BLOCKS chunks are lent at once (without waiting, the next is refused until
+    the stages are done with one); every lent chunk comes back, and the bytes written are the
+    bytes lent, in order."""
+    import threading
+
+    from revreg.registry.store import LENT_BLOCKS
+
+    gate = threading.Event()
+    seen: list[bytes] = []
+
+    def slow_tap(view: memoryview) -> None:
+        gate.wait()
+        seen.append(bytes(view))
+
+    sink = io.BytesIO()
+    pipe = Pipeline(sink, tap=slow_tap)
+    chunks = [bytes([i]) * (1000 + i) for i in range(LENT_BLOCKS + 1)]
+    try:
+        assert all(pipe.lend(c, wait=False) for c in chunks[:LENT_BLOCKS])
+        assert not pipe.lend(chunks[-1], wait=False)  # the tap holds every lent chunk
+        gate.set()
+        assert pipe.lend(chunks[-1])  # waits until one is given back
+        digest, size = pipe.close()
+    finally:
+        pipe.abort()
+    data = b"".join(chunks)
+    assert sink.getvalue() == data and b"".join(seen) == data and size == len(data)
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert pipe._left == {}  # nothing of a lent chunk is kept

@@ -36,6 +36,7 @@ def aligned_block(size: int = BLOCK) -> mmap.mmap:
 
 
 PIPELINE_BLOCKS = 16
+LENT_BLOCKS = 32  # bytes objects lent to a pipeline at once (uvicorn's body chunks: up to 256 KB each)
 FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 and 64 MiB alike, a single fsync at the end 1.3x slower
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
@@ -249,6 +250,7 @@ class Pipeline:
             self._flush_thread = threading.Thread(target=self._flusher, daemon=True, name="revreg-flush")
             self._flush_thread.start()
         self._lock = threading.Lock()
+        self._lent = threading.Semaphore(LENT_BLOCKS)
         self._left: dict[int, int] = {}
         self._queues: list[queue.Queue[tuple[mmap.mmap, int] | None]] = []
         self._threads: list[threading.Thread] = []
@@ -295,8 +297,13 @@ class Pipeline:
             with self._lock:
                 self._left[id(buf)] -= 1
                 done = self._left[id(buf)] == 0
+                if done and isinstance(buf, bytes):
+                    del self._left[id(buf)]
             if done:
-                self._free.put(buf)
+                if isinstance(buf, bytes):
+                    self._lent.release()
+                else:
+                    self._free.put(buf)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -319,6 +326,22 @@ class Pipeline:
             q.put((buf, n))
         self.size += n
         progress.advance(n)
+
+    def lend(self, data: bytes, wait: bool = True) -> bool:
+        """Hand over an immutable bytes object (an HTTP body's chunk) as a block of its own, not
+        copied: the stages work on it where it is. At most LENT_BLOCKS are in flight; without
+        `wait`, False when that many are (call again on a thread, with `wait`)."""
+        self._check()
+        if not data:
+            return True
+        if not self._lent.acquire(blocking=wait):
+            return False
+        self._check()
+        if self._pending is not None:  # bytes handed over by `write` go first
+            self.submit(self._pending, self._filled)
+            self._pending = None
+        self.submit(data, len(data))  # type: ignore[arg-type]
+        return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hand over bytes of any length (an HTTP body's chunks): gathered into whole blocks."""

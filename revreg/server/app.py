@@ -56,11 +56,6 @@ async def _refuse(send: Send, status: int, kind: str, message: str, extra: Seque
     await send({"type": "http.response.body", "body": body})
 
 
-# The event loop hands the upload body to the pipeline's threads in pieces this large (one thread
-# hop each); the pipeline cuts them into its own blocks.
-HANDOFF = 4 << 20
-
-
 class Guard:
     """The server's front door, before any endpoint and before a byte of any body is read:
     header size; authentication (401 for a missing, unknown, expired or revoked token); for
@@ -401,7 +396,8 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     async def receive_upload(request: Request, digest: str | None, tap: Tap | None = None) -> StagedBlob:
         """Stream the body into the store's staging area in one pass, off the event loop: the
-        loop only gathers the body into HANDOFF-sized pieces; writing (fdatasync as it goes,
+        loop lends each body chunk to the pipeline as it arrives (not copied; it waits on a
+        thread only while the disk is behind); writing (fdatasync as it goes,
         fsync at the end), the sha256 and `tap` (an artifact's checks) run on the pipeline's
         threads, as a local push does. `digest`, when declared, must match what arrived."""
         if digest is not None:
@@ -411,22 +407,17 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
             with open(path, "r+b", buffering=0) as sink:
                 pipe = Pipeline(sink, durable=True, tap=tap)
                 try:
-                    block = bytearray()
                     refused: RevregError | None = None
                     async for chunk in request.stream():
                         if refused is not None:
                             continue  # read the rest (the body limit still answers 413), store nothing
-                        block += chunk
-                        if len(block) >= HANDOFF:
-                            # Hands over a whole block; waits off the loop while the disk is behind.
-                            try:  # write copies the bytes into the pipeline's blocks before it returns
-                                await run_in_threadpool(pipe.write, block)
-                            except RevregError as exc:  # the header was refused: nothing more is written
-                                refused = exc
-                            block = bytearray()  # a new one: a refusal's traceback may still hold a view of the old
+                        try:  # the chunk itself goes through the stages: no copy on the loop
+                            if not pipe.lend(chunk, wait=False):
+                                await run_in_threadpool(pipe.lend, chunk)  # the disk is behind
+                        except RevregError as exc:  # the header was refused: nothing more is written
+                            refused = exc
                     if refused is not None:
                         raise refused
-                    await run_in_threadpool(pipe.write, block)
                     received, size = await run_in_threadpool(pipe.close)
                 except ClientDisconnect as exc:
                     raise IntegrityError(f"upload interrupted after {pipe.received} bytes; nothing was stored") from exc
