@@ -44,6 +44,14 @@ def start_server(location: str, port: int, env: dict[str, str]) -> subprocess.Po
     raise SystemExit("server did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def token(location: str, env: dict[str, str]) -> str:
     name = f"bench-{uuid.uuid4().hex[:6]}"
     out = subprocess.run(
@@ -60,7 +68,8 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
     """Interleaved rounds: push + pull through the local registry and the same over loopback
     HTTP, in alternating order, each command on a quiet disk; ratios per round (local time /
     remote time), median. Also a second remote push of the
-    stored artifact (one local hash pass and one request: no body is sent)."""
+    stored artifact (one local hash pass and one request: no body is sent), and the CPU time
+    the server spent on each remote push (user + system, from /proc)."""
     art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
     timed(["cat", str(art)])
     rounds = []
@@ -79,7 +88,10 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
             dest = out / "pulled.safetensors"
             dest.unlink(missing_ok=True)
             quiet_disk()
+            before = cpu_seconds(server.pid) if server else 0.0
             push = timed([REVREG, "push", str(art), "--registry", location], e)
+            if server:
+                times["server_push_cpu"] = cpu_seconds(server.pid) - before
             quiet_disk()
             again = timed([REVREG, "push", str(art), "--registry", location], e)
             quiet_disk()
@@ -108,6 +120,7 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
         "remote_push_stored_s": round(med(r["remote_push_stored"] for r in rounds), 3),
         "local_push_stored_s": round(med(r["local_push_stored"] for r in rounds), 3),
         "client_peak_rss_mib": round(max(r["remote_rss"] for r in rounds) / 2**20),
+        "server_cpu_per_push_s": round(med(r["server_push_cpu"] for r in rounds), 2),
     }
 
 

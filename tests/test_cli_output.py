@@ -112,3 +112,39 @@ def test_init_over_a_file_that_is_not_a_registry_database_makes_nothing(keys_dir
 def test_init_twice_is_a_no_op(keys_dir: Path, tmp_path: Path):
     first, again = _init(keys_dir, tmp_path / "reg"), _init(keys_dir, tmp_path / "reg")
     assert first.returncode == again.returncode == 0 and first.stdout == again.stdout
+
+
+def _pull(keys_dir: Path, reg: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [REVREG, "pull", "demo:1.0.0", "--allow-unpublished", "--registry", str(reg), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+
+
+def test_pull_outputs_that_cannot_be_made_are_refused_in_one_line(embedded, keys_dir: Path, tmp_path: Path):
+    embedded.push(make_artifact(tmp_path / "a.safetensors", keys_dir))
+    reg = embedded.location.directory
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    done = _pull(keys_dir, reg, "-o", afile / "x")
+    assert done.returncode == 2 and f"{afile} is not a directory" in _one_error_line(done)
+    done = _pull(keys_dir, reg, "-o", f"{tmp_path / 'nodir'}/")
+    assert done.returncode == 2 and "names a directory, and there is none" in _one_error_line(done)
+    done = _pull(keys_dir, reg, "-o", tmp_path / "nodir" / "x.safetensors")
+    assert done.returncode == 2 and "does not exist; nothing was written" in _one_error_line(done)
+    assert not (tmp_path / "nodir").exists() and not list(tmp_path.rglob("*.partial"))
+    assert afile.read_text() == "x"
+
+
+def test_pull_force_replaces_a_link_never_what_it_points_to(embedded, keys_dir: Path, tmp_path: Path):
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    embedded.push(art)
+    target, link, dangling = tmp_path / "target", tmp_path / "link", tmp_path / "dangling"
+    target.write_text("keep me")
+    link.symlink_to(target)
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (link, dangling):
+        refused = _pull(keys_dir, embedded.location.directory, "-o", out)
+        assert refused.returncode == 2 and "pass --force" in _one_error_line(refused)
+        done = _pull(keys_dir, embedded.location.directory, "-o", out, "--force")
+        assert done.returncode == 0, done.stderr
+        assert not out.is_symlink() and out.read_bytes() == art.read_bytes()
+    assert target.read_text() == "keep me" and not (tmp_path / "nowhere").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,7 +140,7 @@ def _push_each(files: tuple[Path, ...], pusher: Callable[[Path], PushResult], as
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
     required=True,
     help="File (safetensors) or directory (peft) to create.",
 )
@@ -151,7 +152,7 @@ def _push_each(files: tuple[Path, ...], pusher: Callable[[Path], PushResult], as
 @registry_option
 def pull(
     ref: str,
-    output: Path,
+    output: str,
     fmt: str,
     allow_unpublished: bool,
     allow_yanked: bool,
@@ -162,12 +163,18 @@ def pull(
     """Fetch REF (NAME, NAME:VERSION, NAME:TAG or NAME@sha256:...) after re-checking it.
 
     The digest, signature and (for published versions) certification are checked before
-    anything is written to the output, which appears complete or not at all.
+    anything is written to the output, which appears complete or not at all. --force replaces
+    the file or link at OUTPUT (never the file a link points to).
     """
-    if (output.exists() or output.is_symlink()) and not (force and (output.is_file() or output.is_symlink())):
-        what = "a directory" if output.is_dir() else "a file"
-        hint = "" if output.is_dir() else " (pass --force to replace it)"
-        raise InputError(f"{output} already exists and is {what}; nothing was written{hint}")
+    if output.endswith(("/", os.sep)) and not Path(output).is_dir():
+        raise InputError(
+            f"{output} names a directory, and there is none: name the file (or the peft directory) to create"
+        )
+    dest = Path(output)
+    if (dest.exists() or dest.is_symlink()) and not (force and (dest.is_file() or dest.is_symlink())):
+        what = "a directory" if dest.is_dir() else "a file"
+        hint = "" if dest.is_dir() else " (pass --force to replace it)"
+        raise InputError(f"{dest} already exists and is {what}; nothing was written{hint}")
     location, db_file = _embedded_db(registry)
     if db_file is not None:
         # An embedded registry: the blob streams out while SQLAlchemy loads for the checks that
@@ -175,14 +182,14 @@ def pull(
         from revreg.registry.embedded import Embedded
 
         with Embedded(location, db_file) as embedded:
-            info = embedded.pull(ref, output, fmt, allow_unpublished, allow_yanked)
+            info = embedded.pull(ref, dest, fmt, allow_unpublished, allow_yanked)
         skip_teardown()
     else:
-        info = _open(registry).pull(ref, output, fmt, allow_unpublished, allow_yanked)
+        info = _open(registry).pull(ref, dest, fmt, allow_unpublished, allow_yanked)
     if as_json:
-        click.echo(json.dumps({"version": to_json(info), "output": str(output), "format": fmt}, indent=1))
+        click.echo(json.dumps({"version": to_json(info), "output": str(dest), "format": fmt}, indent=1))
         return
-    click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {output}")
+    click.echo(f"pulled {info.ref} {info.digest} ({info.state}) -> {dest}")
 
 
 @click.command()

@@ -55,7 +55,8 @@ def deliver(
     dest = Path(dest)
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.is_dir():
-        raise InputError(f"output directory {parent} does not exist")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise InputError(f"cannot write {dest}: {parent} {what}; nothing was written")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent)
     tmp = Path(tmp_name)
     label = f"{source} for {info.ref}"
