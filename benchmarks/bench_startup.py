@@ -10,9 +10,12 @@ same run, as the median over interleaved pairs (anchor, then revreg, then anchor
 - what the embedded push/pull path keeps off its critical path (`--only sql`): importing the
   SQL registry (SQLAlchemy and `revreg.registry.service`) against `python -c pass`, and the
   interpreter's teardown after it (the same import ending in `os._exit(0)`, as
-  `revreg.cli.main.skip_teardown` ends a push), as medians over interleaved triples.
+  `revreg.cli.main.skip_teardown` ends a push), as medians over interleaved triples;
+- what a remote command imports (`--only http`): httpx as its package loads itself, httpx as
+  `revreg.registry.httpx_client` loads it (without its command-line client), and the whole
+  HTTP registry client, each less `python -c pass`, medians over interleaved rounds.
 
-    python benchmarks/bench_startup.py [--pairs 7] [--versions 10000] [--only help,ls,verify,sql] [--out bench-out]
+    python benchmarks/bench_startup.py [--pairs 7] [--versions 10000] [--only help,ls,verify,sql,http] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -69,6 +72,25 @@ def bench_sql(env: dict[str, str], n: int) -> dict:
         "python_s": round(med(r[0] for r in rows), 4),
         "import_sql_registry_s": round(med(r[2] - r[0] for r in rows), 4),
         "teardown_after_it_s": round(med(r[1] - r[2] for r in rows), 4),
+    }
+
+
+def bench_http(env: dict[str, str], n: int) -> dict:
+    def imports(module: str) -> list[str]:
+        return [sys.executable, "-c", f"import os, {module}; os._exit(0)"]
+
+    cmds = {
+        "python": [sys.executable, "-c", "import os; os._exit(0)"],
+        "httpx": imports("httpx"),
+        "httpx_without_cli": imports("revreg.registry.httpx_client"),
+        "http_registry_client": imports("revreg.registry.remote"),
+    }
+    for cmd in cmds.values():
+        wall(cmd, env)  # .pyc files and page cache
+    rows = [{k: wall(cmd, env) for k, cmd in cmds.items()} for _ in range(n)]
+    med = statistics.median
+    return {"python_s": round(med(r["python"] for r in rows), 4)} | {
+        f"import_{k}_s": round(med(r[k] - r["python"] for r in rows), 4) for k in cmds if k != "python"
     }
 
 
@@ -159,6 +181,9 @@ def main() -> None:
     if "sql" in parts:
         results["sql"] = bench_sql(env, args.pairs)
         print("sql", json.dumps(results["sql"]), flush=True)
+    if "http" in parts:
+        results["http"] = bench_http(env, args.pairs)
+        print("http", json.dumps(results["http"]), flush=True)
     if "help" in parts:
         results["help"] = bench_help(env, args.pairs)
         print("help", json.dumps(results["help"]), flush=True)

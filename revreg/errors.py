@@ -67,10 +67,13 @@ class Unreachable(RevregError):
 
 class OutputError(RevregError):
     """Standard output could not be written (a full disk behind it, a reader that went away).
-    What the command did before stands: nothing is undone because its report was lost."""
+    The command ran to its end: nothing it did is undone because its report was lost."""
 
     def __init__(self, cause: OSError) -> None:
-        super().__init__(f"cannot write to standard output: {cause.strerror or cause}; what the command did stands")
+        super().__init__(
+            f"cannot write to standard output: {cause.strerror or cause}; the command ran to its end, "
+            "its output is lost"
+        )
         self.errno = cause.errno
 
 

@@ -31,7 +31,7 @@ CASES = {
         ["transfer"],
     ),
     "startup": (
-        ["bench_startup.py", "--only", "help,ls,sql", "--pairs", "1", "--versions", "20"],
+        ["bench_startup.py", "--only", "help,ls,sql,http", "--pairs", "1", "--versions", "20"],
         "startup.json",
         [],
     ),

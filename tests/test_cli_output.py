@@ -1,6 +1,6 @@
-"""The real `revreg` entry point when its output cannot be written, and `init` on paths that
-cannot be a registry: one line and exit 2 (a closed pipe: quietly, 141), nothing half-made, and
-what a command did before its report was lost stands."""
+"""The real `revreg` entry point when its output cannot be written, and `init` and `pull` on
+paths that cannot be used: one line and exit 2 (a closed pipe: quietly, 141), nothing half-made;
+a command whose output is lost runs to its end, and its own error, if it has one, wins."""
 
 from __future__ import annotations
 
@@ -64,8 +64,53 @@ def test_a_push_whose_report_is_lost_is_still_stored(embedded, keys_dir: Path, t
     art = make_artifact(tmp_path / "a.safetensors", keys_dir)
     done = _to_full(keys_dir, "push", art, *json_flag, "--registry", embedded.location.directory)
     assert done.returncode == 2
-    assert "what the command did stands" in _one_error_line(done)
+    assert "the command ran to its end" in _one_error_line(done)
     assert [v.ref for v in embedded.ls()] == ["demo:1.0.0"]
+
+
+@pytest.mark.parametrize("broken", ["full", "closed pipe"])
+@pytest.mark.parametrize("json_flag", [(), ("--json",)])
+def test_lost_output_neither_stops_a_push_of_several_files_nor_hides_a_refusal(
+    embedded, keys_dir: Path, tmp_path: Path, broken: str, json_flag
+):
+    good = [make_artifact(tmp_path / f"{v}.safetensors", keys_dir, v) for v in ("1.0.0", "1.0.1")]
+    tampered = tmp_path / "t.safetensors"
+    data = bytearray(make_artifact(tmp_path / "x.safetensors", keys_dir, "1.0.2").read_bytes())
+    data[-1] ^= 1
+    tampered.write_bytes(bytes(data))
+    run = _to_full if broken == "full" else _to_closed_pipe
+    done = run(keys_dir, "push", *good, tampered, *json_flag, "--registry", embedded.location.directory)
+    assert done.returncode == 1  # the tampered file's verdict, not the lost report's
+    assert "do not match the signed manifest" in _one_error_line(done)
+    assert sorted(v.ref for v in embedded.ls()) == ["demo:1.0.0", "demo:1.0.1"]
+
+
+def test_a_short_write_is_an_error_not_a_truncated_success(keys_dir: Path, tmp_path: Path):
+    """A file size limit (or a disk that fills up) lets a write through in part: the rest is
+    written or the command says it was lost; it does not exit 0 with half its output."""
+    import resource
+
+    out = tmp_path / "help.txt"
+    with open(out, "w") as fh:
+        done = subprocess.run(
+            [REVREG, "--help"],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(keys_dir),
+            timeout=120,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)),
+        )
+    assert out.stat().st_size == 1024
+    assert done.returncode == 2 and "cannot write to standard output" in _one_error_line(done)
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (Linux)")
+def test_an_error_is_still_its_own_exit_code_when_standard_error_is_broken(embedded, keys_dir: Path):
+    with open(FULL, "w") as full:
+        for args in (["show", "nope:1.0.0", "--registry", str(embedded.location.directory)], ["--bogus"]):
+            done = subprocess.run([REVREG, *args], stdout=full, stderr=full, env=_env(keys_dir), timeout=120)
+            assert done.returncode == 2, args  # not 1 ("a check failed") from an unreported traceback
 
 
 @pytest.mark.parametrize("args", [("ls", "--json"), ("push", "{art}", "--json")])

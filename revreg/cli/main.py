@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import sys
@@ -64,8 +63,6 @@ class RevregGroup(click.Group):
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
             click.echo(f"revreg: error: {exc.format_message()}{where}", err=True)
             ctx.exit(2)
-        except OutputError:
-            raise  # main() reports it: the report itself is what failed
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
@@ -231,24 +228,38 @@ def skip_teardown() -> None:
     _skip_teardown = True
 
 
-class _Stdout:
-    """The entry point's standard output: a write or flush that fails raises OutputError, so a
-    full disk behind `>` is one line and exit 2 wherever the command is, not a traceback."""
+class _Output:
+    """The entry point's standard output or error, written straight to its descriptor: every
+    byte, or the first error is recorded (the interpreter's own writer can drop the rest of a
+    short write to a disk that fills up, and exit 0). After an error, writes are discarded and
+    the command runs to its end: its own error, if it has one, is what gets reported; otherwise
+    main() reports the lost output (`_lost`)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._fd = stream.fileno()
+        self._encoding = stream.encoding or "utf-8"
+        self._errors = stream.errors or "strict"
+        self._pending = bytearray()
+        self.failed: OSError | None = None
 
     def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except OSError as exc:
-            raise OutputError(exc) from exc
+        if self.failed is None:
+            self._pending += text.encode(self._encoding, self._errors)
+            if len(self._pending) >= 1 << 16:
+                self.flush()
+        return len(text)
 
     def flush(self) -> None:
+        view = memoryview(self._pending)
         try:
-            self._stream.flush()
+            while self.failed is None and len(view):
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
-            raise OutputError(exc) from exc
+            self.failed = exc
+        finally:
+            view.release()
+            self._pending.clear()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -259,36 +270,42 @@ class _Stdout:
 CLOSED_PIPE_EXIT = 128 + 13
 
 
-def _output_failed(exc: OutputError) -> int:
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # what is still buffered goes nowhere, instead of failing again at exit
-    os.close(devnull)
-    if exc.errno == errno.EPIPE:
+def _wrap(stream: TextIO | None) -> _Output | None:
+    if stream is None:
+        return None  # closed (`>&-`): nothing is written, as the caller asked
+    try:
+        return _Output(stream)
+    except (OSError, ValueError, AttributeError):  # not backed by a descriptor (embedded use)
+        return None
+
+
+def _lost(out: _Output, err: _Output | None) -> int:
+    """The exit status of a command that succeeded but whose output could not be written."""
+    assert out.failed is not None
+    if out.failed.errno == errno.EPIPE:
         return CLOSED_PIPE_EXIT
-    if sys.stderr is not None:
-        with contextlib.suppress(OSError):
-            print(f"revreg: error: {exc}", file=sys.stderr, flush=True)
-    return exc.exit_code
+    if err is not None:
+        err.write(f"revreg: error: {OutputError(out.failed)}\n")
+        err.flush()
+    return OutputError.exit_code
 
 
 def main() -> None:
-    if sys.stdout is not None:
-        sys.stdout = _Stdout(sys.stdout)
+    out, err = _wrap(sys.stdout), _wrap(sys.stderr)
+    if out is not None:
+        sys.stdout = out
+    if err is not None:
+        sys.stderr = err
     try:
-        try:
-            cli.main(prog_name="revreg", standalone_mode=True)
-            code: int | str | None = 0
-        except SystemExit as exc:
-            code = exc.code
-        if sys.stdout is not None:
-            sys.stdout.flush()  # here, so a failure is reported like any other
-    except OutputError as exc:
-        code = _output_failed(exc)
+        cli.main(prog_name="revreg", standalone_mode=True)
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    for stream in (out, err):
+        if stream is not None:
+            stream.flush()
+    if out is not None and out.failed is not None and code == 0:
+        code = _lost(out, err)
     if _skip_teardown and code == 0:
-        try:
-            if sys.stderr is not None:  # None when the descriptor was closed (`revreg push … 2>&-`)
-                sys.stderr.flush()
-        except OSError:  # the interpreter's own exit reports it as before
-            sys.exit(code)
         os._exit(0)
     sys.exit(code)
