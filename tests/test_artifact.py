@@ -181,6 +181,10 @@ def test_export_refuses_kinds_peft_cannot_express(run, tmp_path: Path):
         ("description", 1),
         ("license", None),
         ("created", ["2026"]),
+        ("name", 5),
+        ("name", None),
+        ("version", 1),
+        ("version", ["1.0.0"]),
     ],
 )
 def test_a_manifest_field_of_the_wrong_json_type_is_refused(
@@ -196,4 +200,21 @@ def test_a_manifest_field_of_the_wrong_json_type_is_refused(
     doc = open_artifact(make_artifact(tmp_path / "a.safetensors", keys_dir)).manifest.to_dict()
     doc[field] = value
     with pytest.raises(FormatError, match=f"manifest {field} is not a JSON"):
+        BehaviorManifest.from_bytes(canonical_json(doc))
+
+
+@pytest.mark.parametrize(("field", "value"), [("name", "../../etc"), ("name", "Demo"), ("version", "x/../y")])
+def test_a_signed_name_or_version_that_pack_refuses_is_refused_on_read(
+    keys_dir: Path, tmp_path: Path, field: str, value: str
+) -> None:
+    """A manifest is checked on read as pack checks it: a name that is a path never reaches a
+    registry, signed or not."""
+    from revreg.artifacts.artifact import BehaviorManifest, open_artifact
+    from revreg.artifacts.canonical import canonical_json
+    from revreg.errors import FormatError
+    from tests.conftest import make_artifact
+
+    doc = open_artifact(make_artifact(tmp_path / "a.safetensors", keys_dir)).manifest.to_dict()
+    doc[field] = value
+    with pytest.raises(FormatError, match=f"invalid {'behavior name' if field == 'name' else 'version'}"):
         BehaviorManifest.from_bytes(canonical_json(doc))

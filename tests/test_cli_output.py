@@ -144,7 +144,7 @@ def test_init_over_a_file_that_is_not_a_registry_database_makes_nothing(keys_dir
     (junk / "registry.db").write_bytes(os.urandom(5000))
     before = (junk / "registry.db").read_bytes()
     done = _init(keys_dir, junk)
-    assert done.returncode == 2 and "not a revreg registry database" in _one_error_line(done)
+    assert done.returncode == 2 and "not a registry" in _one_error_line(done)
     assert sorted(p.name for p in junk.iterdir()) == ["registry.db"]  # no blobs/ beside it
     assert (junk / "registry.db").read_bytes() == before
     taken = tmp_path / "taken"
@@ -193,3 +193,47 @@ def test_pull_force_replaces_a_link_never_what_it_points_to(embedded, keys_dir: 
         assert done.returncode == 0, done.stderr
         assert not out.is_symlink() and out.read_bytes() == art.read_bytes()
     assert target.read_text() == "keep me" and not (tmp_path / "nowhere").exists()
+
+
+def _sqlite(path: Path, *statements: str) -> None:
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("statements", "fragment"),
+    [
+        (["CREATE TABLE t (x)"], "holds other tables (t) and no revreg schema"),
+        (["CREATE TABLE settings (x)"], "holds other tables (settings)"),
+        (
+            ["CREATE TABLE alembic_version (version_num VARCHAR(32))", "INSERT INTO alembic_version VALUES ('9999')"],
+            "revision '9999', which this revreg does not know",
+        ),
+    ],
+)
+def test_init_and_db_upgrade_never_take_over_another_database(
+    keys_dir: Path, tmp_path: Path, statements: list[str], fragment: str
+):
+    where = tmp_path / "reg"
+    _sqlite(where / "registry.db", *statements)
+    before = (where / "registry.db").read_bytes()
+    for command in (["init"], ["db", "upgrade"]):
+        cmd = [REVREG, *command, "--registry", str(where)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+        assert done.returncode == 2 and fragment in _one_error_line(done), command
+    assert sorted(p.name for p in where.iterdir()) == ["registry.db"] and (where / "registry.db").read_bytes() == before
+
+
+def test_init_refuses_a_blob_store_path_that_is_a_file_and_makes_no_database(keys_dir: Path, tmp_path: Path):
+    where = tmp_path / "reg"
+    where.mkdir()
+    (where / "blobs").write_text("x")
+    done = _init(keys_dir, where)
+    assert done.returncode == 2 and "is not a directory: it cannot hold the blob store" in _one_error_line(done)
+    assert sorted(p.name for p in where.iterdir()) == ["blobs"]

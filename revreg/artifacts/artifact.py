@@ -182,13 +182,20 @@ class BehaviorManifest:
         }
         if set(doc) != expected:
             raise FormatError(f"artifact manifest fields differ from {sorted(expected)}")
-        for key, kind in (("provenance", dict), ("description", str), ("license", str), ("created", str)):
+        for key, kind in (
+            ("name", str),
+            ("version", str),
+            ("provenance", dict),
+            ("description", str),
+            ("license", str),
+            ("created", str),
+        ):
             if not isinstance(doc[key], kind):
                 raise FormatError(f"artifact manifest {key} is not a JSON {'object' if kind is dict else 'string'}")
         try:
             manifest = cls(
-                name=doc["name"],
-                version=doc["version"],
+                name=check_name(doc["name"]),  # signed or not, what pack would refuse is refused
+                version=check_version(doc["version"]),
                 base=parse_identity(doc["base"]["identity"]),
                 tensors_digest=parse_identity(doc["tensors"]["digest"]),
                 attachments=tuple(Attachment.from_dict(a) for a in doc["attachments"]),

@@ -75,7 +75,7 @@ def upgrade(registry: str | None) -> None:
 
     loc = regdb.resolve(require_local(registry, "db upgrade"))
     engine = regdb.make_engine(loc)
-    before = regdb.current_revision(engine)
+    before = regdb.check_upgradable(engine)  # before the engine connects (and changes an SQLite file)
     regdb.upgrade(engine)
     click.echo(f"schema {before or 'empty'} -> {regdb.current_revision(engine)} at {loc.describe()}")
 

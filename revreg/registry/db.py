@@ -7,6 +7,7 @@ SQLAlchemy URL such as postgresql+psycopg://user@host/db.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from revreg.errors import InputError, Unreachable
 from revreg.registry.api import SchemaError
 from revreg.registry.locate import location_of
-from revreg.registry.reader import DB_FILE, HEAD
+from revreg.registry.reader import DB_FILE, HEAD, unreachable
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ def database_errors(engine: Engine) -> Iterator[None]:
     try:
         yield
     except OperationalError as exc:
+        if isinstance(exc.orig, sqlite3.Error) and not unreachable(exc.orig):  # "table … already exists"
+            raise SchemaError(
+                f"the database at {_redact(str(engine.url))} is not a revreg registry database: {_reason(exc)}"
+            ) from exc
         raise Unreachable(f"cannot reach the registry database at {_redact(str(engine.url))}: {_reason(exc)}") from exc
     except SQLAlchemyError as exc:
         raise SchemaError(
@@ -127,7 +132,8 @@ def check_schema(engine: Engine, location: Location) -> None:
         raise SchemaError(f"no registry at {where}: create one with `revreg init`")
     if revision != HEAD:
         raise SchemaError(
-            f"registry schema at {where} is at revision {revision}, this revreg needs {HEAD}: run `revreg db upgrade`"
+            f"registry schema at {where} is at revision {revision}, this revreg needs {HEAD}: run `revreg db upgrade` "
+            "(it refuses a revision it does not know: a newer revreg's)"
         )
 
 
@@ -140,8 +146,55 @@ def alembic_config(engine: Engine) -> Any:
     return config
 
 
+def _sqlite_contents(path: str) -> tuple[str | None, list[str]]:
+    """(alembic revision or None, table names) of an SQLite file, read without changing a byte
+    (a read-only connection: the engine's own would switch the file to WAL first)."""
+    from revreg.registry.reader import sqlite_errors
+
+    with sqlite_errors(path):
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+        try:
+            tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+            has = "alembic_version" in tables
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None
+        finally:
+            conn.close()
+    return (row[0] if row else None), tables
+
+
+def check_upgradable(engine: Engine) -> str | None:
+    """The database's revision, after refusing what `upgrade` must not touch: an SQLite file
+    holding another program's tables and no revreg schema (it would be taken over), and a
+    revision this revreg does not know (a newer revreg's, or another program's). An existing
+    SQLite file is read without being changed."""
+    from alembic.script import ScriptDirectory
+
+    where = _redact(str(engine.url))
+    path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    if path and path != ":memory:" and os.path.exists(path):
+        current, tables = _sqlite_contents(path)
+        if current is None and tables:
+            raise SchemaError(
+                f"the SQLite database at {where} holds other tables ({', '.join(tables[:3])}) and no revreg "
+                "schema: not a registry; move it aside or name another directory"
+            )
+    else:
+        current = current_revision(engine)
+    if current is None:
+        return None
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
+    if current not in known:
+        raise SchemaError(
+            f"the registry database at {where} is at revision {current!r}, which this revreg does not know "
+            f"(it knows {', '.join(sorted(known))}): made by a newer revreg, or not a revreg database"
+        )
+    return current
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`, after `check_upgradable`."""
     from alembic import command
 
+    check_upgradable(engine)
     with database_errors(engine):
         command.upgrade(alembic_config(engine), revision)

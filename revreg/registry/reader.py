@@ -232,7 +232,7 @@ def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
         conn.close()
         raise SchemaError(
             f"registry schema at {where} is at revision {revision[0]}, this revreg needs {HEAD}: "
-            "run `revreg db upgrade`"
+            "run `revreg db upgrade` (it refuses a revision it does not know: a newer revreg's)"
         )
     return conn
 

@@ -59,7 +59,15 @@ from revreg.registry.api import (
     VersionInfo,
     same_bytes,
 )
-from revreg.registry.db import Location, check_schema, current_revision, make_engine, resolve, upgrade
+from revreg.registry.db import (
+    Location,
+    check_schema,
+    check_upgradable,
+    current_revision,
+    make_engine,
+    resolve,
+    upgrade,
+)
 from revreg.registry.delivery import check_format, deliver, renamed_in_errors
 from revreg.registry.intake import check_signer, push_file
 from revreg.registry.models import (
@@ -198,7 +206,10 @@ class Registry:
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
         blob_store = open_store(store_url, loc.directory)
         engine = make_engine(loc)
-        current_revision(engine)  # a file that is not a registry database is refused before anything is made
+        if loc.directory is None or (loc.directory / DB_FILE).exists():
+            # A file that is not a registry database is refused before anything is made; a new
+            # one is created only once the blob store could be.
+            check_upgradable(engine)
         blob_store.create()
         upgrade(engine)
         registry = cls(engine, loc, blob_store, actor)

@@ -456,8 +456,14 @@ class FileBlobStore(BlobStore):
         self.staging_dir = self.root / "tmp"
 
     def create(self) -> None:
-        (self.root / "sha256").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        for part in (self.root, self.root / "sha256", self.root / "tmp"):
+            if part.exists() and not part.is_dir():
+                raise InputError(f"{part} exists and is not a directory: it cannot hold the blob store (move it aside)")
+        try:
+            (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the blob store at {self.root}: {exc.strerror}") from exc
 
     def path(self, digest: str) -> Path:
         hexpart = check_digest(digest).split(":", 1)[1]
