@@ -352,12 +352,13 @@ def test_an_upload_damaged_anywhere_is_refused_and_nothing_stored(served, keys_d
     assert ok.json()["version"]["digest"] == "sha256:" + hashlib.sha256(good).hexdigest()
 
 
-def _rewrite_answer(field: str, value: object):
-    """A proxy that changes one field of the version in the server's answer to an upload."""
+def _rewriting_responses(path: str, rewrite):
+    """A proxy that holds the whole response to `path` and sends `rewrite(body)` instead:
+    (the new body, headers to add); Content-Length follows the new body."""
 
     def wrap(app):
         async def proxy(scope, receive, send):
-            if scope["type"] != "http" or scope["path"] != "/v1/artifacts":
+            if scope["type"] != "http" or scope["path"] != path:
                 await app(scope, receive, send)
                 return
             start: dict = {}
@@ -369,11 +370,10 @@ def _rewrite_answer(field: str, value: object):
                     return
                 body.extend(message.get("body", b""))
                 if not message.get("more_body"):
-                    doc = json.loads(body)
-                    doc["version"][field] = value
-                    out = json.dumps(doc).encode()
+                    out, extra = rewrite(bytes(body))
                     headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                    await send({**start, "headers": [*headers, (b"content-length", str(len(out)).encode())]})
+                    headers += [*extra, (b"content-length", str(len(out)).encode())]
+                    await send({**start, "headers": headers})
                     await send({"type": "http.response.body", "body": out})
 
             await app(scope, receive, capture)
@@ -381,6 +381,17 @@ def _rewrite_answer(field: str, value: object):
         return proxy
 
     return wrap
+
+
+def _rewrite_answer(field: str, value: object):
+    """A proxy that changes one field of the version in the server's answer to an upload."""
+
+    def rewrite(body: bytes) -> tuple[bytes, list]:
+        doc = json.loads(body)
+        doc["version"][field] = value
+        return json.dumps(doc).encode(), []
+
+    return _rewriting_responses("/v1/artifacts", rewrite)
 
 
 @pytest.mark.parametrize(
@@ -612,28 +623,9 @@ def _gzip_every_artifact(app):
     """A proxy that compresses the artifact download whatever the client asked for."""
     import gzip
 
-    async def proxy(scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/artifact":
-            await app(scope, receive, send)
-            return
-        start: dict = {}
-        body = bytearray()
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            body.extend(message.get("body", b""))
-            if not message.get("more_body"):
-                packed = gzip.compress(bytes(body))
-                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                headers += [(b"content-encoding", b"gzip"), (b"content-length", str(len(packed)).encode())]
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": packed})
-
-        await app(scope, receive, capture)
-
-    return proxy
+    return _rewriting_responses("/v1/artifact", lambda body: (gzip.compress(body), [(b"content-encoding", b"gzip")]))(
+        app
+    )
 
 
 def test_a_download_in_a_content_encoding_is_refused_and_nothing_written(
