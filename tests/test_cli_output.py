@@ -237,3 +237,47 @@ def test_init_refuses_a_blob_store_path_that_is_a_file_and_makes_no_database(key
     done = _init(keys_dir, where)
     assert done.returncode == 2 and "is not a directory: it cannot hold the blob store" in _one_error_line(done)
     assert sorted(p.name for p in where.iterdir()) == ["blobs"]
+
+
+def test_a_sqlite_url_through_a_link_and_dotdot_is_checked_as_the_file_sqlite_opens(keys_dir: Path, tmp_path: Path):
+    """`sqlite:///l/../other.db` with `l` a link: SQLAlchemy opens `other.db` beside `l` (the
+    path normalised as text); the check reads that file, and refuses it, unchanged."""
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "l").symlink_to(tmp_path / "a" / "sub")
+    other = tmp_path / "other.db"
+    _sqlite(other, "CREATE TABLE customers (x)")
+    before = other.read_bytes()
+    url = f"sqlite:///{tmp_path}/l/../other.db"
+    cmd = [REVREG, "init", "--registry", url, "--store", str(tmp_path / "blobs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+    assert done.returncode == 2 and "holds other tables (customers)" in _one_error_line(done)
+    assert other.read_bytes() == before and not (tmp_path / "blobs").exists()
+
+
+def test_init_never_takes_over_a_postgresql_database_with_other_tables(pg_url: str, keys_dir: Path, tmp_path: Path):
+    import psycopg
+
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (x int)")
+    cmd = [REVREG, "init", "--registry", pg_url, "--store", str(tmp_path / "blobs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+    assert done.returncode == 2 and "holds other tables (invoices)" in _one_error_line(done)
+    with psycopg.connect(pg_url.replace("+psycopg", "")) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    assert tables == ["invoices"] and not (tmp_path / "blobs").exists()
+
+
+def test_a_registry_path_that_is_not_utf8_is_one_line(keys_dir: Path, tmp_path: Path):
+    where = os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xff")
+    for args, fragment in ((["init", "--registry", where], "must be valid UTF-8"), (["ls", "--registry", where], "")):
+        done = subprocess.run([REVREG, *args], capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+        assert done.returncode == 2 and fragment in _one_error_line(done), args
+    assert [p for p in os.listdir(tmp_path) if p != "keys"] == []  # init made nothing
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full (Linux)")
+def test_an_ascii_locale_still_goes_through_the_checked_writer(keys_dir: Path):
+    env = {**_env(keys_dir), "PYTHONIOENCODING": "ascii"}
+    with open(FULL, "w") as full:
+        done = subprocess.run([REVREG, "--version"], stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert done.returncode == 2 and "cannot write to standard output" in _one_error_line(done)

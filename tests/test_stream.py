@@ -193,3 +193,30 @@ def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
     assert sink.getvalue() == data and b"".join(seen) == data and size == len(data)
     assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert pipe._left == {}  # nothing of a lent chunk is kept
+
+
+def test_the_same_bytes_object_lent_twice_at_once_is_counted_twice():
+    """uvicorn can hand over one shared object twice (every 1-byte bytes value is one object in
+    CPython): each loan is its own block, and every stage sees every byte."""
+    import threading
+
+    gate = threading.Event()
+    seen: list[bytes] = []
+
+    def slow_tap(view: memoryview) -> None:
+        gate.wait()
+        seen.append(bytes(view))
+
+    sink = io.BytesIO()
+    pipe = Pipeline(sink, tap=slow_tap)
+    one = b"A"
+    try:
+        for chunk in (one, one, b"BC", one):
+            assert pipe.lend(chunk, wait=False)
+        gate.set()
+        digest, size = pipe.close()
+    finally:
+        pipe.abort()
+    assert sink.getvalue() == b"AABCA" and b"".join(seen) == b"AABCA" and size == 5
+    assert digest == "sha256:" + hashlib.sha256(b"AABCA").hexdigest()
+    assert all(t.is_alive() is False for t in pipe._threads) and pipe._left == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import sys
@@ -238,7 +239,9 @@ class _Output:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._fd = stream.fileno()
-        self._encoding = stream.encoding or "utf-8"
+        # An ASCII locale gets UTF-8, as Click's own writer would give it.
+        encoding = stream.encoding or "utf-8"
+        self._encoding = "utf-8" if codecs.lookup(encoding).name == "ascii" else encoding
         self._errors = stream.errors or "strict"
         self._pending = bytearray()
         self.failed: OSError | None = None
@@ -261,7 +264,13 @@ class _Output:
             view.release()
             self._pending.clear()
 
+    @property
+    def encoding(self) -> str:
+        return self._encoding
+
     def __getattr__(self, name: str) -> Any:
+        if name == "buffer":  # everything goes through write(): Click must not find a way around it
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 

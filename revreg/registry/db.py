@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -21,7 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from revreg.errors import InputError, Unreachable
 from revreg.registry.api import SchemaError
 from revreg.registry.locate import location_of
-from revreg.registry.reader import DB_FILE, HEAD, unreachable
+from revreg.registry.reader import DB_FILE, HEAD, file_uri, unreachable
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def resolve(location: str | None) -> Location:
     # named reg%41 or reg?x must not open regA or reg. registry.reader.sqlite_file names the
     # same file (tests/test_embedded.py).
     directory = Path(os.path.realpath(raw))
-    return Location(f"sqlite:///{quote(str(directory / DB_FILE), safe='/')}", directory)
+    return Location(f"sqlite:///{file_uri(directory / DB_FILE)}", directory)
 
 
 def _reason(exc: SQLAlchemyError) -> str:
@@ -152,7 +151,7 @@ def _sqlite_contents(path: str) -> tuple[str | None, list[str]]:
     from revreg.registry.reader import sqlite_errors
 
     with sqlite_errors(path):
-        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{file_uri(path)}?mode=ro", uri=True)
         try:
             tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
             has = "alembic_version" in tables
@@ -170,17 +169,26 @@ def check_upgradable(engine: Engine) -> str | None:
     from alembic.script import ScriptDirectory
 
     where = _redact(str(engine.url))
-    path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
-    if path and path != ":memory:" and os.path.exists(path):
-        current, tables = _sqlite_contents(path)
-        if current is None and tables:
-            raise SchemaError(
-                f"the SQLite database at {where} holds other tables ({', '.join(tables[:3])}) and no revreg "
-                "schema: not a registry; move it aside or name another directory"
-            )
+    if engine.url.get_backend_name() == "sqlite":
+        if engine.url.query or not engine.url.database or engine.url.database == ":memory:":
+            raise InputError(f"{where}: name the registry's SQLite file plainly (no URL options, not in memory)")
+        path = os.path.abspath(engine.url.database)  # the file SQLAlchemy's SQLite dialect opens
+        if os.path.exists(path):
+            current, tables = _sqlite_contents(path)
+        else:
+            current, tables = None, []
     else:
         current = current_revision(engine)
+        tables = []
+        if current is None:
+            with database_errors(engine), engine.connect() as conn:
+                tables = sorted(inspect(conn).get_table_names())
     if current is None:
+        if tables:
+            raise SchemaError(
+                f"the database at {where} holds other tables ({', '.join(tables[:3])}) and no revreg schema: "
+                "not a registry; give revreg a database (or SQLite file) of its own"
+            )
         return None
     known = {script.revision for script in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
     if current not in known:

@@ -215,13 +215,23 @@ def sqlite_errors(where: str) -> Iterator[None]:
         raise SchemaError(f"the database at {where} is not a registry this revreg can read: {exc}") from exc
 
 
+def file_uri(path: Path | str) -> str:
+    """A path as the %-quoted text of a URL (SQLite's file: URIs, SQLAlchemy's sqlite:///). A
+    name that is not UTF-8 cannot be one: refused in one line, not a traceback."""
+    try:
+        return quote(str(path), safe="/")
+    except UnicodeEncodeError as exc:
+        shown = str(path).encode("utf-8", "backslashreplace").decode()
+        raise InputError(f"{shown}: a registry path must be valid UTF-8; rename it or name another") from exc
+
+
 def open_sqlite(path: Path, where: str) -> sqlite3.Connection:
     """A read-only-by-use connection to an existing registry database at this revreg's schema
     (never creates a file: `mode=rw`)."""
     if not path.is_file():
         raise InputError(f"no registry at {where}: create one with `revreg init`")
     with sqlite_errors(where):
-        conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
+        conn = sqlite3.connect(f"file:{file_uri(path)}?mode=rw", uri=True, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=30000")
         has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone()
         revision = conn.execute("SELECT version_num FROM alembic_version").fetchone() if has else None

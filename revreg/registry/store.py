@@ -297,10 +297,10 @@ class Pipeline:
             with self._lock:
                 self._left[id(buf)] -= 1
                 done = self._left[id(buf)] == 0
-                if done and isinstance(buf, bytes):
+                if done and isinstance(buf, memoryview):
                     del self._left[id(buf)]
             if done:
-                if isinstance(buf, bytes):
+                if isinstance(buf, memoryview):
                     self._lent.release()
                 else:
                     self._free.put(buf)
@@ -340,7 +340,9 @@ class Pipeline:
         if self._pending is not None:  # bytes handed over by `write` go first
             self.submit(self._pending, self._filled)
             self._pending = None
-        self.submit(data, len(data))  # type: ignore[arg-type]
+        # A view of its own for each loan: the stages count a block by its object, and the same
+        # bytes object can be lent twice at once (CPython shares every 1-byte bytes value).
+        self.submit(memoryview(data), len(data))  # type: ignore[arg-type]
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
