@@ -31,6 +31,7 @@ from revreg.cli.options import (
     keyring,
     keys_dir_option,
     passphrase_env_option,
+    shown,
 )
 from revreg.cli.options import (
     signer as make_signer,
@@ -237,13 +238,13 @@ def inspect(file: Path, as_json: bool, keys_dir: Path | None) -> None:
             ("signature", "OK" if error is None else f"FAILED: {error}"),
         ]
         for label, value in rows:
-            click.echo(f"{label:<12} {value}")
+            click.echo(f"{label:<12} {shown(value)}")
         click.echo("attachments")
         for a in m.attachments:
             detail = (
                 f" layer={a.layer} rank={a.rank} alpha={a.alpha:g} scaling={a.scaling:.6g}" if a.kind == "lora" else ""
             )
-            click.echo(f"  {a.kind:<6} {a.target}{detail}")
+            click.echo(f"  {a.kind:<6} {shown(a.target)}{detail}")
     if error is not None:
         raise failure
 

@@ -246,9 +246,10 @@ class _Output:
         self._pending = bytearray()
         self.failed: OSError | None = None
 
-    def write(self, text: str) -> int:
+    def write(self, text: str | bytes) -> int:
         if self.failed is None:
-            self._pending += text.encode(self._encoding, self._errors)
+            # Bytes as they are: Click writes bytes here when the stream offers no binary buffer.
+            self._pending += text if isinstance(text, bytes | bytearray) else text.encode(self._encoding, self._errors)
             if len(self._pending) >= 1 << 16:
                 self.flush()
         return len(text)

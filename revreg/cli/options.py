@@ -103,3 +103,13 @@ def human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def shown(value: object) -> str:
+    """Text from an artifact or a registry as a terminal may show it: every character that is
+    not printable (escape sequences, newlines, bidirectional controls) as its escape, so a
+    signed description cannot draw over the lines a reviewer reads."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -19,6 +19,7 @@ from revreg.cli.options import (
     keys_dir_option,
     passphrase_env_option,
     registry_option,
+    shown,
 )
 from revreg.cli.options import signer as make_signer
 from revreg.errors import CheckFailed, InputError
@@ -215,16 +216,16 @@ def show(ref: str, as_json: bool, registry: str | None) -> None:
         ("description", detail.manifest.get("description") or "-"),
     ]
     for label, value in rows:
-        click.echo(f"{label:<12} {value}")
+        click.echo(f"{label:<12} {shown(value)}")
     click.echo("attachments")
     for a in detail.manifest["attachments"]:
-        click.echo(f"  {a['kind']:<6} {a['target']}")
+        click.echo(f"  {a['kind']:<6} {shown(a['target'])}")
     click.echo("certifications" + ("" if detail.certifications else "  none"))
     for c in detail.certifications:
         click.echo(f"  {'PASS' if c.passed else 'FAIL'}  {c.verifier_keyid}  {c.created_at.isoformat()}")
     click.echo("history")
     for e in detail.history:
-        click.echo(f"  #{e.seq} {e.at} {e.action} by {e.actor}")
+        click.echo(f"  #{e.seq} {e.at} {e.action} by {shown(e.actor)}")
 
 
 @click.command()
