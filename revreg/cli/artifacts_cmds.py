@@ -209,7 +209,8 @@ def inspect(file: Path, as_json: bool, keys_dir: Path | None) -> None:
     """Show an artifact's manifest, digests, signer and signature verdict.
 
     The signature is checked against the public keys in the keyring, and every tensor
-    byte against the signed manifest. Exit 2 if either check fails.
+    byte against the signed manifest. Exit 1 if either check fails (the report is still
+    printed), 2 if FILE is not a well-formed artifact.
     """
     artifact = open_artifact(file)
     try:
