@@ -8,6 +8,7 @@ import hashlib
 import io
 import random
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -163,14 +164,9 @@ def test_a_durable_copy_flushes_as_it_goes(tmp_path: Path):
     assert pipe.flushes == 2 and (tmp_path / "d").stat().st_size == size
 
 
-def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
-    """At most LENT_BLOCKS chunks are lent at once (without waiting, the next is refused until
-    the stages are done with one); every lent chunk comes back, and the bytes written are the
-    bytes lent, in order."""
-    import threading
-
-    from revreg.registry.store import LENT_BLOCKS
-
+def _held_by_its_tap() -> tuple[Pipeline, io.BytesIO, threading.Event, list[bytes]]:
+    """A pipeline whose tap holds every block until `gate` is set: (pipe, sink, gate, what the
+    tap saw)."""
     gate = threading.Event()
     seen: list[bytes] = []
 
@@ -179,7 +175,16 @@ def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
         seen.append(bytes(view))
 
     sink = io.BytesIO()
-    pipe = Pipeline(sink, tap=slow_tap)
+    return Pipeline(sink, tap=slow_tap), sink, gate, seen
+
+
+def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
+    """At most LENT_BLOCKS chunks are lent at once (without waiting, the next is refused until
+    the stages are done with one); every lent chunk comes back, and the bytes written are the
+    bytes lent, in order."""
+    from revreg.registry.store import LENT_BLOCKS
+
+    pipe, sink, gate, seen = _held_by_its_tap()
     chunks = [bytes([i]) * (1000 + i) for i in range(LENT_BLOCKS + 1)]
     try:
         assert all(pipe.lend(c, wait=False) for c in chunks[:LENT_BLOCKS])
@@ -198,17 +203,7 @@ def test_lent_chunks_are_bounded_and_given_back(tmp_path: Path):
 def test_the_same_bytes_object_lent_twice_at_once_is_counted_twice():
     """uvicorn can hand over one shared object twice (every 1-byte bytes value is one object in
     CPython): each loan is its own block, and every stage sees every byte."""
-    import threading
-
-    gate = threading.Event()
-    seen: list[bytes] = []
-
-    def slow_tap(view: memoryview) -> None:
-        gate.wait()
-        seen.append(bytes(view))
-
-    sink = io.BytesIO()
-    pipe = Pipeline(sink, tap=slow_tap)
+    pipe, sink, gate, seen = _held_by_its_tap()
     one = b"A"
     try:
         for chunk in (one, one, b"BC", one):
