@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from revreg.errors import InputError, Unreachable
 from revreg.registry.api import SchemaError
 from revreg.registry.locate import location_of
-from revreg.registry.reader import DB_FILE, HEAD, file_uri, unreachable
+from revreg.registry.reader import DB_FILE, HEAD, file_uri, sqlite_errors, unreachable
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,6 @@ def alembic_config(engine: Engine) -> Any:
 def _sqlite_contents(path: str) -> tuple[str | None, list[str]]:
     """(alembic revision or None, table names) of an SQLite file, read without changing a byte
     (a read-only connection: the engine's own would switch the file to WAL first)."""
-    from revreg.registry.reader import sqlite_errors
-
     with sqlite_errors(path):
         conn = sqlite3.connect(f"file:{file_uri(path)}?mode=ro", uri=True)
         try:
@@ -199,10 +197,15 @@ def check_upgradable(engine: Engine) -> str | None:
     return current
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate to `revision`, after `check_upgradable`."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision` (for a caller that ran `check_upgradable` already)."""
     from alembic import command
 
-    check_upgradable(engine)
     with database_errors(engine):
         command.upgrade(alembic_config(engine), revision)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`, after `check_upgradable`."""
+    check_upgradable(engine)
+    migrate(engine, revision)

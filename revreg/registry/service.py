@@ -65,8 +65,8 @@ from revreg.registry.db import (
     check_upgradable,
     current_revision,
     make_engine,
+    migrate,
     resolve,
-    upgrade,
 )
 from revreg.registry.delivery import check_format, deliver, renamed_in_errors
 from revreg.registry.intake import check_signer, push_file
@@ -206,12 +206,11 @@ class Registry:
         store_url = "blobs" if store is None else store if "://" in store else str(Path(store).absolute())
         blob_store = open_store(store_url, loc.directory)
         engine = make_engine(loc)
-        if loc.directory is None or (loc.directory / DB_FILE).exists():
-            # A file that is not a registry database is refused before anything is made; a new
-            # one is created only once the blob store could be.
-            check_upgradable(engine)
+        # A database that is not a registry is refused before anything is made (an SQLite file
+        # is read, not opened by the engine); a new one is created only once the blob store is.
+        check_upgradable(engine)
         blob_store.create()
-        upgrade(engine)
+        migrate(engine)
         registry = cls(engine, loc, blob_store, actor)
         with registry.transaction() as s:
             existing = s.get(Setting, "store")
