@@ -193,6 +193,11 @@ def test_pull_force_replaces_a_link_never_what_it_points_to(embedded, keys_dir: 
         assert done.returncode == 0, done.stderr
         assert not out.is_symlink() and out.read_bytes() == art.read_bytes()
     assert target.read_text() == "keep me" and not (tmp_path / "nowhere").exists()
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "dirlink").symlink_to(tmp_path / "adir")
+    done = _pull(keys_dir, embedded.location.directory, "-o", f"{tmp_path / 'dirlink'}/", "--force")
+    assert done.returncode == 2 and "names a directory" in _one_error_line(done)
+    assert (tmp_path / "dirlink").is_symlink()
 
 
 def _sqlite(path: Path, *statements: str) -> None:
@@ -312,3 +317,10 @@ def test_signed_free_text_cannot_draw_over_what_a_reviewer_reads(embedded, keys_
         (line,) = [x for x in done.stdout.splitlines() if x.startswith("description")]
         assert line.endswith("fine\\x1b[2J\\nsignature    OK\\u202e")
         assert sum(x.startswith("signature") for x in done.stdout.splitlines()) <= 1  # only the real verdict
+    reg = str(embedded.location.directory)
+    env = {**_env(keys_dir), "REVREG_ACTOR": "ev\x1b[2Jil\nX"}
+    for args in (["yank", "demo:1.0.0", "--reason", "bad\x1b]0;t\x07\nok"], ["audit", "log"]):
+        done = subprocess.run([REVREG, *args, "--registry", reg], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "\x1b" not in done.stdout and "\x07" not in done.stdout, args
+        assert not any(line.startswith(("ok", "il", "X")) for line in done.stdout.splitlines()), args

@@ -77,7 +77,7 @@ def upgrade(registry: str | None) -> None:
     loc = regdb.resolve(require_local(registry, "db upgrade"))
     engine = regdb.make_engine(loc)
     before = regdb.check_upgradable(engine)  # before the engine connects (and changes an SQLite file)
-    regdb.upgrade(engine)
+    regdb.migrate(engine)
     click.echo(f"schema {before or 'empty'} -> {regdb.current_revision(engine)} at {loc.describe()}")
 
 
@@ -167,7 +167,7 @@ def pull(
     anything is written to the output, which appears complete or not at all. --force replaces
     the file or link at OUTPUT (never the file a link points to).
     """
-    if output.endswith(("/", os.sep)) and not Path(output).is_dir():
+    if output.endswith(("/", os.sep)) and (Path(output.rstrip("/" + os.sep)).is_symlink() or not Path(output).is_dir()):
         raise InputError(
             f"{output} names a directory, and there is none: name the file (or the peft directory) to create"
         )
@@ -272,7 +272,7 @@ def tag(ref: str, tag_name: str, allow_downgrade: bool, as_json: bool, registry:
 
 def _done(info: Any, as_json: bool, line: str) -> None:
     """The changed entity in its one JSON shape, or one line for a person."""
-    click.echo(json.dumps(to_json(info), indent=1) if as_json else line)
+    click.echo(json.dumps(to_json(info), indent=1) if as_json else shown(line))
 
 
 @click.command()
@@ -452,7 +452,7 @@ def audit_log(subject: str | None, as_json: bool, registry: str | None) -> None:
         click.echo(json.dumps(to_json(entries), indent=1))
         return
     for e in entries:
-        click.echo(f"#{e.seq} {e.at} {e.actor} {e.action} {e.subject} {json.dumps(e.details, sort_keys=True)}")
+        click.echo(shown(f"#{e.seq} {e.at} {e.actor} {e.action} {e.subject} {json.dumps(e.details, sort_keys=True)}"))
 
 
 @click.command()
