@@ -383,25 +383,28 @@ def _rewriting_responses(path: str, rewrite):
     return wrap
 
 
-def _rewrite_answer(field: str, value: object):
-    """A proxy that changes one field of the version in the server's answer to an upload."""
+def _rewrite_answer(field: str, value: object, top: bool = False):
+    """A proxy that changes one field of the version in the server's answer to an upload (with
+    `top`, of the answer itself; the value None removes it)."""
 
     def rewrite(body: bytes) -> tuple[bytes, list]:
         doc = json.loads(body)
-        doc["version"][field] = value
+        target = doc if top else doc["version"]
+        if value is None:
+            del target[field]
+        else:
+            target[field] = value
         return json.dumps(doc).encode(), []
 
     return _rewriting_responses("/v1/artifacts", rewrite)
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("digest", "sha256:" + "00" * 32), ("version", "9.9.9"), ("name", "other")]
-)
+@pytest.mark.parametrize(("field", "value"), [("version", "9.9.9"), ("name", "other")])
 def test_a_push_answered_with_another_record_is_an_error(
     registry: Registry, keys_dir: Path, tmp_path: Path, field: str, value: object
 ):
-    """The client compares the answer with what it sent (its own sha256 of the bytes, the name and
-    version it pushed): a record rewritten on the way is an error, not a digest to print."""
+    """The client compares the answer with what it sent (the name and version it pushed): a
+    record rewritten on the way is an error, not a digest to print."""
     from revreg.errors import IntegrityError
     from revreg.registry.remote import RemoteRegistry
 
@@ -409,9 +412,44 @@ def test_a_push_answered_with_another_record_is_an_error(
     art = make_artifact(tmp_path / "a.safetensors", keys_dir)
     with (
         running(registry, wrap=_rewrite_answer(field, value)) as url,
-        pytest.raises(IntegrityError, match="but this client sent demo:1.0.0 as sha256:"),
+        pytest.raises(IntegrityError, match="but this client sent demo:1.0.0"),
     ):
         RemoteRegistry(url, token=secret).push(art)
+
+
+@pytest.mark.parametrize("value", ["blake3:" + "00" * 32, "", None])
+def test_a_push_answered_for_other_bytes_is_an_error(registry: Registry, keys_dir: Path, tmp_path: Path, value):
+    """The answer must carry the BLAKE3 of the body as the server received it, equal to the
+    client's own: another value, or none (a server or proxy that does not echo it), is refused."""
+    from revreg.errors import IntegrityError
+    from revreg.registry.remote import RemoteRegistry
+
+    secret = Tokens(registry).create("ci", ["read:*", "push:*"])[0]
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    with (
+        running(registry, wrap=_rewrite_answer("received_blake3", value, top=True)) as url,
+        pytest.raises(IntegrityError, match="received other bytes than this client sent"),
+    ):
+        RemoteRegistry(url, token=secret).push(art)
+
+
+def test_the_echoed_digest_is_the_blake3_of_the_body(served: dict, tmp_path: Path, keys_dir: Path):
+    """What the server echoes is computed from the bytes it received, not copied from anything
+    the client said: asked for, it is the body's BLAKE3; not asked for, absent; an unknown echo
+    algorithm is refused before the body is stored."""
+    import blake3
+
+    art = make_artifact(tmp_path / "e.safetensors", keys_dir, version="4.0.0")
+    body = art.read_bytes()
+    headers = {"Authorization": f"Bearer {served['tokens']['ci']}", "X-Revreg-Name": "demo"}
+    bad = httpx.put(f"{served['url']}/v1/artifacts", content=body, headers={**headers, "X-Revreg-Echo": "md5"})
+    assert bad.status_code == 422 and "x-revreg-echo" in bad.text.lower(), bad.text
+    _nothing_stored(served["registry"])
+    r = httpx.put(f"{served['url']}/v1/artifacts", content=body, headers={**headers, "X-Revreg-Echo": "blake3"})
+    assert r.status_code == 200, r.text
+    assert r.json()["received_blake3"] == "blake3:" + blake3.blake3(body).hexdigest()
+    again = httpx.put(f"{served['url']}/v1/artifacts", content=body, headers=headers)
+    assert again.status_code == 200 and "received_blake3" not in again.json()
 
 
 def _resign_uploads(old: bytes, new: bytes):
@@ -447,8 +485,9 @@ def test_a_push_whose_bytes_are_re_signed_on_the_way_is_an_error(
     registry: Registry, keys_dir: Path, tmp_path: Path, scopes: list[str]
 ):
     """Another trusted publisher's signature over the same manifest is a valid artifact of the
-    same size: the server stores it, and only the client's own sha256 of what it sent tells the
-    user that the registry holds other bytes than theirs."""
+    same size: the server stores it, and only the client's own digest of what it sent (BLAKE3,
+    compared with the server's of what it received) tells the user that the registry holds other
+    bytes than theirs."""
     from revreg.artifacts.artifact import PAYLOAD_TYPE, open_artifact
     from revreg.artifacts.dsse import sign
     from revreg.errors import IntegrityError
@@ -465,7 +504,7 @@ def test_a_push_whose_bytes_are_re_signed_on_the_way_is_an_error(
     secret = Tokens(registry).create("ci", scopes)[0]
     with (
         running(registry, wrap=_resign_uploads(old, new)) as url,
-        pytest.raises(IntegrityError, match="but this client sent demo:1.0.0 as sha256:"),
+        pytest.raises(IntegrityError, match="received other bytes than this client sent"),
     ):
         RemoteRegistry(url, token=secret).push(art)
 

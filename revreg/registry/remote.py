@@ -37,6 +37,8 @@ from revreg.registry.store import Pipeline, Tap
 BLOCK = 1 << 20
 RESUME_ATTEMPTS = 5
 T = TypeVar("T")
+# The digest both ends of an upload compute of its body, to compare (see RemoteRegistry._upload).
+ECHO = "blake3"
 # Key ids (sha256:… of the public key, as `revreg keys list` prints them) this client trusts,
 # comma-separated; when set, the server's word on who is trusted is not taken.
 PIN_ENV = {"publisher": "REVREG_PIN_PUBLISHERS", "verifier": "REVREG_PIN_VERIFIERS"}
@@ -151,19 +153,21 @@ class RemoteRegistry:
         except ValueError as exc:
             raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
-    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> tuple[Any, str]:
-        """PUT a file, read once: its sha256 is computed on a second thread while the body is
-        sent (the server computes its own and checks everything as it arrives). (the server's
-        answer, the sent bytes' sha256): the caller compares that with what the server stored."""
+    def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
+        """PUT a file, read once, and check that the server received exactly the bytes sent: both
+        ends compute the body's BLAKE3 (here on a second thread while this one sends; the server
+        beside its own checks, asked by `X-Revreg-Echo`) and the server's answer must carry the
+        same. BLAKE3, not a second sha256: on two cores a sha256 pass on the client was the
+        largest cost of an upload (docs/performance.md). The server's answer, checked."""
         file = Path(file)
         try:
             fh = open(file, "rb")  # noqa: SIM115 - closed below
             size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             raise errors.InputError(f"cannot read {file}: {exc.strerror}") from exc
-        # The sha256 on its own thread while this one sends, in BLOCK (1 MiB) pieces: a quarter of
+        # The hash on its own thread while this one sends, in BLOCK (1 MiB) pieces: a quarter of
         # the trips through httpx and h11 that the pipeline's 256 KiB blocks would make.
-        hashing = Pipeline(None, block=BLOCK)
+        hashing = Pipeline(None, block=BLOCK, algorithms=(ECHO,))
 
         def body() -> Iterator[memoryview]:
             # Each block is read once into one of the pipeline's page-aligned buffers, hashed
@@ -185,13 +189,25 @@ class RemoteRegistry:
             # the server, short of bytes, stores nothing.
             raise errors.InputError(f"{file} changed while it was being pushed; push it again")
 
-        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream", **(extra or {})}
+        headers = {
+            "Content-Length": str(size),
+            "Content-Type": "application/octet-stream",
+            "X-Revreg-Echo": ECHO,
+            **(extra or {}),
+        }
         try:
             with fh, progress.task(f"upload {file.name}", size):
                 doc = self._call("PUT", path, content=body(), headers=headers)
-            return doc, hashing.close()[0]
+            sent = hashing.close()[0]
         finally:
             hashing.abort()
+        received = doc.get(f"received_{ECHO}") if isinstance(doc, dict) else None
+        if received != sent:
+            raise errors.IntegrityError(
+                f"the registry at {self.url} received other bytes than this client sent ({ECHO} "
+                f"{received or 'not reported'}, sent {sent}): check the server and the network"
+            )
+        return doc
 
     def _download(self, path: str, params: dict[str, Any], sink: BinaryIO, tap: Tap | None = None) -> str:
         """Stream a download into `sink` in one pass (written, hashed and handed to `tap` from the
@@ -299,16 +315,15 @@ class RemoteRegistry:
                 return PushResult(info, False)
         # A new version, or a token that may not read this name (it learns only whether the
         # version exists): the upload itself proves the bytes, and its answer names the version.
-        # The client's own sha256 of what it sent is the proof: the server's checks refuse any
-        # damaged byte, but not another valid signature over the same manifest (a second
-        # publisher's, or a second one by the same key: Ed25519 verifies many per message), nor
-        # an answer rewritten on the way. Measured without it: docs/performance.md.
-        doc, sent = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
+        # The answer must be for the bytes sent (their BLAKE3, see _upload): the server's checks
+        # refuse any damaged byte, but not another valid signature over the same manifest (a
+        # second publisher's, or a second one by the same key: Ed25519 verifies many per message).
+        doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
         result = PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
-        if result.version.digest != sent or result.version.ref != f"{m.name}:{m.version}":
+        if result.version.ref != f"{m.name}:{m.version}":
             raise errors.IntegrityError(
                 f"the registry at {self.url} recorded {result.version.ref} as {result.version.digest}, "
-                f"but this client sent {m.name}:{m.version} as {sent}: check the server and the network"
+                f"but this client sent {m.name}:{m.version}: check the server and the network"
             )
         return result
 
@@ -392,13 +407,8 @@ class RemoteRegistry:
 
     # -- probe sets --------------------------------------------------------------------------
     def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
-        doc, sent = self._upload("/v1/probes", path)
-        info = from_json(ProbeSetInfo, doc["probes"])
-        if info.digest != sent:
-            raise errors.IntegrityError(
-                f"the registry at {self.url} stored the probe set as {info.digest}, but this client sent {sent}"
-            )
-        return info, bool(doc["created"])
+        doc = self._upload("/v1/probes", path)
+        return from_json(ProbeSetInfo, doc["probes"]), bool(doc["created"])
 
     def probe_sets(self) -> list[ProbeSetInfo]:
         return _list(ProbeSetInfo, self._call("GET", "/v1/probes"))

@@ -210,6 +210,14 @@ def _size_of(source: BinaryIO) -> int | None:
 Tap = Callable[[memoryview], None]
 
 
+def _hasher(algorithm: str) -> Any:
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    from revreg.artifacts.identity import new_hasher  # blake3: only where a pipeline asks for it
+
+    return new_hasher(algorithm)
+
+
 class Pipeline:
     """One pass over a byte stream: each block is written to `sink`, hashed into the file's
     sha256 and handed to `tap` (an artifact's tensor hashing, `revreg.artifacts.stream`), each on
@@ -218,18 +226,30 @@ class Pipeline:
     the CPU hashes and the final fsync waits for the last stretch only. Memory stays at
     PIPELINE_BLOCKS blocks whatever the size.
 
+    `algorithms` names the digests to compute ("sha256", "blake3"), each on its own thread: an
+    HTTP upload's two ends compare BLAKE3 of the body, which costs a fraction of a sha256 pass.
+
     A producer takes a free block with `buffer()` (or hands over bytes with `write`), fills it
-    and `submit`s it; `close()` returns (sha256 digest, size). The first error of any stage is
-    raised to the producer at its next call, and the stages stop working on later blocks."""
+    and `submit`s it; `close()` returns (the first algorithm's digest, size), and `digests` then
+    holds every algorithm's. The first error of any stage is raised to the producer at its next
+    call, and the stages stop working on later blocks."""
 
     def __init__(
-        self, sink: BinaryIO | None, durable: bool = False, tap: Tap | None = None, block: int | None = None
+        self,
+        sink: BinaryIO | None,
+        durable: bool = False,
+        tap: Tap | None = None,
+        block: int | None = None,
+        algorithms: tuple[str, ...] = ("sha256",),
     ) -> None:
         self.sink = sink
         self.block = block or BLOCK  # read when called: benchmarks/bench_pipeline.py varies BLOCK
         self.durable = durable and sink is not None
         self.size = 0
-        self._h = hashlib.sha256()
+        if not algorithms:
+            raise ValueError("a pipeline computes at least one digest")
+        self._hashes = {a: _hasher(a) for a in algorithms}
+        self.digests: dict[str, str] = {}
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(PIPELINE_BLOCKS):
             self._free.put(aligned_block(self.block))
@@ -239,7 +259,7 @@ class Pipeline:
         self.flushes = 0  # fdatasync calls made before the final fsync
         self._error: BaseException | None = None
         self._closed = False
-        stages: list[Callable[[memoryview], None]] = [self._h.update]
+        stages: list[Callable[[memoryview], Any]] = [h.update for h in self._hashes.values()]
         if sink is not None:
             stages.append(self._write)
         if tap is not None:
@@ -286,7 +306,7 @@ class Pipeline:
             os.fdatasync(fd)
             self.flushes += 1
 
-    def _run(self, stage: Callable[[memoryview], None], q: queue.Queue[tuple[mmap.mmap, int] | None]) -> None:
+    def _run(self, stage: Callable[[memoryview], Any], q: queue.Queue[tuple[mmap.mmap, int] | None]) -> None:
         while (item := q.get()) is not None:
             buf, n = item
             if self._error is None:
@@ -360,8 +380,8 @@ class Pipeline:
                 self._pending = None
 
     def close(self) -> tuple[str, int]:
-        """Wait for every stage; fsync a durable sink. (sha256 digest, size); raises the first
-        error any stage met."""
+        """Wait for every stage; fsync a durable sink. (the first algorithm's digest, size), every
+        digest in `digests`; raises the first error any stage met."""
         if self._pending is not None:
             self.submit(self._pending, self._filled)
             self._pending = None
@@ -371,7 +391,8 @@ class Pipeline:
             self.sink.flush()
             if self.durable:
                 os.fsync(self.sink.fileno())
-        return "sha256:" + self._h.hexdigest(), self.size
+        self.digests = {a: f"{a}:{h.digest().hex()}" for a, h in self._hashes.items()}
+        return next(iter(self.digests.values())), self.size
 
     def _stop(self) -> None:
         if self._closed:

@@ -394,18 +394,23 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         who.require("read", name_of(ref))
         return to_json(registry.show(ref))
 
-    async def receive_upload(request: Request, digest: str | None, tap: Tap | None = None) -> StagedBlob:
+    async def receive_upload(
+        request: Request, digest: str | None, tap: Tap | None = None, echo: str | None = None
+    ) -> tuple[StagedBlob, dict[str, str]]:
         """Stream the body into the store's staging area in one pass, off the event loop: the
         loop lends each body chunk to the pipeline as it arrives (not copied; it waits on a
         thread only while the disk is behind); writing (fdatasync as it goes,
         fsync at the end), the sha256 and `tap` (an artifact's checks) run on the pipeline's
-        threads, as a local push does. `digest`, when declared, must match what arrived."""
+        threads, as a local push does. `digest`, when declared, must match what arrived. With
+        `echo` ("blake3"), that digest of the body is computed beside them and returned for the
+        answer (`received_blake3`): the client compares it with its own."""
         if digest is not None:
             check_digest(digest)
+        algorithms = ("sha256", echo) if echo else ("sha256",)
         path, request.state.revreg_lock = registry.store.create_staging()
         try:
             with open(path, "r+b", buffering=0) as sink:
-                pipe = Pipeline(sink, durable=True, tap=tap)
+                pipe = Pipeline(sink, durable=True, tap=tap, algorithms=algorithms)
                 try:
                     refused: RevregError | None = None
                     async for chunk in request.stream():
@@ -431,15 +436,20 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
             raise IntegrityError(
                 f"upload digest mismatch: declared {digest}, received {received} ({size} bytes); nothing was stored"
             )
-        return StagedBlob(path, received, size)
+        return StagedBlob(path, received, size), {f"received_{a}": pipe.digests[a] for a in algorithms[1:]}
 
     async def with_upload(
-        request: Request, digest: str | None, store: Callable[[StagedBlob], Any], tap: Tap | None = None
-    ) -> Any:
+        request: Request,
+        digest: str | None,
+        store: Callable[[StagedBlob], Any],
+        tap: Tap | None = None,
+        echo: str | None = None,
+    ) -> tuple[Any, dict[str, str]]:
+        """(what `store` returned, the echoed digests of the body for the answer)."""
         try:
-            staged = await receive_upload(request, digest, tap)
+            staged, echoed = await receive_upload(request, digest, tap, echo)
             try:
-                return await run_in_threadpool(store, staged)
+                return await run_in_threadpool(store, staged), echoed
             finally:
                 staged.path.unlink(missing_ok=True)
         finally:
@@ -453,9 +463,12 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         who: Principal,
         x_revreg_digest: Annotated[str | None, Header()] = None,
         x_revreg_name: Annotated[str | None, Header(max_length=128)] = None,
+        x_revreg_echo: Annotated[Literal["blake3"] | None, Header()] = None,
     ) -> dict[str, Any]:
         """Upload a signed artifact (the raw file as the body). `X-Revreg-Name` names the behavior
-        before the body is read (the push scope is checked on it); the manifest must agree."""
+        before the body is read (the push scope is checked on it); the manifest must agree.
+        `X-Revreg-Echo: blake3` asks for the BLAKE3 of the body as received (`received_blake3`),
+        for the client to compare with its own."""
         reg = registry_actor(who)
 
         def authorize(name: str) -> None:
@@ -471,8 +484,10 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
             int(length) if length is not None and length.isdigit() else None,
             lambda artifact: reg.signed_by(artifact, "upload", authorize),
         )
-        result = await with_upload(request, x_revreg_digest, lambda staged: reg.push_streamed(staged, stream), stream)
-        return {"created": result.created, "version": to_json(result.version)}
+        result, echoed = await with_upload(
+            request, x_revreg_digest, lambda staged: reg.push_streamed(staged, stream), stream, x_revreg_echo
+        )
+        return {"created": result.created, "version": to_json(result.version), **echoed}
 
     @app.post("/v1/uploads/check")
     def upload_check(who: Principal, body: UploadCheckBody) -> dict[str, Any]:
@@ -599,14 +614,18 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
 
     @app.put("/v1/probes")
     async def push_probes(
-        request: Request, who: Principal, x_revreg_digest: Annotated[str | None, Header()] = None
+        request: Request,
+        who: Principal,
+        x_revreg_digest: Annotated[str | None, Header()] = None,
+        x_revreg_echo: Annotated[Literal["blake3"] | None, Header()] = None,
     ) -> dict[str, Any]:
+        """Upload a probe set (the raw file as the body); `X-Revreg-Echo` as for an artifact."""
         who.require_some("push")
         reg = registry_actor(who)
-        info, created = await with_upload(
-            request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload")
+        (info, created), echoed = await with_upload(
+            request, x_revreg_digest, lambda staged: reg.push_probes_staged(staged, "upload"), echo=x_revreg_echo
         )
-        return {"created": created, "probes": to_json(info)}
+        return {"created": created, "probes": to_json(info), **echoed}
 
     @app.get("/v1/probes/digest")
     def probe_digest(who: Principal, ref: Annotated[str, Query(max_length=512)]) -> dict[str, str]:
