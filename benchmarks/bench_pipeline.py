@@ -10,9 +10,13 @@
 - a durable one-pass copy of a 1 GiB artifact (write + file sha256 + every tensor's digests,
   `store.copy_hashing` with the `artifacts.stream` tap) with 256 KiB blocks against 4 MiB blocks,
   interleaved, median of --repeat; the same pass with `fdatasync` every 16 MiB, every 64 MiB or
-  only at the end; and the same pass with nothing written (a stored push).
+  only at the end; and the same pass with nothing written (a stored push);
+- `--only allocator`: the CPU time (user + system) a uvicorn server on uvloop and httptools (as
+  `revreg serve` runs) spends receiving the artifact as one HTTP upload over loopback, with
+  glibc's default allocator settings and with `revreg.allocator`'s, interleaved, median of
+  --repeat.
 
-    python benchmarks/bench_pipeline.py [--gib 1] [--repeat 5] [--out bench-out]
+    python benchmarks/bench_pipeline.py [--gib 1] [--repeat 5] [--only copies|allocator] [--out bench-out]
 """
 
 from __future__ import annotations
@@ -92,6 +96,69 @@ def copy_rates(src: Path, scratch: Path, repeat: int) -> dict:
     }
 
 
+RECEIVING_SERVER = """
+import resource, sys
+import uvicorn
+from revreg.allocator import keep_freed_memory
+
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory(), "mallopt did not take"
+
+
+async def sink(scope, receive, send):
+    # Receives a body the way revreg's upload does (uvicorn on uvloop and httptools, chunk by
+    # chunk) and answers the CPU time (user + system) the process spent while it arrived.
+    if scope["type"] != "http":
+        return
+    start, more = resource.getrusage(resource.RUSAGE_SELF), True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    body = str(end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+uvicorn.run(sink, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools", log_level="warning")
+"""
+
+
+def allocator_cpu(src: Path, repeat: int) -> dict:
+    """Server CPU seconds to receive `src` over loopback HTTP, by allocator settings."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    def received(mode: str, port: int) -> float:
+        server = subprocess.Popen([sys.executable, "-c", RECEIVING_SERVER, mode, str(port)])
+        try:
+            for _ in range(200):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            with open(src, "rb") as fh:
+                return float(httpx.put(f"http://127.0.0.1:{port}/", content=fh, timeout=600).text)
+        finally:
+            server.terminate()
+            server.wait()
+
+    runs: dict[str, list[float]] = {"default": [], "tuned": []}
+    for i in range(repeat):
+        for mode in ("default", "tuned") if i % 2 == 0 else ("tuned", "default"):
+            runs[mode].append(received(mode, 8530 + i))
+    gib = src.stat().st_size / 2**30
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "received_bytes": src.stat().st_size,
+        "allocator_server_cpu_s_per_gib": {k: round(v / gib, 3) for k, v in med.items()},
+        "allocator_default_over_tuned": round(med["default"] / max(med["tuned"], 1e-9), 2),
+    }
+
+
 def one_pass(src: Path, out: Path | None, block: int, blocks: int, flush: int = store.FLUSH_EVERY) -> float:
     store.BLOCK, store.PIPELINE_BLOCKS, store.FLUSH_EVERY = block, blocks, flush
     size = src.stat().st_size
@@ -113,11 +180,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--only", choices=["copies"], default=None, help="only the aligned-buffer copy rates")
+    parser.add_argument(
+        "--only", choices=["copies", "allocator"], default=None, help="only the copy rates, or only the allocator"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     out, keys, _ = workspace(args.out)
     src = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(args.gib * 1024))
+    if args.only == "allocator":
+        results = allocator_cpu(src, args.repeat)
+        print(json.dumps(results, indent=1))
+        (out / "allocator.json").write_text(json.dumps(results, indent=1) + "\n")
+        return
     dst = out / "pipeline.out"
     default = (store.BLOCK, store.PIPELINE_BLOCKS)
     shapes = {"256KiB x 16": (256 << 10, 16), "4MiB x 8": (4 << 20, 8)}

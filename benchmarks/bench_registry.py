@@ -36,8 +36,11 @@ REVREG = str(BIN / "revreg")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-def artifact(path: Path, keys: Path, name: str, version: str, mib: int, seed: int = 0) -> Path:
-    """A signed artifact of `mib` MiB of F32 steering vectors, 64 MiB per tensor."""
+def artifact(
+    path: Path, keys: Path, name: str, version: str, mib: int, seed: int = 0, tensor_hash: str = "blake3"
+) -> Path:
+    """A signed artifact of `mib` MiB of F32 steering vectors, 64 MiB per tensor; its tensors
+    digest in `tensor_hash` (pack's default, blake3, or sha256 as artifacts packed before it)."""
     rng = np.random.default_rng(seed)
     per = 16 << 20  # floats per tensor
     count = max(1, mib // 64)
@@ -53,6 +56,7 @@ def artifact(path: Path, keys: Path, name: str, version: str, mib: int, seed: in
         base="sha256:" + "ab" * 32,
         signer=Keyring(keys).signer("bench"),
         created=utc_timestamp(),
+        tensor_hash=tensor_hash,
     )
     return path
 
@@ -68,12 +72,14 @@ def setup_registry(location: str, store: str | None, keys: Path, env: dict[str, 
     )
 
 
-def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+def bench_push_pull(
+    out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int, tensor_hash: str = "blake3"
+) -> dict:
     """Interleaved pairs: `dd conv=fsync` (a durable copy, as push and pull make) and push (then a
     second push of the stored artifact); the same anchor and pull. Ratios per pair, median. Every
     timed command starts on a quiet disk (measure.quiet_disk), and the order within each pair
     alternates, anchors and subjects alike."""
-    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
+    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024), tensor_hash=tensor_hash)
     size = art.stat().st_size
     timed(["cat", str(art)])
     dst = out / "dd-copy.safetensors"
@@ -126,6 +132,7 @@ def bench_push_pull(out: Path, keys: Path, env: dict[str, str], gib: float, repe
     med = statistics.median
     return {
         "artifact_bytes": size,
+        "tensor_hash": tensor_hash,
         "pairs": repeat,
         "durable_copy_s": round(med(r[0] for r in rows), 3),
         "push_s": round(med(r[1][0] for r in rows), 3),
@@ -282,11 +289,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--only", choices=["pushpull", "ls", "concurrency"], default=None)
+    parser.add_argument(
+        "--tensor-hash", choices=["blake3", "sha256"], default="blake3", help="the 1 GiB artifact's tensors digest"
+    )
     args = parser.parse_args()
     out, keys, env = workspace(args.out)
     results: dict[str, object] = {}
     if args.only in (None, "pushpull"):
-        results["push_pull"] = bench_push_pull(out, keys, env, args.gib, args.repeat)
+        results["push_pull"] = bench_push_pull(out, keys, env, args.gib, args.repeat, args.tensor_hash)
         print(json.dumps(results["push_pull"], indent=1), flush=True)
     if args.only in (None, "ls"):
         results["ls"] = bench_ls(out, keys, env, args.versions, args.repeat)

@@ -64,13 +64,15 @@ def token(location: str, env: dict[str, str]) -> str:
     return out.stdout.strip()
 
 
-def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int) -> dict:
+def bench_transfer(
+    out: Path, keys: Path, env: dict[str, str], gib: float, repeat: int, tensor_hash: str = "blake3"
+) -> dict:
     """Interleaved rounds: push + pull through the local registry and the same over loopback
     HTTP, in alternating order, each command on a quiet disk; ratios per round (local time /
     remote time), median. Also a second remote push of the
     stored artifact (one local hash pass and one request: no body is sent), and the CPU time
     the server spent on each remote push (user + system, from /proc)."""
-    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024))
+    art = artifact(out / "big.safetensors", keys, "big", "1.0.0", int(gib * 1024), tensor_hash=tensor_hash)
     timed(["cat", str(art)])
     rounds = []
     for i in range(repeat):
@@ -110,6 +112,7 @@ def bench_transfer(out: Path, keys: Path, env: dict[str, str], gib: float, repea
     med = statistics.median
     return {
         "artifact_bytes": art.stat().st_size,
+        "tensor_hash": tensor_hash,
         "rounds": repeat,
         "local_push_s": round(med(r["local_push"] for r in rounds), 3),
         "remote_push_s": round(med(r["remote_push"] for r in rounds), 3),
@@ -184,11 +187,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--only", choices=["transfer", "clients"], default=None)
+    parser.add_argument(
+        "--tensor-hash", choices=["blake3", "sha256"], default="blake3", help="the 1 GiB artifact's tensors digest"
+    )
     args = parser.parse_args()
     out, keys, env = workspace(args.out)
     results = {}
     if args.only in (None, "transfer"):
-        results["transfer"] = bench_transfer(out, keys, env, args.gib, args.repeat)
+        results["transfer"] = bench_transfer(out, keys, env, args.gib, args.repeat, args.tensor_hash)
         print(json.dumps(results["transfer"], indent=1), flush=True)
     if args.only in (None, "clients"):
         results["clients"] = bench_clients(out, keys, env, args.clients)

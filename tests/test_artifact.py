@@ -218,3 +218,97 @@ def test_a_signed_name_or_version_that_pack_refuses_is_refused_on_read(
     doc[field] = value
     with pytest.raises(FormatError, match=f"invalid {'behavior name' if field == 'name' else 'version'}"):
         BehaviorManifest.from_bytes(canonical_json(doc))
+
+
+def _signed_with_digest(out: Path, keys_dir: Path, digest: str) -> Path:
+    """The conftest artifact's tensors under a manifest signed by a trusted key that claims
+    `digest` for them (what only a key holder could make)."""
+    import dataclasses
+
+    from revreg.artifacts.artifact import MANIFEST_KEY, PAYLOAD_TYPE, SIGNATURE_KEY, open_artifact
+    from revreg.artifacts.dsse import sign
+    from revreg.artifacts.identity import parse_identity
+    from revreg.artifacts.safetensors_io import write_safetensors
+    from tests.conftest import make_artifact
+
+    source = open_artifact(make_artifact(out.with_suffix(".src"), keys_dir))
+    tensors = load_file(str(source.path))
+    manifest = dataclasses.replace(source.manifest, tensors_digest=parse_identity(digest))
+    payload = manifest.to_bytes()
+    envelope = sign(payload, PAYLOAD_TYPE, Keyring(keys_dir).signer("alice"))
+    raw = {n: ("F32", tuple(t.shape), t.numpy().tobytes()) for n, t in tensors.items()}
+    write_safetensors(out, raw, {MANIFEST_KEY: payload.decode(), SIGNATURE_KEY: envelope.to_json().decode()})
+    return out
+
+
+@pytest.mark.parametrize("tensor_hash", ["blake3", "sha256"])
+def test_the_tensors_digest_names_its_algorithm_and_every_check_uses_that_one(
+    keys_dir: Path, tmp_path: Path, tensor_hash: str
+) -> None:
+    """pack signs the algorithm with the digest; the file check, the streamed check (push and
+    pull) and the loaded-tensor check hash with the algorithm named, so the same hex under the
+    other algorithm's name, signed by a trusted key, is refused everywhere."""
+    import numpy as np
+
+    from revreg.artifacts.artifact import Attachment, pack
+    from revreg.artifacts.stream import ArtifactStream
+    from revreg.errors import IntegrityError
+    from revreg.registry.store import copy_hashing
+    from revreg.verifier.engine import load_behavior
+
+    trusted = Keyring(keys_dir).trusted()
+    good = tmp_path / "good.safetensors"
+    data = np.arange(8, dtype="<f4").tobytes()
+    pack(
+        good,
+        {"h.0.steer_vector": ("F32", (8,), data)},
+        (Attachment("h.0", "steer", {"vector": "h.0.steer_vector"}),),
+        name="demo",
+        version="1.0.0",
+        base="sha256:" + "ab" * 32,
+        signer=Keyring(keys_dir).signer("alice"),
+        created=CREATED,
+        tensor_hash=tensor_hash,
+    )
+    digest = load_artifact(good, trusted).manifest.tensors_digest
+    assert digest.startswith(tensor_hash + ":")
+    assert load_behavior(good, trusted).manifest.tensors_digest == digest
+
+    from tests.conftest import make_artifact
+
+    real = open_artifact(make_artifact(tmp_path / "real.safetensors", keys_dir)).manifest.tensors_digest
+    other = "sha256" if real.startswith("blake3:") else "blake3"
+    forged = _signed_with_digest(tmp_path / "forged.safetensors", keys_dir, f"{other}:{real.split(':', 1)[1]}")
+    with pytest.raises(IntegrityError, match="do not match the signed manifest"):
+        load_artifact(forged, trusted)
+    stream = ArtifactStream("forged", forged.stat().st_size)
+    with open(forged, "rb") as fh:
+        copy_hashing(fh, None, tap=stream)
+    with pytest.raises(IntegrityError, match="do not match the signed manifest"):
+        stream.finish()
+
+
+def test_a_tensors_digest_in_an_unknown_algorithm_is_refused(keys_dir: Path, tmp_path: Path) -> None:
+    from revreg.artifacts.artifact import BehaviorManifest
+    from revreg.artifacts.canonical import canonical_json
+    from revreg.errors import FormatError
+    from tests.conftest import make_artifact
+
+    doc = open_artifact(make_artifact(tmp_path / "a.safetensors", keys_dir)).manifest.to_dict()
+    doc["tensors"]["digest"] = "md5:" + "00" * 16
+    with pytest.raises(FormatError):
+        BehaviorManifest.from_bytes(canonical_json(doc))
+
+
+def test_pack_refuses_an_unknown_tensor_hash(run, tmp_path: Path, keys_dir: Path) -> None:
+    tensors = tmp_path / "t.safetensors"
+    save_file({"h.0.steer_vector": torch.zeros(4)}, str(tensors))
+    spec = tmp_path / "spec.json"
+    attachment = {"target": "h.0", "kind": "steer", "tensors": {"vector": "h.0.steer_vector"}}
+    spec.write_text(json.dumps({"attachments": [attachment]}))
+    out = tmp_path / "o.safetensors"
+    result = run(
+        "pack", "--tensors", tensors, "--spec", spec, "--base", "sha256:" + "ab" * 32, "--name", "d",
+        "--version", "1", "--key", "alice", "--keys-dir", keys_dir, "--tensor-hash", "md5", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--tensor-hash" in result.stderr and not out.exists()

@@ -20,6 +20,11 @@ CASES = {
         "pipeline.json",
         ["read_16_bytes_off_vs_aligned", "durable_one_pass_s", "stored_push_pass_s"],
     ),
+    "allocator": (
+        ["bench_pipeline.py", "--only", "allocator", "--gib", "0.02", "--repeat", "1"],
+        "allocator.json",
+        ["allocator_server_cpu_s_per_gib", "allocator_default_over_tuned"],
+    ),
     "pushpull": (
         ["bench_registry.py", "--only", "pushpull", "--gib", "0.02", "--repeat", "2"],
         "registry.json",

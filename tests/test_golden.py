@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from revreg.artifacts.artifact import load_artifact
 from revreg.artifacts.keys import Keyring
 
@@ -17,7 +19,10 @@ def test_golden_v1_artifact_still_verifies():
     assert verified.digest == "sha256:" + hashlib.sha256((GOLDEN / "golden-1.0.0.safetensors").read_bytes()).hexdigest()
 
 
-def test_packing_the_golden_inputs_gives_the_golden_bytes(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("tensor_hash", "golden"), [("sha256", "golden-1.0.0.safetensors"), ("blake3", "golden-blake3-1.0.0.safetensors")]
+)
+def test_packing_the_golden_inputs_gives_the_golden_bytes(tmp_path: Path, tensor_hash: str, golden: str):
     from click.testing import CliRunner
 
     from revreg.cli.main import cli
@@ -41,6 +46,8 @@ def test_packing_the_golden_inputs_gives_the_golden_bytes(tmp_path: Path):
             "golden-test-key",
             "--created",
             "2026-11-29T00:00:00Z",
+            "--tensor-hash",
+            tensor_hash,
             "--keys-dir",
             str(GOLDEN / "keys"),
             "-o",
@@ -48,7 +55,8 @@ def test_packing_the_golden_inputs_gives_the_golden_bytes(tmp_path: Path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert out.read_bytes() == (GOLDEN / "golden-1.0.0.safetensors").read_bytes()
+    assert out.read_bytes() == (GOLDEN / golden).read_bytes()
+    assert load_artifact(out, Keyring(GOLDEN / "keys").trusted()).manifest.tensors_digest.startswith(tensor_hash + ":")
 
 
 def _golden_certification(divergence: str):

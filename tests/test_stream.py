@@ -21,10 +21,11 @@ from revreg.errors import RevregError
 from revreg.registry.store import BLOCK, Pipeline, copy_hashing, digest_of
 
 
-@pytest.fixture(scope="module")
-def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict]:
+@pytest.fixture(scope="module", params=["blake3", "sha256"])
+def signed(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> tuple[bytes, dict]:
     """A signed artifact whose tensors cross chunk (16 MiB) and block (4 MiB) boundaries, with a
-    0-byte tensor, and the keys that trust its signer."""
+    0-byte tensor, and the keys that trust its signer; its tensors digest in each algorithm
+    `pack` can sign (the stream must hash with the one the manifest names)."""
     d = tmp_path_factory.mktemp("stream")
     ring = Keyring(d / "keys")
     ring.generate("alice")
@@ -46,6 +47,7 @@ def signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, dict]:
         base="sha256:" + "ab" * 32,
         signer=ring.signer("alice"),
         created="2026-01-01T00:00:00Z",
+        tensor_hash=request.param,
     )
     return (d / "x.safetensors").read_bytes(), ring.trusted()
 

@@ -7,9 +7,9 @@ Pipeline hands it every block the copy writes, in order, from the same buffer). 
    manifest, envelope) and hands the artifact to `on_header`, which verifies the signature (and
    returns the key that made it) or refuses, all before a single tensor byte is hashed;
 2. then hashes every tensor's identity chunks (revreg.identity.v1, the scheme the signed
-   `tensors_digest` uses) as the data section goes by: tensors lie end to end in the order of
-   their offsets (parse_header refuses gaps and overlaps), so each block feeds at most a few
-   running chunk hashes;
+   `tensors_digest` uses, with the algorithm it names) as the data section goes by: tensors
+   lie end to end in the order of their offsets (parse_header refuses gaps and overlaps), so
+   each block feeds at most a few running chunk hashes;
 3. `finish()` checks that the stream ended where the header says and that the tensors hash to
    the signed digest.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from revreg.artifacts.artifact import Artifact, artifact_from_header
+from revreg.artifacts.artifact import Artifact, artifact_from_header, tensors_algorithm
 from revreg.artifacts.identity import (
     CHUNK_SIZE,
     TAG_CHUNK,
@@ -47,12 +47,11 @@ class ArtifactStream:
         where: str,
         size: int | None = None,
         on_header: Callable[[Artifact], TrustedKey | None] | None = None,
-        algorithm: str = "sha256",
     ) -> None:
         self.where = where
         self.size = size
         self.on_header = on_header
-        self.algorithm = algorithm
+        self.algorithm = ""  # the one the signed tensors digest names, known once the header is
         self.artifact: Artifact | None = None
         self.signer: TrustedKey | None = None  # what `on_header` returned: the key it verified
         self._prefix = bytearray()
@@ -111,6 +110,7 @@ class ArtifactStream:
             return view
         header = parse_header(bytes(self._prefix), self.size, self.where, SMALL_HEADER_BYTES)
         self.artifact = artifact_from_header(header, Path(self.where))
+        self.algorithm = tensors_algorithm(self.artifact.manifest)
         if self.on_header is not None:
             self.signer = self.on_header(self.artifact)
         self._order = sorted(header.tensors, key=lambda t: (t.start, t.end))

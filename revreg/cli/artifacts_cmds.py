@@ -99,6 +99,14 @@ def _created(value: str | None) -> str:
 @click.option(
     "--created", default=None, help="Creation time to record (ISO 8601); default $SOURCE_DATE_EPOCH, else now."
 )
+@click.option(
+    "--tensor-hash",
+    type=click.Choice(["blake3", "sha256"]),
+    default="blake3",
+    show_default=True,
+    help="Algorithm of the signed tensors digest (the identity scheme's). The file's own sha256, "
+    "its address in a registry, is the same either way; sha256 costs push and pull a second sha256 pass.",
+)
 @click.option("--description", default=None, help="Free-text description (overrides the spec's).")
 @click.option("--license", "license_", default=None, help="License identifier (overrides the spec's).")
 @click.option(
@@ -120,6 +128,7 @@ def pack(
     version: str,
     key_name: str,
     created: str | None,
+    tensor_hash: str,
     description: str | None,
     license_: str | None,
     output: Path,
@@ -157,6 +166,7 @@ def pack(
             description=description if description is not None else extra.get("description", ""),
             license=license_ if license_ is not None else extra.get("license", ""),
             provenance=imported.provenance,
+            tensor_hash=tensor_hash,
         )
     if as_json:
         from revreg.artifacts.artifact import file_digest

@@ -46,6 +46,10 @@ def serve(
 
     import uvicorn
 
+    from revreg.allocator import keep_freed_memory
+
+    keep_freed_memory()  # every upload's chunks reuse the same pages (revreg/allocator.py)
+
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.bind((host, port))

@@ -202,10 +202,16 @@ class RemoteRegistry:
         finally:
             hashing.abort()
         received = doc.get(f"received_{ECHO}") if isinstance(doc, dict) else None
+        if received is None:
+            raise errors.IntegrityError(
+                f"the registry at {self.url} did not report the {ECHO} of what it received, so this client "
+                f"cannot tell that it stored the bytes sent: the server may be older than this client "
+                f"(upgrade it), or something on the way dropped the answer's received_{ECHO}"
+            )
         if received != sent:
             raise errors.IntegrityError(
-                f"the registry at {self.url} received other bytes than this client sent ({ECHO} "
-                f"{received or 'not reported'}, sent {sent}): check the server and the network"
+                f"the registry at {self.url} received other bytes than this client sent ({ECHO} {received}, "
+                f"sent {sent}); it may have stored them as a valid artifact: check the server and the network"
             )
         return doc
 
@@ -407,8 +413,24 @@ class RemoteRegistry:
 
     # -- probe sets --------------------------------------------------------------------------
     def push_probes(self, path: Path) -> tuple[ProbeSetInfo, bool]:
-        doc = self._upload("/v1/probes", path)
-        return from_json(ProbeSetInfo, doc["probes"]), bool(doc["created"])
+        """A probe set is unsigned and small: its sha256 is computed first and declared
+        (`X-Revreg-Digest`), so the server stores nothing but those bytes, and the answer must
+        name that digest as well as echo the body's BLAKE3."""
+        from revreg.registry.store import digest_of
+
+        try:
+            with open(path, "rb") as fh:
+                digest, _ = digest_of(fh)
+        except OSError as exc:
+            raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
+        doc = self._upload("/v1/probes", Path(path), {"X-Revreg-Digest": digest})
+        info = from_json(ProbeSetInfo, doc["probes"])
+        if info.digest != digest:
+            raise errors.IntegrityError(
+                f"the registry at {self.url} recorded the probe set as {info.digest}, "
+                f"but this client sent {digest}: check the server and the network"
+            )
+        return info, bool(doc["created"])
 
     def probe_sets(self) -> list[ProbeSetInfo]:
         return _list(ProbeSetInfo, self._call("GET", "/v1/probes"))

@@ -406,6 +406,8 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         answer (`received_blake3`): the client compares it with its own."""
         if digest is not None:
             check_digest(digest)
+        if len(request.headers.getlist("x-revreg-echo")) > 1:
+            raise InputError("send X-Revreg-Echo once (blake3)")
         algorithms = ("sha256", echo) if echo else ("sha256",)
         path, request.state.revreg_lock = registry.store.create_staging()
         try:

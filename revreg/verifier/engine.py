@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from revreg.artifacts.artifact import BehaviorManifest, VerifiedArtifact, load_artifact
+from revreg.artifacts.artifact import BehaviorManifest, VerifiedArtifact, load_artifact, tensors_algorithm
 from revreg.artifacts.identity import hash_tensors
 from revreg.artifacts.keys import TrustedKey
 from revreg.artifacts.sources import tensor_sources, walk_modules
@@ -75,7 +75,7 @@ def load_behavior(path: Path, trusted: Mapping[str, TrustedKey], device: str = "
 
     verified: VerifiedArtifact = load_artifact(Path(path), trusted)
     tensors = load_file(str(path), device="cpu")
-    loaded = hash_tensors(tensor_sources(tensors.items())[0]).identity
+    loaded = hash_tensors(tensor_sources(tensors.items())[0], tensors_algorithm(verified.manifest)).identity
     if loaded != verified.manifest.tensors_digest:
         raise IntegrityError(f"{path} changed after verification: loaded tensors hash to {loaded}")
     return Behavior(verified.manifest, {k: v.to(device) for k, v in tensors.items()}, verified.digest, verified.signer)
