@@ -177,6 +177,10 @@ def test_pull_outputs_that_cannot_be_made_are_refused_in_one_line(embedded, keys
     assert done.returncode == 2 and "does not exist; nothing was written" in _one_error_line(done)
     assert not (tmp_path / "nodir").exists() and not list(tmp_path.rglob("*.partial"))
     assert afile.read_text() == "x"
+    cmd = [REVREG, "pull", "demo:1.0.0", "--allow-unpublished", "--registry", str(reg), "-o", "-"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and "-o - is not supported" in _one_error_line(done) and done.stdout == ""
+    assert not (tmp_path / "-").exists()
 
 
 def test_pull_force_replaces_a_link_never_what_it_points_to(embedded, keys_dir: Path, tmp_path: Path):

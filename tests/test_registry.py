@@ -217,6 +217,20 @@ def test_fsck_finds_missing_blobs_and_prunes_orphans(registry: Registry, keys_di
     assert any(f"blob row {info.digest} has no file" in p for p in registry.fsck().problems)
 
 
+def test_fsck_reads_each_version_as_a_pull_would(registry: Registry, keys_dir: Path, tmp_path: Path, toy: dict):
+    """A version whose row points at a sound blob that is not its artifact (another version's,
+    or a probe set's) passes the hash check but not a pull: fsck names it."""
+    one = registry.push(make_artifact(tmp_path / "1.safetensors", keys_dir, "1.0.0", seed=1)).version
+    two = registry.push(make_artifact(tmp_path / "2.safetensors", keys_dir, "2.0.0", seed=2)).version
+    probes = registry.push_probes(toy["probes"])[0]
+    assert registry.fsck().problems == ()
+    _sql(registry, f"UPDATE versions SET digest = '{two.digest}' WHERE digest = '{one.digest}'")
+    assert registry.fsck().problems == (f"version demo:1.0.0 ({two.digest}) holds an artifact signed as demo:2.0.0",)
+    _sql(registry, f"UPDATE versions SET digest = '{probes.digest}' WHERE digest = '{two.digest}'")
+    problems = registry.fsck().problems
+    assert len(problems) == 2 and all("is not an artifact a pull would accept" in p for p in problems), problems
+
+
 def test_pull_as_peft_writes_an_adapter_directory(registry: Registry, run, artifact: Path, tmp_path: Path):
     registry.push(artifact)
     registry.pull("demo:1.0.0", tmp_path / "adapter", fmt="peft", allow_unpublished=True)

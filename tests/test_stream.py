@@ -66,7 +66,8 @@ def _by_stream(
     data: bytes, chunks: list[int], trusted: dict, known_size: bool, lend: bool = False
 ) -> tuple[str, str] | str:
     """`lend`: every other chunk is lent (`Pipeline.lend`, as the server does) instead of copied,
-    so lent chunks and gathered blocks interleave."""
+    alone or as a batch of pieces (with an empty one among them), so lent chunks, lent batches
+    and gathered blocks interleave."""
     from revreg.artifacts.artifact import verify_signature
 
     stream = ArtifactStream("s", len(data) if known_size else None, lambda a: verify_signature(a, trusted))
@@ -75,8 +76,11 @@ def _by_stream(
     try:
         view, at = memoryview(data), 0
         for i, size in enumerate(chunks):
-            if lend and i % 2 == 0:
+            if lend and i % 4 == 0:
                 assert pipe.lend(bytes(view[at : at + size]), wait=False)
+            elif lend and i % 4 == 2:
+                half = at + size // 2
+                assert pipe.lend([bytes(view[at:half]), b"", bytes(view[half : at + size])], wait=False)
             else:
                 pipe.write(view[at : at + size])
             at += size

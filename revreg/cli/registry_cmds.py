@@ -167,6 +167,9 @@ def pull(
     anything is written to the output, which appears complete or not at all. --force replaces
     the file or link at OUTPUT (never the file a link points to).
     """
+    if output == "-":
+        # Standard output cannot take bytes back: a pull shows nothing until every check passed.
+        raise InputError("pull -o - is not supported: a pull writes a file that appears only once checked; name one")
     if output.endswith(("/", os.sep)) and (Path(output.rstrip("/" + os.sep)).is_symlink() or not Path(output).is_dir()):
         raise InputError(
             f"{output} names a directory, and there is none: name the file (or the peft directory) to create"

@@ -39,6 +39,7 @@ from revreg.errors import (
     FormatError,
     InputError,
     IntegrityError,
+    RevregError,
     SignatureError,
     Unreachable,
 )
@@ -984,9 +985,14 @@ class Registry:
         for digest in sorted(rows.keys() - on_disk):
             if not self.store.exists(digest):
                 problems.append(f"blob row {digest} has no file in the store (push the artifact again to restore it)")
+        corrupt = {p.split()[1] for p in problems if p.startswith("blob ")}
         for v, name in versions:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
+            elif v.digest in on_disk and v.digest not in corrupt:
+                problem = self._read_as_version(v.digest, name, v.version, rows[v.digest])
+                if problem:
+                    problems.append(problem)
         for partial, gone in self.store.stale_staging(grace):
             if prune and gone:
                 partial.unlink(missing_ok=True)
@@ -994,6 +1000,30 @@ class Registry:
             else:
                 warnings.append(f"staging file {partial.name} (an interrupted write, or one in flight)")
         return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))
+
+    def _read_as_version(self, digest: str, name: str, version: str, size: int) -> str | None:
+        """Parse a version's stored header as a pull would (canonical form, manifest, envelope):
+        a blob that is not such an artifact, or that is signed as another version, is a problem
+        a pull would refuse. The signature's trust is not judged here (keys may have been revoked
+        since, which is policy, not damage); the bytes were hashed above."""
+        import struct
+
+        from revreg.artifacts.artifact import artifact_from_header
+        from revreg.artifacts.safetensors_io import SMALL_HEADER_BYTES, parse_header
+
+        where = f"version {name}:{version} ({digest})"
+        try:
+            with self.store.open(digest) as fh:
+                prefix = fh.read(8)
+                n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+                head = prefix + fh.read(min(n, SMALL_HEADER_BYTES))  # parse_header refuses a larger one
+            artifact = artifact_from_header(parse_header(head, size, where, SMALL_HEADER_BYTES), Path(where))
+        except RevregError as exc:
+            return f"{where} is not an artifact a pull would accept: {exc}"
+        m = artifact.manifest
+        if (m.name, m.version) != (name, version):
+            return f"{where} holds an artifact signed as {m.name}:{m.version}"
+        return None
 
     def _has_blob_row(self, digest: str) -> bool:
         with self.reading() as s:

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,11 @@ def aligned_block(size: int = BLOCK) -> mmap.mmap:
 
 
 PIPELINE_BLOCKS = 16
-LENT_BLOCKS = 32  # bytes objects lent to a pipeline at once (uvicorn's body chunks: up to 256 KB each)
+LENT_BLOCKS = 8  # loans to a pipeline in flight at once (each up to LEND_BATCH plus one body chunk)
+# The server lends uvicorn's body chunks (up to 256,000 bytes each) in batches of this much: each
+# loan wakes every stage thread once, and on 2 cores those hand-offs (futex calls, the GIL passed
+# between six threads) cost more than the hashing (benchmarks/bench_server.py, docs/performance.md).
+LEND_BATCH = 1 << 20
 FLUSH_EVERY = 16 << 20  # benchmarks/bench_pipeline.py: 16 and 64 MiB alike, a single fsync at the end 1.3x slower
 # fsck --prune deletes an orphan blob or a staging file only when it is older than this and no
 # live writer holds it: a push keeps a shared lock on its file from the first byte until its row
@@ -218,6 +222,15 @@ def _hasher(algorithm: str) -> Any:
     return new_hasher(algorithm)
 
 
+class _Loan:
+    """Lent bytes (Pipeline.lend): views of one or more chunks, handed to each stage in order."""
+
+    __slots__ = ("views",)
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+
+
 class Pipeline:
     """One pass over a byte stream: each block is written to `sink`, hashed into the file's
     sha256 and handed to `tap` (an artifact's tensor hashing, `revreg.artifacts.stream`), each on
@@ -272,10 +285,10 @@ class Pipeline:
         self._lock = threading.Lock()
         self._lent = threading.Semaphore(LENT_BLOCKS)
         self._left: dict[int, int] = {}
-        self._queues: list[queue.Queue[tuple[mmap.mmap, int] | None]] = []
+        self._queues: list[queue.Queue[tuple[Any, int] | None]] = []
         self._threads: list[threading.Thread] = []
         for stage in stages:
-            q: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
+            q: queue.Queue[tuple[Any, int] | None] = queue.Queue()
             t = threading.Thread(target=self._run, args=(stage, q), daemon=True, name="revreg-pipeline")
             self._queues.append(q)
             self._threads.append(t)
@@ -306,21 +319,25 @@ class Pipeline:
             os.fdatasync(fd)
             self.flushes += 1
 
-    def _run(self, stage: Callable[[memoryview], Any], q: queue.Queue[tuple[mmap.mmap, int] | None]) -> None:
+    def _run(self, stage: Callable[[memoryview], Any], q: queue.Queue[tuple[Any, int] | None]) -> None:
         while (item := q.get()) is not None:
             buf, n = item
             if self._error is None:
                 try:
-                    stage(memoryview(buf)[:n])
+                    if isinstance(buf, _Loan):
+                        for view in buf.views:
+                            stage(view)
+                    else:
+                        stage(memoryview(buf)[:n])
                 except BaseException as exc:  # handed to the producer; the other stages stop too
                     self._error = self._error or exc
             with self._lock:
                 self._left[id(buf)] -= 1
                 done = self._left[id(buf)] == 0
-                if done and isinstance(buf, memoryview):
+                if done and isinstance(buf, _Loan):
                     del self._left[id(buf)]
             if done:
-                if isinstance(buf, memoryview):
+                if isinstance(buf, _Loan):
                     self._lent.release()
                 else:
                     self._free.put(buf)
@@ -347,12 +364,14 @@ class Pipeline:
         self.size += n
         progress.advance(n)
 
-    def lend(self, data: bytes, wait: bool = True) -> bool:
-        """Hand over an immutable bytes object (an HTTP body's chunk) as a block of its own, not
-        copied: the stages work on it where it is. At most LENT_BLOCKS are in flight; without
-        `wait`, False when that many are (call again on a thread, with `wait`)."""
+    def lend(self, data: bytes | Sequence[bytes], wait: bool = True) -> bool:
+        """Hand over an immutable bytes object (an HTTP body's chunk), or several in order, as one
+        block of their own, not copied: the stages work on them where they are, one wake-up of
+        each stage for the lot. At most LENT_BLOCKS loans are in flight; without `wait`, False
+        when that many are (call again on a thread, with `wait`)."""
         self._check()
-        if not data:
+        views = [memoryview(d) for d in ((data,) if isinstance(data, bytes) else data) if len(d)]
+        if not views:
             return True
         if not self._lent.acquire(blocking=wait):
             return False
@@ -360,9 +379,9 @@ class Pipeline:
         if self._pending is not None:  # bytes handed over by `write` go first
             self.submit(self._pending, self._filled)
             self._pending = None
-        # A view of its own for each loan: the stages count a block by its object, and the same
+        # An object of its own for each loan: the stages count a block by its object, and the same
         # bytes object can be lent twice at once (CPython shares every 1-byte bytes value).
-        self.submit(memoryview(data), len(data))  # type: ignore[arg-type]
+        self.submit(_Loan(views), sum(len(v) for v in views))  # type: ignore[arg-type]
         return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -31,7 +31,7 @@ from revreg.registry.api import AuthError, NotFound, ScopeError, http_status, to
 from revreg.registry.db import HEAD
 from revreg.registry.refs import Ref, parse_ref
 from revreg.registry.service import Registry
-from revreg.registry.store import FileBlobStore, Pipeline, StagedBlob, Tap, check_digest
+from revreg.registry.store import LEND_BATCH, FileBlobStore, Pipeline, StagedBlob, Tap, check_digest
 from revreg.registry.tokens import TokenInfo, Tokens
 
 MAX_JSON = 1 << 20
@@ -415,14 +415,27 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
                 pipe = Pipeline(sink, durable=True, tap=tap, algorithms=algorithms)
                 try:
                     refused: RevregError | None = None
+                    batch: list[bytes] = []
+                    gathered = 0
+
+                    async def hand_over() -> None:
+                        nonlocal refused, batch, gathered
+                        try:  # the chunks themselves go through the stages: no copy on the loop
+                            if not pipe.lend(batch, wait=False):
+                                await run_in_threadpool(pipe.lend, batch)  # the disk is behind
+                        except RevregError as exc:  # the header was refused: nothing more is written
+                            refused = exc
+                        batch, gathered = [], 0
+
                     async for chunk in request.stream():
                         if refused is not None:
                             continue  # read the rest (the body limit still answers 413), store nothing
-                        try:  # the chunk itself goes through the stages: no copy on the loop
-                            if not pipe.lend(chunk, wait=False):
-                                await run_in_threadpool(pipe.lend, chunk)  # the disk is behind
-                        except RevregError as exc:  # the header was refused: nothing more is written
-                            refused = exc
+                        batch.append(chunk)
+                        gathered += len(chunk)
+                        if gathered >= LEND_BATCH:
+                            await hand_over()
+                    if batch and refused is None:
+                        await hand_over()
                     if refused is not None:
                         raise refused
                     received, size = await run_in_threadpool(pipe.close)
