@@ -221,3 +221,19 @@ def test_the_same_bytes_object_lent_twice_at_once_is_counted_twice():
     assert sink.getvalue() == b"AABCA" and b"".join(seen) == b"AABCA" and size == 5
     assert digest == "sha256:" + hashlib.sha256(b"AABCA").hexdigest()
     assert all(t.is_alive() is False for t in pipe._threads) and pipe._left == {}
+
+
+def test_only_immutable_bytes_are_lent(tmp_path: Path):
+    """A lent buffer is hashed and written later, on other threads: a bytearray or a view could
+    change in between, so lend refuses them (write copies them instead), alone or in a batch."""
+    sink = io.BytesIO()
+    pipe = Pipeline(sink)
+    try:
+        for bad in (bytearray(b"ab"), memoryview(b"ab"), [b"ab", bytearray(b"cd")], "ab", [b"a", 1]):
+            with pytest.raises(TypeError, match="takes bytes objects"):
+                pipe.lend(bad)  # type: ignore[arg-type]
+        assert pipe.lend([b"", b""]) and pipe.lend([b"x", b"x", b"y"]) and pipe.lend((b"z",))
+        assert pipe.close() == ("sha256:" + hashlib.sha256(b"xxyz").hexdigest(), 4)
+        assert sink.getvalue() == b"xxyz"
+    finally:
+        pipe.abort()

@@ -370,7 +370,10 @@ class Pipeline:
         each stage for the lot. At most LENT_BLOCKS loans are in flight; without `wait`, False
         when that many are (call again on a thread, with `wait`)."""
         self._check()
-        views = [memoryview(d) for d in ((data,) if isinstance(data, bytes) else data) if len(d)]
+        pieces = (data,) if isinstance(data, bytes) else tuple(data)
+        if not all(isinstance(p, bytes) for p in pieces):  # a mutable buffer could change under the stages
+            raise TypeError("Pipeline.lend takes bytes objects; hand anything else to write(), which copies it")
+        views = [memoryview(p) for p in pieces if p]
         if not views:
             return True
         if not self._lent.acquire(blocking=wait):
