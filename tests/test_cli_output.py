@@ -328,3 +328,43 @@ def test_signed_free_text_cannot_draw_over_what_a_reviewer_reads(embedded, keys_
         assert done.returncode == 0, done.stderr
         assert "\x1b" not in done.stdout and "\x07" not in done.stdout, args
         assert not any(line.startswith(("ok", "il", "X")) for line in done.stdout.splitlines()), args
+
+
+def test_header_text_in_an_error_or_a_problem_cannot_add_or_redraw_lines(embedded, keys_dir: Path, tmp_path: Path):
+    """An error quotes what it refuses (a header's keys, a file name): a key with a newline and an
+    escape code is printed escaped, on the one error line, by `inspect` of the file and by `fsck`
+    of a version whose row was pointed at it."""
+    import hashlib
+    import sqlite3
+
+    from revreg.artifacts.safetensors_io import encode_header, read_header
+
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir)
+    header, data = read_header(art), art.read_bytes()
+    forged = "x\nchecked 9 blobs and 9 versions: 0 problems, 0 warnings\x1b[2J"
+    metadata = {**header.metadata, forged: "y"}
+    encoded, _ = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors], metadata)
+    hostile = encoded + data[header.data_start :]
+    (tmp_path / "h.safetensors").write_bytes(hostile)
+    done = subprocess.run(
+        [REVREG, "inspect", str(tmp_path / "h.safetensors")], capture_output=True, text=True, env=_env(keys_dir)
+    )
+    line = _one_error_line(done)
+    assert done.returncode == 2 and "\x1b" not in line and "x\\nchecked 9 blobs" in line
+
+    info = embedded.push(art).version
+    digest = "sha256:" + hashlib.sha256(hostile).hexdigest()
+    blob = embedded.store.path(digest)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(hostile)
+    with sqlite3.connect(embedded.location.directory / "registry.db") as db:
+        row = "INSERT INTO blobs (digest, size, created_at) SELECT ?, ?, created_at FROM blobs"
+        db.execute(row, (digest, len(hostile)))
+        db.execute("UPDATE versions SET digest = ? WHERE digest = ?", (digest, info.digest))
+    fsck = [REVREG, "fsck", "--registry", str(embedded.location.directory)]
+    done = subprocess.run(fsck, capture_output=True, text=True, env=_env(keys_dir))
+    assert done.returncode == 1 and "\x1b" not in done.stdout + done.stderr
+    problems = [x for x in done.stdout.splitlines() if x.startswith("PROBLEM: ")]
+    assert len(problems) == 1 and "x\\nchecked 9 blobs" in problems[0], done.stdout
+    assert done.stdout.splitlines()[-1] == "checked 2 blobs and 1 versions: 1 problems, 0 warnings"  # the real one
+    _one_error_line(done)

@@ -881,3 +881,19 @@ def test_the_server_process_keeps_freed_body_chunks_for_reuse():
     no_ctypes = "import sys; sys.modules['_ctypes'] = None; " + call
     result = subprocess.run([sys.executable, "-c", no_ctypes], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_an_upload_answer_without_its_record_is_an_error(registry: Registry, keys_dir: Path, tmp_path: Path):
+    """The echo matches but the record is gone (or not an object): an IntegrityError in one line,
+    not a KeyError from deep in the client."""
+    from revreg.errors import IntegrityError
+    from revreg.registry.remote import RemoteRegistry
+
+    secret = Tokens(registry).create("ci", ["read:*", "push:*"])[0]
+    for n, value in enumerate([None, "not a record"]):
+        art = make_artifact(tmp_path / f"a{n}.safetensors", keys_dir, version=f"1.0.{n}")
+        with (
+            running(registry, wrap=_rewrite_answer("version", value, top=True)) as url,
+            pytest.raises(IntegrityError, match="answered the upload without its version record"),
+        ):
+            RemoteRegistry(url, token=secret).push(art)

@@ -237,3 +237,21 @@ def test_only_immutable_bytes_are_lent(tmp_path: Path):
         assert sink.getvalue() == b"xxyz"
     finally:
         pipe.abort()
+
+
+def test_a_closed_pipeline_takes_no_more_bytes():
+    """After close (or abort) the stages have stopped: bytes handed over would be dropped while
+    the digest and size said otherwise, so lend, write and submit refuse; close again repeats."""
+    sink = io.BytesIO()
+    pipe = Pipeline(sink)
+    pipe.lend(b"abc")
+    result = pipe.close()
+    for hand_over in (lambda: pipe.lend(b"def"), lambda: pipe.write(b"def"), lambda: pipe.buffer()):
+        with pytest.raises(ValueError, match="closed"):
+            hand_over()
+    assert pipe.close() == result == ("sha256:" + hashlib.sha256(b"abc").hexdigest(), 3)
+    assert sink.getvalue() == b"abc"
+    aborted = Pipeline(None)
+    aborted.abort()
+    with pytest.raises(ValueError, match="closed"):
+        aborted.lend(b"x")

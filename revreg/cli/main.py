@@ -61,15 +61,19 @@ class RevregGroup(click.Group):
             # A bad argument, option or command name: one line like every other bad input.
             if display is not None:
                 display.close()
+            from revreg.cli.options import shown  # an argument is anyone's text: one line, no escapes
+
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-            click.echo(f"revreg: error: {exc.format_message()}{where}", err=True)
+            click.echo(f"revreg: error: {shown(exc.format_message())}{where}", err=True)
             ctx.exit(2)
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             if display is not None:
                 display.close()  # the error gets its own line, not the progress bar's
-            click.echo(f"revreg: error: {exc}", err=True)
+            from revreg.cli.options import shown  # messages quote file names, headers, answers
+
+            click.echo(f"revreg: error: {shown(exc)}", err=True)
             ctx.exit(exc.exit_code)
         finally:
             if display is not None:

@@ -486,10 +486,11 @@ def fsck(prune: bool, grace: str, as_json: bool, registry: str | None) -> None:
     if as_json:
         click.echo(json.dumps(to_json(report), indent=1))
     else:
+        # A problem can quote a stored header: a hostile one must not add or redraw lines.
         for w in report.warnings:
-            click.echo(f"warning: {w}")
+            click.echo(f"warning: {shown(w)}")
         for p in report.problems:
-            click.echo(f"PROBLEM: {p}")
+            click.echo(f"PROBLEM: {shown(p)}")
         click.echo(
             f"checked {report.blobs_checked} blobs and {report.versions_checked} versions: "
             f"{len(report.problems)} problems, {len(report.warnings)} warnings"

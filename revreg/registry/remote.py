@@ -153,6 +153,13 @@ class RemoteRegistry:
         except ValueError as exc:
             raise errors.Unreachable(f"{self.url} answered, but not as a revreg registry (not JSON)") from exc
 
+    def _answered(self, doc: Any, field: str) -> dict[str, Any]:
+        """The record an upload's answer must carry, or an error that says it is missing."""
+        record = doc.get(field) if isinstance(doc, dict) else None
+        if not isinstance(record, dict):
+            raise errors.IntegrityError(f"the registry at {self.url} answered the upload without its {field} record")
+        return record
+
     def _upload(self, path: str, file: Path, extra: dict[str, str] | None = None) -> Any:
         """PUT a file, read once, and check that the server received exactly the bytes sent: both
         ends compute the body's BLAKE3 (here on a second thread while this one sends; the server
@@ -325,7 +332,7 @@ class RemoteRegistry:
         # refuse any damaged byte, but not another valid signature over the same manifest (a
         # second publisher's, or a second one by the same key: Ed25519 verifies many per message).
         doc = self._upload("/v1/artifacts", path, {"X-Revreg-Name": m.name})
-        result = PushResult(from_json(VersionInfo, doc["version"]), bool(doc["created"]))
+        result = PushResult(from_json(VersionInfo, self._answered(doc, "version")), bool(doc.get("created")))
         if result.version.ref != f"{m.name}:{m.version}":
             raise errors.IntegrityError(
                 f"the registry at {self.url} recorded {result.version.ref} as {result.version.digest}, "
@@ -424,13 +431,13 @@ class RemoteRegistry:
         except OSError as exc:
             raise errors.InputError(f"cannot read {path}: {exc.strerror}") from exc
         doc = self._upload("/v1/probes", Path(path), {"X-Revreg-Digest": digest})
-        info = from_json(ProbeSetInfo, doc["probes"])
+        info = from_json(ProbeSetInfo, self._answered(doc, "probes"))
         if info.digest != digest:
             raise errors.IntegrityError(
                 f"the registry at {self.url} recorded the probe set as {info.digest}, "
                 f"but this client sent {digest}: check the server and the network"
             )
-        return info, bool(doc["created"])
+        return info, bool(doc.get("created"))
 
     def probe_sets(self) -> list[ProbeSetInfo]:
         return _list(ProbeSetInfo, self._call("GET", "/v1/probes"))

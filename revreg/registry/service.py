@@ -1017,7 +1017,7 @@ class Registry:
                 prefix = fh.read(8)
                 n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
                 head = prefix + fh.read(min(n, SMALL_HEADER_BYTES))  # parse_header refuses a larger one
-            artifact = artifact_from_header(parse_header(head, size, where, SMALL_HEADER_BYTES), Path(where))
+            artifact = artifact_from_header(parse_header(head, size, "its header", SMALL_HEADER_BYTES), Path("blob"))
         except RevregError as exc:
             return f"{where} is not an artifact a pull would accept: {exc}"
         m = artifact.manifest

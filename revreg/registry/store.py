@@ -343,6 +343,8 @@ class Pipeline:
                     self._free.put(buf)
 
     def _check(self) -> None:
+        if self._closed:  # its stages have stopped: bytes handed over now would be dropped
+            raise ValueError("the pipeline is closed")
         if self._error is not None:
             raise self._error
 
@@ -357,6 +359,8 @@ class Pipeline:
         if n == 0:
             self._free.put(buf)
             return
+        if self._closed:
+            raise ValueError("the pipeline is closed")
         with self._lock:
             self._left[id(buf)] = len(self._queues)
         for q in self._queues:
@@ -408,7 +412,8 @@ class Pipeline:
             self.submit(self._pending, self._filled)
             self._pending = None
         self._stop()
-        self._check()
+        if self._error is not None:
+            raise self._error
         if self.sink is not None:
             self.sink.flush()
             if self.durable:
