@@ -174,8 +174,10 @@ def make_artifact(
     seed: int = 0,
     key: str = "alice",
     size: int = 8,
+    **pack_options: Any,
 ) -> Path:
-    """A small signed native artifact (a steering vector of `size` floats) packed by the library."""
+    """A small signed native artifact (a steering vector of `size` floats) packed by the library;
+    `pack_options` go to `pack` (a description, a tensor_hash)."""
     import numpy as np
 
     from revreg.artifacts.artifact import Attachment, pack
@@ -190,6 +192,7 @@ def make_artifact(
         base="sha256:" + "ab" * 32,
         signer=Keyring(keys_dir).signer(key),
         created=CREATED,
+        **pack_options,
     )
     return out
 

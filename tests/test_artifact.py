@@ -248,33 +248,17 @@ def test_the_tensors_digest_names_its_algorithm_and_every_check_uses_that_one(
     """pack signs the algorithm with the digest; the file check, the streamed check (push and
     pull) and the loaded-tensor check hash with the algorithm named, so the same hex under the
     other algorithm's name, signed by a trusted key, is refused everywhere."""
-    import numpy as np
-
-    from revreg.artifacts.artifact import Attachment, pack
     from revreg.artifacts.stream import ArtifactStream
     from revreg.errors import IntegrityError
     from revreg.registry.store import copy_hashing
     from revreg.verifier.engine import load_behavior
+    from tests.conftest import make_artifact
 
     trusted = Keyring(keys_dir).trusted()
-    good = tmp_path / "good.safetensors"
-    data = np.arange(8, dtype="<f4").tobytes()
-    pack(
-        good,
-        {"h.0.steer_vector": ("F32", (8,), data)},
-        (Attachment("h.0", "steer", {"vector": "h.0.steer_vector"}),),
-        name="demo",
-        version="1.0.0",
-        base="sha256:" + "ab" * 32,
-        signer=Keyring(keys_dir).signer("alice"),
-        created=CREATED,
-        tensor_hash=tensor_hash,
-    )
+    good = make_artifact(tmp_path / "good.safetensors", keys_dir, tensor_hash=tensor_hash)
     digest = load_artifact(good, trusted).manifest.tensors_digest
     assert digest.startswith(tensor_hash + ":")
     assert load_behavior(good, trusted).manifest.tensors_digest == digest
-
-    from tests.conftest import make_artifact
 
     real = open_artifact(make_artifact(tmp_path / "real.safetensors", keys_dir)).manifest.tensors_digest
     other = "sha256" if real.startswith("blake3:") else "blake3"

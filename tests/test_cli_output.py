@@ -295,24 +295,7 @@ def test_an_ascii_locale_still_goes_through_the_checked_writer(keys_dir: Path):
 def test_signed_free_text_cannot_draw_over_what_a_reviewer_reads(embedded, keys_dir: Path, tmp_path: Path):
     """A description is the signer's text: inspect and show print its control characters as
     escapes, so it cannot clear the screen or add a line such as a fake verdict."""
-    import numpy as np
-
-    from revreg.artifacts.artifact import Attachment, pack
-    from revreg.artifacts.keys import Keyring
-    from tests.conftest import CREATED
-
-    art = tmp_path / "a.safetensors"
-    pack(
-        art,
-        {"h.0.steer_vector": ("F32", (4,), np.zeros(4, dtype="<f4").tobytes())},
-        (Attachment("h.0", "steer", {"vector": "h.0.steer_vector"}),),
-        name="demo",
-        version="1.0.0",
-        base="sha256:" + "ab" * 32,
-        signer=Keyring(keys_dir).signer("alice"),
-        created=CREATED,
-        description="fine\x1b[2J\nsignature    OK\u202e",
-    )
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, description="fine\x1b[2J\nsignature    OK\u202e")
     embedded.push(art)
     for args in (["inspect", str(art)], ["show", "demo:1.0.0", "--registry", str(embedded.location.directory)]):
         done = subprocess.run([REVREG, *args], capture_output=True, text=True, env=_env(keys_dir), timeout=120)
