@@ -14,6 +14,14 @@ from revreg import __version__
 from revreg.errors import OutputError, RevregError
 
 
+def _error(message: str) -> None:
+    """The one error line. A message quotes anyone's text (arguments, headers, a server's
+    answer): its control characters are escaped, so it stays one line and draws nothing."""
+    from revreg.cli.options import shown  # not loaded by a command that succeeds (`--help`)
+
+    click.echo(f"revreg: error: {shown(message)}", err=True)
+
+
 class RevregGroup(click.Group):
     """Turns a RevregError into one line on stderr and its exit code (traceback with -v).
 
@@ -61,19 +69,15 @@ class RevregGroup(click.Group):
             # A bad argument, option or command name: one line like every other bad input.
             if display is not None:
                 display.close()
-            from revreg.cli.options import shown  # an argument is anyone's text: one line, no escapes
-
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-            click.echo(f"revreg: error: {shown(exc.format_message())}{where}", err=True)
+            _error(f"{exc.format_message()}{where}")
             ctx.exit(2)
         except RevregError as exc:
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             if display is not None:
                 display.close()  # the error gets its own line, not the progress bar's
-            from revreg.cli.options import shown  # messages quote file names, headers, answers
-
-            click.echo(f"revreg: error: {shown(exc)}", err=True)
+            _error(str(exc))
             ctx.exit(exc.exit_code)
         finally:
             if display is not None:

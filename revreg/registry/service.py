@@ -960,6 +960,7 @@ class Registry:
             except InputError:
                 warnings.append(f"stray object {name!r} in the blob store is not a blob; left alone")
         checked = 0
+        damaged: set[str] = set()  # blobs whose bytes or size are wrong: not read again as artifacts
         bar = stack.enter_context(progress.task("fsck: checking blobs", len(on_disk)))
         for digest in sorted(on_disk):
             bar(1)
@@ -967,8 +968,10 @@ class Registry:
                 actual, size = digest_of(fh)
             checked += 1
             if actual != digest:
+                damaged.add(digest)
                 problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
             elif digest in rows and rows[digest] != size:
+                damaged.add(digest)
                 problems.append(f"blob {digest} has {size} bytes, its row says {rows[digest]}")
             elif digest not in rows:
                 if not prune:
@@ -985,11 +988,10 @@ class Registry:
         for digest in sorted(rows.keys() - on_disk):
             if not self.store.exists(digest):
                 problems.append(f"blob row {digest} has no file in the store (push the artifact again to restore it)")
-        corrupt = {p.split()[1] for p in problems if p.startswith("blob ")}
         for v, name in versions:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
-            elif v.digest in on_disk and v.digest not in corrupt:
+            elif v.digest in on_disk and v.digest not in damaged:
                 problem = self._read_as_version(v.digest, name, v.version, rows[v.digest])
                 if problem:
                     problems.append(problem)

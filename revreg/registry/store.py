@@ -214,14 +214,6 @@ def _size_of(source: BinaryIO) -> int | None:
 Tap = Callable[[memoryview], None]
 
 
-def _hasher(algorithm: str) -> Any:
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    from revreg.artifacts.identity import new_hasher  # blake3: only where a pipeline asks for it
-
-    return new_hasher(algorithm)
-
-
 class _Loan:
     """Lent bytes (Pipeline.lend): views of one or more chunks, handed to each stage in order."""
 
@@ -261,7 +253,9 @@ class Pipeline:
         self.size = 0
         if not algorithms:
             raise ValueError("a pipeline computes at least one digest")
-        self._hashes = {a: _hasher(a) for a in algorithms}
+        from revreg.artifacts.identity import new_hasher  # blake3 loads when a pipeline is made, not with this module
+
+        self._hashes = {a: new_hasher(a) for a in algorithms}
         self.digests: dict[str, str] = {}
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(PIPELINE_BLOCKS):
@@ -342,11 +336,14 @@ class Pipeline:
                 else:
                     self._free.put(buf)
 
+    def _raise_stage_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
     def _check(self) -> None:
         if self._closed:  # its stages have stopped: bytes handed over now would be dropped
             raise ValueError("the pipeline is closed")
-        if self._error is not None:
-            raise self._error
+        self._raise_stage_error()
 
     def buffer(self) -> mmap.mmap:
         """A free block to fill (waits while every block is in flight)."""
@@ -412,8 +409,7 @@ class Pipeline:
             self.submit(self._pending, self._filled)
             self._pending = None
         self._stop()
-        if self._error is not None:
-            raise self._error
+        self._raise_stage_error()
         if self.sink is not None:
             self.sink.flush()
             if self.durable:

@@ -398,8 +398,8 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
         request: Request, digest: str | None, tap: Tap | None = None, echo: str | None = None
     ) -> tuple[StagedBlob, dict[str, str]]:
         """Stream the body into the store's staging area in one pass, off the event loop: the
-        loop lends each body chunk to the pipeline as it arrives (not copied; it waits on a
-        thread only while the disk is behind); writing (fdatasync as it goes,
+        loop lends the body's chunks to the pipeline LEND_BATCH at a time (not copied; it waits
+        on a thread only while the disk is behind); writing (fdatasync as it goes,
         fsync at the end), the sha256 and `tap` (an artifact's checks) run on the pipeline's
         threads, as a local push does. `digest`, when declared, must match what arrived. With
         `echo` ("blake3"), that digest of the body is computed beside them and returned for the
@@ -416,26 +416,23 @@ def create_app(registry: Registry, anonymous_read: bool = False, max_upload: int
                 try:
                     refused: RevregError | None = None
                     batch: list[bytes] = []
-                    gathered = 0
 
-                    async def hand_over() -> None:
-                        nonlocal refused, batch, gathered
+                    async def hand_over(chunks: list[bytes]) -> RevregError | None:
                         try:  # the chunks themselves go through the stages: no copy on the loop
-                            if not pipe.lend(batch, wait=False):
-                                await run_in_threadpool(pipe.lend, batch)  # the disk is behind
+                            if not pipe.lend(chunks, wait=False):
+                                await run_in_threadpool(pipe.lend, chunks)  # the disk is behind
                         except RevregError as exc:  # the header was refused: nothing more is written
-                            refused = exc
-                        batch, gathered = [], 0
+                            return exc
+                        return None
 
                     async for chunk in request.stream():
                         if refused is not None:
                             continue  # read the rest (the body limit still answers 413), store nothing
                         batch.append(chunk)
-                        gathered += len(chunk)
-                        if gathered >= LEND_BATCH:
-                            await hand_over()
+                        if sum(map(len, batch)) >= LEND_BATCH:
+                            refused, batch = await hand_over(batch), []
                     if batch and refused is None:
-                        await hand_over()
+                        refused = await hand_over(batch)
                     if refused is not None:
                         raise refused
                     received, size = await run_in_threadpool(pipe.close)
