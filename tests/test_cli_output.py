@@ -351,3 +351,23 @@ def test_header_text_in_an_error_or_a_problem_cannot_add_or_redraw_lines(embedde
     assert len(problems) == 1 and "x\\nchecked 9 blobs" in problems[0], done.stdout
     assert done.stdout.splitlines()[-1] == "checked 2 blobs and 1 versions: 1 problems, 0 warnings"  # the real one
     _one_error_line(done)
+
+
+@pytest.mark.parametrize(
+    "location", ["http://127.0.0.1:8937/\nx", "http://127.0.0.1:8937\r", "http://127.0.0.1:89\t37", "http://[::1\n]:1"]
+)
+def test_a_registry_url_with_control_characters_is_one_line(keys_dir: Path, location: str):
+    for args in (["ls", "--registry", location], ["pull", "n:1", "-o", "x", "--registry", location]):
+        done = subprocess.run([REVREG, *args], capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+        assert done.returncode == 2 and "not a usable registry URL" in _one_error_line(done)
+
+
+@pytest.mark.parametrize("created", ["garbage", "2020-01-01T00:00:00Z\n\x1b[2J", "2020-13-01T00:00:00Z", "2020-01-01"])
+def test_pack_refuses_a_creation_time_that_is_not_one(keys_dir: Path, tmp_path: Path, created: str):
+    golden = Path(__file__).parent / "data" / "golden"
+    out = tmp_path / "o.safetensors"
+    cmd = [REVREG, "pack", "--tensors", str(golden / "tensors.safetensors"), "--spec", str(golden / "spec.json")]
+    cmd += ["--base", "sha256:" + "ab" * 32, "--name", "n", "--version", "1", "--key", "alice"]
+    cmd += ["--created", created, "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(keys_dir), timeout=120)
+    assert done.returncode == 2 and "is not a UTC time" in _one_error_line(done) and not out.exists()

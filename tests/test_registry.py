@@ -425,3 +425,42 @@ def test_a_blob_folder_replaced_by_a_file_is_reported_and_repaired(registry: Reg
     staging.write_bytes(b"not a folder")
     with pytest.raises(IntegrityError, match="is not a directory"):
         registry.push(make_artifact(tmp_path / "b.safetensors", keys_dir, "1.0.1", seed=1))
+
+
+def _point_version_at(registry: Registry, version: str, data: bytes, size: int | None = None) -> None:
+    """A blob of `data` in the store, sound by its sha256, with `version`'s row pointed at it."""
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = registry.store.path(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    _sql(
+        registry,
+        f"INSERT INTO blobs (digest, size, created_at) SELECT '{digest}', {len(data)}, created_at FROM blobs LIMIT 1",
+    )
+    _sql(
+        registry,
+        f"UPDATE versions SET digest = '{digest}'"
+        + (f", size = {size}" if size else "")
+        + f" WHERE version = '{version}'",
+    )
+
+
+@pytest.mark.parametrize("tensor_hash", ["blake3", "sha256"])
+def test_fsck_checks_a_version_blob_as_a_pull_does(registry: Registry, keys_dir: Path, tmp_path: Path, tensor_hash):
+    """A blob whose file digest is right but whose tensors do not match its signed digest, or
+    another signing of the same version (another manifest, the row's size given too), is a
+    problem: pull refuses both, so fsck must not call them sound."""
+    art = make_artifact(tmp_path / "a.safetensors", keys_dir, tensor_hash=tensor_hash)
+    registry.push(art)
+    tampered = bytearray(art.read_bytes())
+    tampered[-1] ^= 1
+    _point_version_at(registry, "1.0.0", bytes(tampered))
+    (problem,) = registry.fsck().problems
+    assert "is not an artifact a pull would accept" in problem and "do not match the signed manifest" in problem
+    other = make_artifact(tmp_path / "b.safetensors", keys_dir, tensor_hash=tensor_hash, description="other")
+    _point_version_at(registry, "1.0.0", other.read_bytes(), size=other.stat().st_size)
+    problems = registry.fsck().problems
+    where = f"version demo:1.0.0 ({registry.resolve('demo:1.0.0').digest})"
+    assert problems == (f"{where} holds another artifact than its row records (another manifest or size)",), problems

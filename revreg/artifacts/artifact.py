@@ -305,6 +305,17 @@ def utc_timestamp(when: datetime | None = None) -> str:
     return when.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")  # what utc_timestamp writes
+
+
+def _is_date(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
 def pack(
     out: Path,
     tensors: Mapping[str, tuple[str, tuple[int, ...], TensorData]],
@@ -325,6 +336,8 @@ def pack(
     `tensor_hash` is the identity scheme's algorithm for the signed `tensors.digest` (blake3 by
     default: docs/spec/artifact.md says why; sha256 where a policy asks for it). The file's own
     sha256, its content address in the registry, does not depend on it."""
+    if not (TIMESTAMP_RE.fullmatch(created) and _is_date(created)):
+        raise InputError(f"created {created!r} is not a UTC time like 2026-01-31T12:00:00Z")
     if tensor_hash not in ALGORITHMS:
         raise InputError(f"unknown tensor hash {tensor_hash!r}: use one of {', '.join(ALGORITHMS)}")
     _validate(attachments, {n: (d, s) for n, (d, s, _) in tensors.items()})

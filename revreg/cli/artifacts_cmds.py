@@ -97,7 +97,9 @@ def _created(value: str | None) -> str:
 @click.option("--version", "version", required=True, help="Behavior version, e.g. 1.0.0.")
 @click.option("--key", "key_name", required=True, help="Signing key name in the keyring.")
 @click.option(
-    "--created", default=None, help="Creation time to record (ISO 8601); default $SOURCE_DATE_EPOCH, else now."
+    "--created",
+    default=None,
+    help="Creation time to record, in UTC like 2026-01-31T12:00:00Z; default $SOURCE_DATE_EPOCH, else now.",
 )
 @click.option(
     "--tensor-hash",

@@ -55,6 +55,8 @@ def pins_from_env() -> dict[str, frozenset[str]]:
 
 
 def _check_url(url: str) -> str:
+    if not url.isprintable() or " " in url:  # httpx would raise its own InvalidURL deep in a request
+        raise errors.InputError(f"{url!r} is not a usable registry URL (spaces or control characters)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port out of range

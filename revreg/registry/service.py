@@ -144,6 +144,23 @@ def _registry_directory(directory: Path) -> None:
         raise InputError(f"{db_file} is not a file: it cannot be the registry's database (move it aside)")
 
 
+def _as_recorded(v: Version, name: str, held: Artifact | RevregError | None) -> str | None:
+    """Whether a version's blob holds the artifact its row records (fsck): one a pull would
+    accept (tensors included), signed as this version, with the row's manifest, size and
+    signer. Whether that signer is still trusted is policy, left to pull."""
+    where = f"version {name}:{v.version} ({v.digest})"
+    if not isinstance(held, Artifact):
+        return f"{where} is not an artifact a pull would accept: {held}"
+    m = held.manifest
+    if (m.name, m.version) != (name, v.version):
+        return f"{where} holds an artifact signed as {m.name}:{m.version}"
+    if m.to_bytes().decode("utf-8") != v.manifest or held.header.file_size != v.size:
+        return f"{where} holds another artifact than its row records (another manifest or size)"
+    if v.signer_keyid not in {sig.keyid for sig in held.envelope.signatures}:
+        return f"{where} is not signed by {v.signer_keyid}, the signer its row records"
+    return None
+
+
 def _insert(session: Session, model: type, values: dict[str, Any], index: list[str]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on both backends."""
     from sqlalchemy import CursorResult
@@ -953,6 +970,7 @@ class Registry:
         warnings: list[str] = []
         with self.reading() as s:
             rows = {b.digest: b.size for b in s.scalars(select(Blob))}
+            artifacts = set(s.scalars(select(Version.digest)))  # blobs read as a pull reads them
         on_disk: set[str] = set()
         for name in self.store.digests():
             try:
@@ -960,12 +978,12 @@ class Registry:
             except InputError:
                 warnings.append(f"stray object {name!r} in the blob store is not a blob; left alone")
         checked = 0
-        damaged: set[str] = set()  # blobs whose bytes or size are wrong: not read again as artifacts
+        damaged: set[str] = set()  # blobs whose bytes or size are wrong
+        read: dict[str, Artifact | RevregError | None] = {}  # what each version blob holds
         bar = stack.enter_context(progress.task("fsck: checking blobs", len(on_disk)))
         for digest in sorted(on_disk):
             bar(1)
-            with self.store.open(digest) as fh:
-                actual, size = digest_of(fh)
+            actual, size, read[digest] = self._read_blob(digest, digest in artifacts)
             checked += 1
             if actual != digest:
                 damaged.add(digest)
@@ -992,7 +1010,7 @@ class Registry:
             if v.digest not in rows:
                 problems.append(f"version {name}:{v.version} points at {v.digest}, which has no blob row")
             elif v.digest in on_disk and v.digest not in damaged:
-                problem = self._read_as_version(v.digest, name, v.version, rows[v.digest])
+                problem = _as_recorded(v, name, read.get(v.digest))
                 if problem:
                     problems.append(problem)
         for partial, gone in self.store.stale_staging(grace):
@@ -1003,29 +1021,22 @@ class Registry:
                 warnings.append(f"staging file {partial.name} (an interrupted write, or one in flight)")
         return FsckReport(checked, len(versions), tuple(problems), tuple(warnings))
 
-    def _read_as_version(self, digest: str, name: str, version: str, size: int) -> str | None:
-        """Parse a version's stored header as a pull would (canonical form, manifest, envelope):
-        a blob that is not such an artifact, or that is signed as another version, is a problem
-        a pull would refuse. The signature's trust is not judged here (keys may have been revoked
-        since, which is policy, not damage); the bytes were hashed above."""
-        import struct
-
-        from revreg.artifacts.artifact import artifact_from_header
-        from revreg.artifacts.safetensors_io import SMALL_HEADER_BYTES, parse_header
-
-        where = f"version {name}:{version} ({digest})"
+    def _read_blob(self, digest: str, as_artifact: bool) -> tuple[str, int, Artifact | RevregError | None]:
+        """(sha256, size, what it holds) of a stored blob. A version's blob is read as a pull reads
+        it, in the same single pass: header, manifest and envelope parsed, every tensor hashed
+        against the signed digest (the artifact, or the error a pull would meet). Only a blob
+        that is not an artifact at all is read a second time, for its digest."""
+        if not as_artifact:
+            with self.store.open(digest) as fh:
+                return (*digest_of(fh), None)
+        stream = ArtifactStream(f"version blob {digest}")
         try:
             with self.store.open(digest) as fh:
-                prefix = fh.read(8)
-                n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-                head = prefix + fh.read(min(n, SMALL_HEADER_BYTES))  # parse_header refuses a larger one
-            artifact = artifact_from_header(parse_header(head, size, "its header", SMALL_HEADER_BYTES), Path("blob"))
+                actual, size = copy_hashing(fh, None, tap=stream)
+            return actual, size, stream.finish()
         except RevregError as exc:
-            return f"{where} is not an artifact a pull would accept: {exc}"
-        m = artifact.manifest
-        if (m.name, m.version) != (name, version):
-            return f"{where} holds an artifact signed as {m.name}:{m.version}"
-        return None
+            with self.store.open(digest) as fh:
+                return (*digest_of(fh), exc)
 
     def _has_blob_row(self, digest: str) -> bool:
         with self.reading() as s:
